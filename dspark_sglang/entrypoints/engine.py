@@ -1,0 +1,331 @@
+"""In-process engine (like ``sglang.Engine``): tokenizer manager + a scheduler thread.
+
+Threading: the scheduler thread is the only one that touches ``Req`` objects, the cache manager
+and the models. Callers talk to it through ``_inbox`` (requests, aborts, control calls) and get
+results through per-request callbacks (thread-safe queues / the asyncio loop).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import logging
+import queue
+import threading
+import time
+import traceback
+import uuid
+from collections.abc import AsyncIterator, Iterator
+from typing import Any, Callable
+
+import torch
+
+from dspark_sglang.core.req import Req
+from dspark_sglang.core.sampling_params import SamplingParams
+from dspark_sglang.entrypoints.model_setup import EngineParts, build_engine_parts
+from dspark_sglang.server_args import ServerArgs
+
+logger = logging.getLogger(__name__)
+
+GenInput = str | list[str] | None
+
+
+class Engine:
+    """``Engine(model_path=None, **server_args)``; ``generate``; ``shutdown``; context manager."""
+
+    def __init__(self, model_path: str | None = None, server_args: ServerArgs | None = None,
+                 **kwargs: Any) -> None:
+        if server_args is None:
+            server_args = ServerArgs(model_path=model_path, **kwargs)
+        self.server_args = server_args
+        self.parts: EngineParts = build_engine_parts(server_args, emit=self._emit)
+        self.tokenizer = self.parts.tokenizer
+        self.context_len = self.parts.context_len
+        self.model_path = self.parts.model_path
+        self._inbox: queue.Queue[tuple[str, Any]] = queue.Queue()
+        self._stop = threading.Event()
+        self._rid_counter = 0
+        self.started_at = time.time()
+        self.metrics = self.parts.metrics
+        self._thread = threading.Thread(target=self._loop, name="dspark-scheduler", daemon=True)
+        self._thread.start()
+
+    # ---- scheduler thread ----------------------------------------------------------------------
+    def _loop(self) -> None:
+        sched = self.parts.scheduler
+        if self.server_args.num_threads:
+            torch.set_num_threads(self.server_args.num_threads)
+        while not self._stop.is_set():
+            try:
+                block = not sched.has_work()
+                msg = self._inbox.get(timeout=0.05) if block else self._inbox.get_nowait()
+            except queue.Empty:
+                msg = None
+            while msg is not None:
+                self._handle(msg)
+                try:
+                    msg = self._inbox.get_nowait()
+                except queue.Empty:
+                    msg = None
+            if sched.has_work():
+                try:
+                    sched.step()
+                except Exception as e:  # never kill the loop: fail the batch, keep serving
+                    logger.error("scheduler step failed: %s", traceback.format_exc())
+                    sched.abort_all(f"internal error: {type(e).__name__}: {e}")
+
+    def _handle(self, msg: tuple[str, Any]) -> None:
+        kind, payload = msg
+        sched = self.parts.scheduler
+        if kind == "req":
+            sched.add_request(payload)
+        elif kind == "abort":
+            rid, fut = payload
+            ok = sched.abort(rid)
+            if fut is not None:
+                fut.set_result(ok)
+        elif kind == "call":
+            fn, fut = payload
+            try:
+                fut.set_result(fn())
+            except Exception as e:
+                fut.set_exception(e)
+
+    def _emit(self, req: Req, finished: bool) -> None:
+        if req.callback is None:
+            return
+        if not finished and not req.stream:
+            return
+        out = self._make_output(req, finished)
+        self.metrics.on_emit(req, finished)
+        req.callback(out, finished)
+
+    def _make_output(self, req: Req, finished: bool) -> dict[str, Any]:
+        op = self.parts.output
+        text = op.output_text(req)
+        if not finished and text.endswith("\ufffd"):  # incomplete UTF-8: hold it back
+            text = text.rstrip("\ufffd")
+        return {"text": text, "output_ids": list(req.output_ids), "meta_info": op.meta_info(req),
+                "index": req.rid}
+
+    def call_in_loop(self, fn: Callable[[], Any], timeout: float = 60.0) -> Any:
+        """Run ``fn`` on the scheduler thread (between steps) and return its result."""
+        fut: concurrent.futures.Future[Any] = concurrent.futures.Future()
+        self._inbox.put(("call", (fn, fut)))
+        return fut.result(timeout=timeout)
+
+    # ---- request construction --------------------------------------------------------------------
+    def _new_rid(self) -> str:
+        self._rid_counter += 1
+        return f"{uuid.uuid4().hex[:12]}-{self._rid_counter}"
+
+    def tokenize(self, text: str) -> list[int]:
+        return self.tokenizer.encode(text)
+
+    def build_requests(
+        self, prompt: GenInput = None, sampling_params: dict[str, Any] | list[Any] | None = None,
+        input_ids: list[int] | list[list[int]] | None = None, return_logprob: bool | list = False,
+        logprob_start_len: int | list | None = None, top_logprobs_num: int | list = 0,
+        rid: str | list[str] | None = None, stream: bool = False,
+    ) -> tuple[list[Req], bool]:
+        """Validate and tokenize; raises ValueError naming the bad field. Returns (reqs, batched)."""
+        if (prompt is None) == (input_ids is None):
+            raise ValueError("exactly one of text/prompt and input_ids must be given")
+        if prompt is not None:
+            batched = isinstance(prompt, list)
+            prompts = prompt if batched else [prompt]
+            if not all(isinstance(p, str) for p in prompts):
+                raise ValueError("text must be a string or a list of strings")
+            ids_list = [self.tokenizer.encode(p) for p in prompts]
+        else:
+            batched = bool(input_ids) and isinstance(input_ids[0], list)
+            ids_list = input_ids if batched else [input_ids]  # type: ignore[list-item]
+        n_in = len(ids_list)
+        if n_in == 0:
+            raise ValueError("empty batch")
+
+        def per(v: Any, i: int) -> Any:
+            return v[i] if isinstance(v, list) else v
+
+        reqs: list[Req] = []
+        for i, ids in enumerate(ids_list):
+            if not isinstance(ids, list) or not all(
+                    isinstance(t, int) and not isinstance(t, bool) for t in ids):
+                raise ValueError("input_ids must be a list of token ids")
+            if not ids:
+                raise ValueError("the prompt is empty (0 tokens)")
+            vocab = self.parts.vocab_size
+            if any(t < 0 or t >= vocab for t in ids):
+                raise ValueError(f"input_ids contains ids outside [0, {vocab})")
+            if len(ids) >= self.context_len:
+                raise ValueError(f"the prompt has {len(ids)} tokens, which is not less than the "
+                                 f"context length {self.context_len}")
+            sp_in = sampling_params[i] if isinstance(sampling_params, list) else sampling_params
+            sp = SamplingParams.from_dict(sp_in)
+            sp.normalize_and_validate(vocab, self.context_len)
+            sp.max_new_tokens = min(sp.max_new_tokens, self.context_len - len(ids))
+            grammar_spec = sp.grammar_spec()
+            lp = bool(per(return_logprob, i))
+            lsl = per(logprob_start_len, i)
+            lsl = -1 if lsl is None else int(lsl)
+            if lp and lsl < 0:
+                lsl = len(ids) - 1
+            tln = int(per(top_logprobs_num, i) or 0)
+            if tln < 0 or tln > 100:
+                raise ValueError("top_logprobs_num must be in [0, 100]")
+            base_rid = per(rid, i) if rid is not None else self._new_rid()
+            for j in range(sp.n):
+                r = Req(
+                    rid=base_rid if sp.n == 1 else f"{base_rid}_{j}", origin_input_ids=list(ids),
+                    sampling_params=sp if j == 0 else SamplingParams(**vars(sp)),
+                    return_logprob=lp, logprob_start_len=min(lsl, len(ids) - 1),
+                    top_logprobs_num=tln, stream=stream, created_at=time.monotonic(),
+                )
+                seed = sp.seed if sp.seed is None else sp.seed + j
+                if not sp.is_greedy:
+                    g = torch.Generator()
+                    g.manual_seed(seed if seed is not None else
+                                  (self.server_args.random_seed * 1_000_003 + self._rid_counter
+                                   * 7919 + j + i * 131) & 0x7FFFFFFF)
+                    r.generator = g
+                if grammar_spec is not None:
+                    r.grammar = self.parts.grammar_backend().compile(*grammar_spec).new_matcher()
+                reqs.append(r)
+        return reqs, batched or any(r.sampling_params.n > 1 for r in reqs)
+
+    # ---- public API -----------------------------------------------------------------------------
+    def generate(self, prompt: GenInput = None, sampling_params: Any = None,
+                 input_ids: Any = None, return_logprob: Any = False,
+                 logprob_start_len: Any = None, top_logprobs_num: Any = 0,
+                 stream: bool = False, rid: Any = None) -> Any:
+        """Blocking. Returns one output dict, or a list for batched input / n > 1; with
+        ``stream`` an iterator of cumulative output dicts (single request only)."""
+        reqs, batched = self.build_requests(prompt, sampling_params, input_ids, return_logprob,
+                                            logprob_start_len, top_logprobs_num, rid, stream)
+        if stream:
+            if len(reqs) != 1:
+                raise ValueError("stream=True supports a single request")
+            return self._stream_sync(reqs[0])
+        qs: list[queue.Queue[tuple[dict[str, Any], bool]]] = []
+        for r in reqs:
+            q: queue.Queue[tuple[dict[str, Any], bool]] = queue.Queue()
+            r.callback = lambda out, fin, q=q: q.put((out, fin))
+            qs.append(q)
+            self._inbox.put(("req", r))
+        outs = [self._wait_final(q) for q in qs]
+        return outs if batched else outs[0]
+
+    @staticmethod
+    def _wait_final(q: queue.Queue[tuple[dict[str, Any], bool]]) -> dict[str, Any]:
+        while True:
+            out, fin = q.get()
+            if fin:
+                return out
+
+    def _stream_sync(self, req: Req) -> Iterator[dict[str, Any]]:
+        q: queue.Queue[tuple[dict[str, Any], bool]] = queue.Queue()
+        req.callback = lambda out, fin: q.put((out, fin))
+        self._inbox.put(("req", req))
+        try:
+            while True:
+                out, fin = q.get()
+                yield out
+                if fin:
+                    return
+        finally:
+            if not fin:
+                self.abort(req.rid)
+
+    async def async_generate_reqs(self, reqs: list[Req]) -> AsyncIterator[tuple[int, dict, bool]]:
+        """Submit ``reqs`` and yield ``(index, output, finished)`` as outputs arrive.
+
+        If the consumer stops early (client disconnect), unfinished requests are aborted and
+        their KV freed.
+        """
+        loop = asyncio.get_running_loop()
+        aq: asyncio.Queue[tuple[int, dict[str, Any], bool]] = asyncio.Queue()
+        for i, r in enumerate(reqs):
+            r.callback = (lambda out, fin, i=i:
+                          loop.call_soon_threadsafe(aq.put_nowait, (i, out, fin)))
+        for r in reqs:
+            self._inbox.put(("req", r))
+        pending = len(reqs)
+        done: set[int] = set()
+        try:
+            while pending:
+                i, out, fin = await aq.get()
+                if fin:
+                    pending -= 1
+                    done.add(i)
+                yield i, out, fin
+        finally:
+            for i, r in enumerate(reqs):
+                if i not in done:
+                    self.abort(r.rid, wait=False)
+
+    def abort(self, rid: str, wait: bool = False) -> bool:
+        fut: concurrent.futures.Future[bool] | None = (
+            concurrent.futures.Future() if wait else None)
+        self._inbox.put(("abort", (rid, fut)))
+        return fut.result(timeout=30) if fut is not None else True
+
+    def flush_cache(self) -> bool:
+        return self.call_in_loop(self.parts.cache.flush)
+
+    def check_integrity(self) -> dict[str, int]:
+        """Assert free + cached + in-use == pool size (on the scheduler thread)."""
+
+        def _check() -> dict[str, int]:
+            self.parts.cache.check_integrity()
+            c = self.parts.cache
+            return {"free": c.allocator.available_size(), "cached": c.tree.total_size(),
+                    "in_use": c.in_use(), "size": c.allocator.size}
+        return self.call_in_loop(_check)
+
+    def get_server_info(self) -> dict[str, Any]:
+        def _info() -> dict[str, Any]:
+            p = self.parts
+            spec = p.decoder.stats.as_dict()
+            c = p.cache
+            return {
+                **{k: v for k, v in vars(self.server_args).items() if k != "api_key"},
+                "model_path": self.model_path,
+                "context_length": self.context_len,
+                "speculative_algorithm": self.server_args.speculative_algorithm,
+                "avg_spec_accept_length": spec["avg_spec_accept_length"],
+                "spec_stats": spec,
+                "num_running_reqs": len(p.scheduler.running) + len(p.scheduler.prefilling),
+                "num_waiting_reqs": len(p.scheduler.waiting),
+                "num_retractions": p.scheduler.num_retractions,
+                "cache_hit_tokens": c.hit_tokens,
+                "cache_query_tokens": c.query_tokens,
+                "cache_hit_rate": c.hit_tokens / c.query_tokens if c.query_tokens else 0.0,
+                "num_forward_tokens": p.runner.num_forward_tokens,
+                "kv_free_slots": c.allocator.available_size(),
+                "kv_cached_slots": c.tree.total_size(),
+                "kv_pool_size": c.allocator.size,
+                "version": "0.1.0",
+            }
+        return self.call_in_loop(_info)
+
+    def shutdown(self) -> None:
+        if self._stop.is_set():
+            return
+        try:
+            self.call_in_loop(lambda: self.parts.scheduler.abort_all("engine shutdown"), 10)
+        except Exception:
+            pass
+        self._stop.set()
+        self._thread.join(timeout=10)
+
+    def __enter__(self) -> Engine:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.shutdown()
+
+    def __del__(self) -> None:
+        try:
+            self._stop.set()
+        except Exception:
+            pass

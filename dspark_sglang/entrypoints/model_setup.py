@@ -1,0 +1,112 @@
+"""Assemble an engine's parts from ServerArgs: load weights, size pools, pick the drafter."""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+from typing import Any, Callable
+
+import torch
+
+from dspark_sglang.core.req import Req
+from dspark_sglang.entrypoints.metrics import EngineMetrics
+from dspark_sglang.model_executor.model_runner import ModelRunner
+from dspark_sglang.models.config import ModelConfig
+from dspark_sglang.models.llama import LlamaForCausalLM
+from dspark_sglang.mem_cache.cache_manager import CacheManager
+from dspark_sglang.scheduler.output_processor import OutputProcessor
+from dspark_sglang.scheduler.scheduler import Scheduler
+from dspark_sglang.server_args import ServerArgs
+from dspark_sglang.speculative.factory import create_draft_worker
+from dspark_sglang.speculative.spec_decoder import SpecDecoder
+
+logger = logging.getLogger(__name__)
+
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+@dataclass
+class EngineParts:
+    args: ServerArgs
+    config: ModelConfig
+    tokenizer: Any
+    model_path: str
+    is_default_model: bool
+    context_len: int
+    vocab_size: int
+    runner: ModelRunner
+    cache: CacheManager
+    decoder: SpecDecoder
+    output: OutputProcessor
+    scheduler: Scheduler
+    metrics: EngineMetrics
+    load_seconds: float
+    _grammar_backend: Any = None
+
+    def grammar_backend(self) -> Any:
+        """Lazily built grammar backend (compile happens on the caller's thread)."""
+        if self._grammar_backend is None:
+            from dspark_sglang.constrained import get_grammar_backend
+
+            self._grammar_backend = get_grammar_backend(
+                self.args.grammar_backend, self.tokenizer, self.vocab_size)
+        return self._grammar_backend
+
+
+def resolve_device(args: ServerArgs) -> str:
+    if args.device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if args.device == "cuda" and not torch.cuda.is_available():
+        raise ValueError("device='cuda' requested but no CUDA device is available")
+    return args.device
+
+
+def resolve_dtype(args: ServerArgs, device: str) -> torch.dtype:
+    if args.dtype == "auto":
+        return torch.bfloat16 if device == "cuda" else torch.float32
+    return _DTYPES[args.dtype]
+
+
+def build_target_model(config: ModelConfig, state_dict: dict[str, torch.Tensor],
+                       dtype: torch.dtype, device: str, max_positions: int) -> LlamaForCausalLM:
+    model = LlamaForCausalLM(config, max_positions=max_positions)
+    model.load_hf_state_dict(state_dict, dtype)
+    return model.to(device).eval()
+
+
+def build_engine_parts(args: ServerArgs, emit: Callable[[Req, bool], None]) -> EngineParts:
+    from dspark_sglang.models.loader import load_model_files
+
+    t0 = time.monotonic()
+    loaded = load_model_files(args.model_path)
+    device = resolve_device(args)
+    dtype = resolve_dtype(args, device)
+    cfg = loaded.config
+    context_len = args.context_length or cfg.max_position_embeddings
+    if context_len > cfg.max_position_embeddings:
+        raise ValueError(f"context_length {context_len} exceeds the model's "
+                         f"max_position_embeddings {cfg.max_position_embeddings}")
+    model = build_target_model(cfg, loaded.state_dict, dtype, device, context_len + 64)
+    del loaded.state_dict
+    runner = ModelRunner(model, args.max_total_tokens, dtype, args.attention_backend, device)
+    cache = CacheManager(args.max_total_tokens, max(2 * args.max_running_requests, 8),
+                         context_len, args.disable_radix_cache)
+    tokenizer = loaded.tokenizer
+    eos = set(cfg.eos_token_ids) | set(getattr(tokenizer, "eos_token_ids", []) or [])
+    vocab_size = cfg.vocab_size
+    parts = EngineParts(
+        args=args, config=cfg, tokenizer=tokenizer, model_path=loaded.model_path,
+        is_default_model=args.model_path is None, context_len=context_len,
+        vocab_size=vocab_size, runner=runner, cache=cache, decoder=None,  # type: ignore[arg-type]
+        output=OutputProcessor(tokenizer, eos), scheduler=None,  # type: ignore[arg-type]
+        metrics=EngineMetrics(), load_seconds=0.0,
+    )
+    worker = create_draft_worker(args, parts)
+    parts.decoder = SpecDecoder(runner, cache, worker, eos, vocab_size)
+    parts.scheduler = Scheduler(runner, cache, parts.decoder, parts.output,
+                                args.max_running_requests, args.chunked_prefill_size, emit)
+    parts.load_seconds = time.monotonic() - t0
+    logger.info("engine ready in %.2fs (model %s, %s, %s)", parts.load_seconds,
+                loaded.model_path, dtype, device)
+    return parts

@@ -1,0 +1,75 @@
+"""Per-row logits adjustments shared by plain decoding, prefill sampling and verification.
+
+A "row" is one position whose next token is decided: row ``j`` of a request in a verify pass
+sees the request's output plus the first ``j`` draft tokens (``history_extra``). Every adjustment
+that depends on history (penalties, ``min_new_tokens``, grammar) is applied per row, so speculative
+and plain decoding see exactly the same distributions.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from dspark_sglang.core.req import Req
+
+
+@dataclass
+class RowSpec:
+    req: Req
+    history_extra: list[int]  # draft tokens between the request's output and this row
+    grammar: Any = None  # matcher positioned at this row (a copy for speculative rows), or None
+
+
+def adjust_logits_(logits: torch.Tensor, rows: list[RowSpec], eos_ids: set[int],
+                   vocab_size: int) -> None:
+    """In place on ``logits [len(rows), V]``: penalties, min_new_tokens, grammar masks."""
+    if logits.shape[-1] > vocab_size:
+        logits[:, vocab_size:] = float("-inf")
+    grammar_rows = [i for i, r in enumerate(rows) if r.grammar is not None]
+    if grammar_rows:
+        from dspark_sglang.constrained.base import allocate_bitmask, apply_bitmask_
+
+        bitmask = allocate_bitmask(len(grammar_rows), logits.shape[-1])
+        for k, i in enumerate(grammar_rows):
+            g = rows[i].grammar
+            if g.is_terminated():
+                bitmask[k].fill_(0)
+                for e in eos_ids:  # a finished grammar only allows ending
+                    bitmask[k, e // 32] |= (1 << (e % 32)) if e % 32 != 31 else -(1 << 31)
+            else:
+                g.fill_bitmask(bitmask, k)
+        sub = logits[grammar_rows]
+        apply_bitmask_(sub, bitmask)
+        logits[grammar_rows] = sub
+    for i, r in enumerate(rows):
+        sp = r.req.sampling_params
+        n_out = len(r.req.output_ids) + len(r.history_extra)
+        if sp.min_new_tokens and n_out < sp.min_new_tokens:
+            ban = [t for t in (eos_ids | set(sp.stop_token_ids)) if t < logits.shape[-1]]
+            logits[i, ban] = float("-inf")
+        if sp.frequency_penalty or sp.presence_penalty or sp.repetition_penalty != 1.0:
+            hist = r.req.output_ids + r.history_extra
+            if sp.frequency_penalty or sp.presence_penalty:
+                if hist:
+                    ids, counts = torch.tensor(hist).unique(return_counts=True)
+                    logits[i, ids] -= sp.frequency_penalty * counts.to(logits.dtype) \
+                        + sp.presence_penalty
+            if sp.repetition_penalty != 1.0:
+                ids = torch.tensor(sorted(set(r.req.origin_input_ids + hist)))
+                vals = logits[i, ids]
+                logits[i, ids] = torch.where(vals > 0, vals / sp.repetition_penalty,
+                                             vals * sp.repetition_penalty)
+
+
+def sampling_info(reqs: list[Req]) -> Any:
+    """``SamplingBatchInfo`` with one row per request."""
+    from dspark_sglang.layers.sampler import SamplingBatchInfo
+
+    sps = [r.sampling_params for r in reqs]
+    return SamplingBatchInfo.from_lists(
+        temperatures=[0.0 if sp.is_greedy else float(sp.temperature) for sp in sps],
+        top_ks=[sp.top_k for sp in sps], top_ps=[float(sp.top_p) for sp in sps],
+        min_ps=[float(sp.min_p) for sp in sps], generators=[r.generator for r in reqs])

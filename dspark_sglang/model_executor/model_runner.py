@@ -1,0 +1,81 @@
+"""Model runner: owns one model, its KV pool and attention backend; runs ForwardBatches.
+
+The runner never allocates slots: the scheduler's cache manager owns the allocator and
+``req_to_token``; the runner only writes K/V at the slots a ForwardBatch names.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from dspark_sglang.core.forward_batch import ForwardBatch, ForwardMode, ModelOutput
+from dspark_sglang.layers.attention.base import AttentionBackend, create_attention_backend
+from dspark_sglang.mem_cache.kv_pool import KVPool
+from dspark_sglang.models.llama import LlamaForCausalLM
+
+
+@dataclass
+class BatchRequestSpec:
+    """One request's part of a forward: new tokens at positions ``start_pos ..``."""
+
+    req_pool_idx: int
+    input_ids: list[int]
+    start_pos: int  # = prefix length (tokens already in KV)
+    out_cache_loc: torch.Tensor  # [len(input_ids)] int64
+    custom_mask: torch.Tensor | None = None  # [len, len] bool
+    positions: list[int] | None = None  # default start_pos + arange (trees use depth offsets)
+
+
+def build_forward_batch(
+    mode: ForwardMode, specs: list[BatchRequestSpec], req_to_token: torch.Tensor,
+    logits_indices: torch.Tensor | None = None, capture_layer_ids: tuple[int, ...] = (),
+    capture_final_hidden: bool = False,
+) -> ForwardBatch:
+    ids: list[int] = []
+    pos: list[int] = []
+    for s in specs:
+        ids.extend(s.input_ids)
+        if s.positions is not None:
+            pos.extend(s.positions)
+        else:
+            pos.extend(range(s.start_pos, s.start_pos + len(s.input_ids)))
+    ext = [len(s.input_ids) for s in specs]
+    seq = [s.start_pos + e for s, e in zip(specs, ext)]
+    custom = [s.custom_mask for s in specs]
+    return ForwardBatch(
+        mode=mode,
+        input_ids=torch.tensor(ids, dtype=torch.int64),
+        positions=torch.tensor(pos, dtype=torch.int64),
+        out_cache_loc=torch.cat([s.out_cache_loc for s in specs]),
+        req_pool_indices=torch.tensor([s.req_pool_idx for s in specs], dtype=torch.int64),
+        seq_lens=torch.tensor(seq, dtype=torch.int64),
+        extend_lens=torch.tensor(ext, dtype=torch.int64),
+        req_to_token=req_to_token,
+        custom_masks=custom if any(c is not None for c in custom) else None,
+        logits_indices=logits_indices,
+        capture_layer_ids=capture_layer_ids,
+        capture_final_hidden=capture_final_hidden,
+        seq_lens_list=seq,
+        extend_lens_list=ext,
+    )
+
+
+class ModelRunner:
+    def __init__(self, model: LlamaForCausalLM, num_slots: int, dtype: torch.dtype,
+                 attention_backend: str = "torch_native", device: str = "cpu") -> None:
+        cfg = model.config
+        self.model = model
+        self.config = cfg
+        self.dtype = dtype
+        self.device = device
+        self.kv_pool = KVPool(cfg.num_hidden_layers, num_slots, cfg.num_key_value_heads,
+                              cfg.head_dim, dtype, device)
+        self.attn: AttentionBackend = create_attention_backend(attention_backend)
+        self.num_forward_tokens = 0  # computed (not cached) tokens, for tests and metrics
+
+    @torch.inference_mode()
+    def forward(self, fb: ForwardBatch) -> ModelOutput:
+        self.num_forward_tokens += fb.num_tokens
+        return self.model(fb, self.attn, self.kv_pool)

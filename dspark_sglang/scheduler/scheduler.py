@@ -1,0 +1,287 @@
+"""Scheduler: continuous batching with chunked prefill, radix-aware admission, retraction.
+
+One iteration (``step``): admit waiting requests (longest cached prefix first) while KV slots
+and rows allow, run one prefill forward over up to ``chunked_prefill_size`` prompt tokens; if
+there was no prefill work, run one decode step (plain or speculative) for every running request.
+When a decode step finds the KV pool exhausted, the newest running request is retracted (its KV
+is released, it re-enters the queue with its output so far) — never a crash.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import deque
+from typing import Any, Callable
+
+import torch
+
+from dspark_sglang.core.forward_batch import ForwardMode
+from dspark_sglang.core.req import Req, ReqState
+from dspark_sglang.layers import sampler as smp
+from dspark_sglang.model_executor.model_runner import BatchRequestSpec, ModelRunner, \
+    build_forward_batch
+from dspark_sglang.mem_cache.cache_manager import CacheManager
+from dspark_sglang.layers.logits_processing import RowSpec, adjust_logits_, sampling_info
+from dspark_sglang.scheduler.output_processor import OutputProcessor
+from dspark_sglang.speculative.spec_decoder import SpecDecoder
+
+
+class Scheduler:
+    def __init__(self, runner: ModelRunner, cache: CacheManager, decoder: SpecDecoder,
+                 output: OutputProcessor, max_running: int, chunk_size: int,
+                 emit: Callable[[Req, bool], None]) -> None:
+        self.runner = runner
+        self.cache = cache
+        self.decoder = decoder
+        self.output = output
+        self.max_running = max_running
+        self.chunk_size = chunk_size if chunk_size > 0 else 1 << 30
+        self.emit = emit  # emit(req, finished) after its tokens changed
+        self.waiting: deque[Req] = deque()
+        self.prefilling: list[Req] = []
+        self.running: list[Req] = []
+        self.num_retractions = 0
+        self.finished_count = 0
+
+    # ---- requests ------------------------------------------------------------------------------
+    def add_request(self, req: Req) -> None:
+        req.state = ReqState.WAITING
+        self.waiting.append(req)
+
+    def abort(self, rid: str) -> bool:
+        for q in (self.waiting, self.prefilling, self.running):
+            for req in list(q):
+                if req.rid == rid:
+                    req.finish_reason = {"type": "abort", "message": "aborted by request"}
+                    self._finish(req, cache=False)
+                    return True
+        return False
+
+    def abort_all(self, message: str) -> None:
+        for q in (self.waiting, self.prefilling, self.running):
+            for req in list(q):
+                req.finish_reason = {"type": "abort", "message": message}
+                self._finish(req, cache=False)
+
+    def has_work(self) -> bool:
+        return bool(self.waiting or self.prefilling or self.running)
+
+    def num_in_flight(self) -> int:
+        return len(self.waiting) + len(self.prefilling) + len(self.running)
+
+    # ---- one iteration -------------------------------------------------------------------------
+    def step(self) -> None:
+        self._admit()
+        if self.prefilling:
+            self._run_prefill()
+        elif self.running:
+            self._run_decode()
+
+    def _admit(self) -> None:
+        if not self.waiting:
+            return
+        active = len(self.prefilling) + len(self.running)
+        if active >= self.max_running:
+            return
+        # radix-aware order: longest cached prefix first (FCFS among equals)
+        scored = []
+        for i, req in enumerate(self.waiting):
+            slots, _ = self.cache.match(req, self._match_limit(req))
+            scored.append((-slots.numel(), i, req))
+        scored.sort(key=lambda x: (x[0], x[1]))
+        headroom = 1 + self.decoder.worker.max_draft_len()
+        admitted: list[Req] = []
+        for _, _, req in scored:
+            if active + len(admitted) >= self.max_running:
+                break
+            slots, node = self.cache.match(req, self._match_limit(req))
+            need = req.prefill_target_len() - slots.numel()
+            first_chunk = min(need, self.chunk_size)
+            reserve = headroom * (len(self.running) + len(self.prefilling) + len(admitted) + 1)
+            if first_chunk + reserve > self.cache.available() - self._locked_extra(slots, node):
+                break
+            if not self.cache.admit(req, slots, node):
+                break
+            admitted.append(req)
+        for req in admitted:
+            self.waiting.remove(req)
+            req.state = ReqState.PREFILL
+            self.prefilling.append(req)
+
+    def _locked_extra(self, slots: torch.Tensor, node: Any) -> int:
+        # matching slots that are currently evictable stop being evictable once locked
+        return 0 if slots.numel() == 0 else min(slots.numel(), self.cache.tree.evictable_size())
+
+    def _match_limit(self, req: Req) -> int:
+        limit = req.prefill_target_len()
+        if not req.output_ids:
+            limit -= 1  # the last prompt token must be computed to get its logits
+        if req.return_logprob and not req.output_ids:
+            limit = min(limit, max(req.logprob_start_len, 0))
+        return max(limit, 0)
+
+    # ---- prefill -------------------------------------------------------------------------------
+    def _run_prefill(self) -> None:
+        budget = self.chunk_size
+        batch: list[tuple[Req, int]] = []
+        for req in self.prefilling:
+            if budget <= 0:
+                break
+            n = min(req.prefill_target_len() - req.kv_len, budget)
+            if n <= 0:
+                batch.append((req, 0))
+                continue
+            batch.append((req, n))
+            budget -= n
+        total = sum(n for _, n in batch)
+        slots = self.cache.alloc_slots(total)
+        if slots is None:  # cannot happen after admission accounting, but never crash
+            self._retract_one(self.prefilling[-1])
+            return
+        specs, logit_rows, row_owner = [], [], []
+        off = 0
+        for req, n in batch:
+            if n == 0:
+                continue
+            loc = slots[off : off + n]
+            self.cache.req_to_token_pool.write(req.req_pool_idx, req.kv_len, loc)
+            ids = req.fill_ids[req.kv_len : req.kv_len + n]
+            specs.append(BatchRequestSpec(req.req_pool_idx, ids, req.kv_len, loc))
+            rows = self._prefill_logit_rows(req, n)
+            logit_rows.extend(off + r for r in rows)
+            row_owner.extend((req, req.kv_len + r) for r in rows)
+            off += n
+        logits = None
+        if specs:
+            idx = torch.tensor(logit_rows, dtype=torch.int64)
+            fb = build_forward_batch(ForwardMode.EXTEND, specs, self.cache.req_to_token,
+                                     logits_indices=idx,
+                                     capture_layer_ids=self.decoder.worker.capture_layer_ids)
+            out = self.runner.forward(fb)
+            self.decoder.worker.on_target_forward(fb, out)
+            logits = out.logits
+        by_req: dict[str, dict[int, torch.Tensor]] = {}
+        if logits is not None:
+            for (req, pos), row in zip(row_owner, logits):
+                by_req.setdefault(req.rid, {})[pos] = row
+        done: list[Req] = []
+        for req, n in batch:
+            req.kv_len += n
+            rows = by_req.get(req.rid, {})
+            if req.return_logprob and not req.output_ids:
+                self._collect_input_logprobs(req, rows, req.kv_len - n, req.kv_len)
+            if req.kv_len >= req.prefill_target_len():
+                done.append(req)
+                self._finish_prefill(req, rows.get(req.kv_len - 1))
+            else:
+                self.cache.cache_unfinished(req)
+        for req in done:
+            if req in self.prefilling:
+                self.prefilling.remove(req)
+
+    def _prefill_logit_rows(self, req: Req, n: int) -> list[int]:
+        """Rows (relative to this chunk) whose logits we need: input logprobs + last token."""
+        start, end = req.kv_len, req.kv_len + n
+        rows = set()
+        if req.return_logprob and not req.output_ids:
+            lo = max(req.logprob_start_len, 0)
+            # logprob of token i comes from row i-1; tokens lo+1 .. len-1
+            rows.update(p - start for p in range(max(lo, start), min(end, req.seqlen - 1)))
+        if end >= req.prefill_target_len() and not req.output_ids:
+            rows.add(n - 1)
+        return sorted(rows)
+
+    def _collect_input_logprobs(self, req: Req, rows: dict[int, torch.Tensor], start: int,
+                                end: int) -> None:
+        lo = max(req.logprob_start_len, 0)
+        ids = req.origin_input_ids
+        for pos in range(max(lo, start), end):
+            if pos == lo:
+                req.input_token_logprobs.append((None, ids[pos]))
+                if req.top_logprobs_num:
+                    req.input_top_logprobs.append(None)
+            prev = rows.get(pos)
+            if prev is not None and pos + 1 < len(ids):
+                lp = torch.log_softmax(prev.float(), dim=-1)
+                req.input_token_logprobs.append((float(lp[ids[pos + 1]]), ids[pos + 1]))
+                if req.top_logprobs_num:
+                    v, i = lp.topk(req.top_logprobs_num)
+                    req.input_top_logprobs.append(list(zip(v.tolist(), i.tolist())))
+
+    def _finish_prefill(self, req: Req, last_logits: torch.Tensor | None) -> None:
+        if req.output_ids:  # re-admitted after retraction: continue decoding
+            req.state = ReqState.RUNNING
+            self.running.append(req)
+            return
+        if req.sampling_params.max_new_tokens == 0:
+            req.finish_reason = {"type": "length", "length": 0}
+            self._finish(req, cache=True)
+            return
+        assert last_logits is not None
+        logits = last_logits[None].clone()
+        adjust_logits_(logits, [RowSpec(req, [], req.grammar)], self.output.eos_token_ids,
+                       self.runner.config.vocab_size)
+        info = sampling_info([req])
+        tok = int(smp.sample(smp.logits_to_probs(logits, info), info, logits=logits)[0])
+        lps = None
+        if req.return_logprob:
+            lp = smp.compute_logprobs(last_logits[None])[0]
+            top = None
+            if req.top_logprobs_num:
+                v, i = lp.topk(req.top_logprobs_num)
+                top = list(zip(v.tolist(), i.tolist()))
+            lps = [((float(lp[tok]), tok), top)]
+        req.first_token_at = time.monotonic()
+        req.state = ReqState.RUNNING
+        self.running.append(req)
+        self.output.append_tokens(req, [tok], lps)
+        if req.finished:
+            self._finish(req, cache=True)
+        else:
+            self.emit(req, False)
+
+    # ---- decode --------------------------------------------------------------------------------
+    def _run_decode(self) -> None:
+        while self.running:
+            results = self.decoder.step(list(self.running))
+            if results is not None:
+                break
+            if len(self.running) == 1 and self.cache.tree.evictable_size() == 0:
+                req = self.running[0]
+                req.finish_reason = {"type": "abort",
+                                     "message": "KV cache too small for this request"}
+                self._finish(req, cache=False)
+                return
+            self._retract_one(self.running[-1])
+        else:
+            return
+        for res in results:
+            req = res.req
+            self.output.append_tokens(req, res.tokens, res.logprobs)
+            if req.finished:
+                self._finish(req, cache=True)
+            else:
+                self.emit(req, False)
+
+    def _retract_one(self, req: Req) -> None:
+        self.cache.release_req(req, cache=True)
+        if req in self.running:
+            self.running.remove(req)
+        if req in self.prefilling:
+            self.prefilling.remove(req)
+        req.state = ReqState.WAITING
+        req.draft_state.clear()
+        self.waiting.appendleft(req)
+        self.num_retractions += 1
+
+    def _finish(self, req: Req, cache: bool) -> None:
+        self.cache.release_req(req, cache=cache)
+        for q in (self.running, self.prefilling):
+            if req in q:
+                q.remove(req)
+        if req in self.waiting:
+            self.waiting.remove(req)
+        req.state = ReqState.FINISHED
+        req.draft_state.clear()
+        self.finished_count += 1
+        self.emit(req, True)

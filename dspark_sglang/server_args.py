@@ -1,0 +1,124 @@
+"""Engine / server configuration: one frozen dataclass; the CLI is generated from its fields."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any, get_args
+
+SPEC_ALGORITHMS = ("NONE", "DSPARK", "MTP1", "CHAIN", "NGRAM", "STANDALONE", "TREE")
+
+
+def _f(default: Any, help: str, choices: tuple[Any, ...] | None = None) -> Any:
+    return field(default=default, metadata={"help": help, "choices": choices})
+
+
+@dataclass(frozen=True)
+class ServerArgs:
+    # model
+    model_path: str | None = _f(None, "HF safetensors dir or GGUF file; default: embedded "
+                                      "SmolLM2-135M-Instruct and its shipped drafter")
+    served_model_name: str | None = _f(None, "name reported by the API (default: model_path)")
+    dtype: str = _f("auto", "weights/activations dtype (auto = float32 on CPU, bfloat16 on GPU)",
+                    ("auto", "float32", "bfloat16", "float16"))
+    device: str = _f("auto", "cpu | cuda | auto")
+    context_length: int | None = _f(None, "max tokens per request (prompt + output)")
+    # memory / scheduling
+    max_total_tokens: int = _f(65536, "KV pool size in tokens (shared by target and drafter)")
+    max_running_requests: int = _f(64, "max concurrently running requests")
+    chunked_prefill_size: int = _f(2048, "max prefill tokens per forward (-1 = no chunking)")
+    disable_radix_cache: bool = _f(False, "disable the radix prefix cache")
+    attention_backend: str = _f("torch_native", "attention kernels",
+                                ("torch_native", "triton", "flashinfer"))
+    disable_cuda_graph: bool = _f(False, "never capture CUDA graphs (always off on CPU)")
+    num_threads: int | None = _f(None, "torch intra-op threads on CPU (default: torch's)")
+    random_seed: int = _f(0, "seed for requests without their own seed")
+    # speculative decoding (SGLang spelling)
+    speculative_algorithm: str = _f("NONE", "speculative decoding algorithm", SPEC_ALGORITHMS)
+    speculative_draft_model_path: str | None = _f(None, "drafter checkpoint (DeepSpec layout for "
+                                                        "DSPARK, an LM for STANDALONE)")
+    speculative_num_draft_tokens: int | None = _f(None, "fixed draft length per step (CHAIN, "
+                                                        "NGRAM, STANDALONE; tree node budget)")
+    speculative_eagle_topk: int = _f(4, "TREE: branching factor per position")
+    speculative_dspark_block_size: int | None = _f(None, "DSPARK block size (default: drafter's)")
+    speculative_dspark_sps_table_path: str | None = _f(None, "SPS(B) table json; profiled and "
+                                                             "cached at start when absent")
+    speculative_dspark_confidence_sts_path: str | None = _f(None, "STS calibration json")
+    speculative_ngram_max_match: int = _f(4, "NGRAM: longest suffix n-gram to look up")
+    # structured generation
+    grammar_backend: str = _f("xgrammar", "grammar backend", ("xgrammar", "llguidance",
+                                                              "outlines"))
+    # server
+    host: str = _f("127.0.0.1", "bind address")
+    port: int = _f(30000, "port")
+    api_key: str | None = _f(None, "require 'Authorization: Bearer <key>' on every endpoint")
+    log_level: str = _f("info", "log level", ("debug", "info", "warning", "error"))
+    enable_metrics: bool = _f(True, "serve Prometheus /metrics")
+
+    def __post_init__(self) -> None:
+        self.validate()
+
+    def validate(self) -> None:
+        for f in dataclasses.fields(self):
+            choices = f.metadata.get("choices")
+            if choices and getattr(self, f.name) not in choices:
+                raise ValueError(f"{f.name} must be one of {list(choices)}, "
+                                 f"got {getattr(self, f.name)!r}")
+        if self.max_total_tokens < 16:
+            raise ValueError(f"max_total_tokens must be >= 16, got {self.max_total_tokens}")
+        if self.max_running_requests < 1:
+            raise ValueError("max_running_requests must be >= 1")
+        if self.chunked_prefill_size == 0 or self.chunked_prefill_size < -1:
+            raise ValueError("chunked_prefill_size must be -1 or positive")
+        if self.context_length is not None and self.context_length < 2:
+            raise ValueError("context_length must be >= 2")
+        n = self.speculative_num_draft_tokens
+        if n is not None and not 1 <= n <= 64:
+            raise ValueError("speculative_num_draft_tokens must be in [1, 64]")
+        b = self.speculative_dspark_block_size
+        if b is not None and not 1 <= b <= 32:
+            raise ValueError("speculative_dspark_block_size must be in [1, 32]")
+        if self.speculative_algorithm == "STANDALONE" and not self.speculative_draft_model_path:
+            raise ValueError("speculative_algorithm STANDALONE needs speculative_draft_model_path")
+        if not 0 < self.port < 65536:
+            raise ValueError(f"port must be in 1..65535, got {self.port}")
+
+    def replace(self, **kw: Any) -> ServerArgs:
+        return dataclasses.replace(self, **kw)
+
+    # ---- CLI -----------------------------------------------------------------------------
+    @staticmethod
+    def add_cli_args(parser: argparse.ArgumentParser) -> None:
+        for f in dataclasses.fields(ServerArgs):
+            flag = "--" + f.name.replace("_", "-")
+            help_ = f.metadata.get("help", "")
+            if f.type in ("bool", bool):
+                parser.add_argument(flag, action="store_true", default=f.default, help=help_)
+                continue
+            base = _base_type(f.type)
+            parser.add_argument(flag, type=base, default=f.default, help=help_,
+                                choices=f.metadata.get("choices"))
+
+    @staticmethod
+    def from_cli_args(args: argparse.Namespace) -> ServerArgs:
+        names = {f.name for f in dataclasses.fields(ServerArgs)}
+        return ServerArgs(**{k: v for k, v in vars(args).items() if k in names})
+
+
+def _base_type(t: Any) -> type:
+    s = str(t)
+    if s.startswith("int"):
+        return int
+    if s.startswith("float"):
+        return float
+    for a in get_args(t):
+        if a is not type(None):
+            return a
+    return str
+
+
+def parse_args(argv: list[str] | None = None) -> ServerArgs:
+    parser = argparse.ArgumentParser(prog="python -m dspark_sglang.launch_server")
+    ServerArgs.add_cli_args(parser)
+    return ServerArgs.from_cli_args(parser.parse_args(argv))

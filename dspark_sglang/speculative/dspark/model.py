@@ -1,0 +1,366 @@
+"""The DSpark drafter network: context injection, parallel block backbone, chain sampling.
+
+Data flow for one request whose target has computed tokens ``0 .. p-1`` and just produced the
+anchor ``x_p`` (not yet run through the target)::
+
+    target hidden of token i at target_layer_ids ──► project_context ──► H_ctx[i]      (fc + RMSNorm)
+    H_ctx[i] ──► context_kv(positions=i) ──► per draft layer (K_i, V_i)   stored per KV slot
+    [x_p, MASK, ..., MASK] at positions p .. p+gamma-1 ──► forward_block(ctx K/V of 0..p-1)
+        every block row attends to all valid context entries and to every block row
+    block_hidden ──► base_logits U_k (shared lm_head) ──► sample_chain (Markov bias, grammar mask)
+
+Block row ``k`` (0-based) predicts the token at ``p + k + 1``: a block of ``gamma`` rows yields up
+to ``gamma`` drafts (DeepSpec ``build_dspark_proposal`` proposes ``block_size`` tokens).
+
+Parameter names match DeepSpec's ``Qwen3DSparkModel`` state dict, minus ``embed_tokens`` and
+``lm_head``, which are the target's modules, held by reference and never saved here.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from dspark_sglang.layers.rotary import rope_inv_freq
+from dspark_sglang.layers.sampler import draw_uniforms, sample_with_uniforms
+from dspark_sglang.speculative.dspark.confidence import (
+    ConfidenceHead,
+    StsCalibration,
+    apply_sts_torch,
+    mask_adjusted_confidence,
+)
+from dspark_sglang.speculative.dspark.config import DSparkConfig
+from dspark_sglang.speculative.dspark.markov import MarkovHead, build_markov_head
+
+# mask_fn(k, prev_tokens [bs]) -> additive mask [bs, V] (0 = allowed, -inf = banned) or None
+MaskFn = Callable[[int, torch.Tensor], "torch.Tensor | None"]
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        xf = x.float()
+        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * xf.to(x.dtype)
+
+
+def apply_rope(x: torch.Tensor, positions: torch.Tensor, inv_freq: torch.Tensor) -> torch.Tensor:
+    """Rotate-half RoPE. ``x [..., heads, d]``, ``positions [...]`` -> ``[..., heads, d]``."""
+    angles = positions.float().unsqueeze(-1) * inv_freq.float()  # [..., d/2]
+    emb = torch.cat([angles, angles], dim=-1).unsqueeze(-2)  # [..., 1, d]
+    cos, sin = emb.cos().to(x.dtype), emb.sin().to(x.dtype)
+    half = x.shape[-1] // 2
+    rotated = torch.cat([-x[..., half:], x[..., :half]], dim=-1)
+    return x * cos + rotated * sin
+
+
+class DraftAttention(nn.Module):
+    """GQA attention whose keys/values are ``[context ; block]``; no causal mask."""
+
+    def __init__(self, cfg: DSparkConfig) -> None:
+        super().__init__()
+        h, d = cfg.hidden_size, cfg.head_dim
+        self.num_heads, self.num_kv_heads, self.head_dim = (
+            cfg.num_attention_heads, cfg.num_key_value_heads, d)
+        self.q_proj = nn.Linear(h, self.num_heads * d, bias=cfg.attention_bias)
+        self.k_proj = nn.Linear(h, self.num_kv_heads * d, bias=cfg.attention_bias)
+        self.v_proj = nn.Linear(h, self.num_kv_heads * d, bias=cfg.attention_bias)
+        self.o_proj = nn.Linear(self.num_heads * d, h, bias=cfg.attention_bias)
+        self.q_norm = RMSNorm(d, cfg.rms_norm_eps) if cfg.qk_norm else None
+        self.k_norm = RMSNorm(d, cfg.rms_norm_eps) if cfg.qk_norm else None
+
+    def project_kv(
+        self, x: torch.Tensor, positions: torch.Tensor, inv_freq: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """``x [..., H]``, ``positions [...]`` -> roped ``k``, ``v``: ``[..., kv_heads, d]``."""
+        shape = (*x.shape[:-1], self.num_kv_heads, self.head_dim)
+        k = self.k_proj(x).view(shape)
+        if self.k_norm is not None:
+            k = self.k_norm(k)
+        return apply_rope(k, positions, inv_freq), self.v_proj(x).view(shape)
+
+    def forward(
+        self,
+        x: torch.Tensor,  # [bs, g, H], already input-normed
+        positions: torch.Tensor,  # [bs, g]
+        ctx_k: torch.Tensor,  # [bs, L, kv_heads, d]
+        ctx_v: torch.Tensor,  # [bs, L, kv_heads, d]
+        attn_mask: torch.Tensor,  # [bs, 1, g, L + g] bool, True = attend
+        inv_freq: torch.Tensor,
+    ) -> torch.Tensor:
+        bs, g, _ = x.shape
+        q = self.q_proj(x).view(bs, g, self.num_heads, self.head_dim)
+        if self.q_norm is not None:
+            q = self.q_norm(q)
+        q = apply_rope(q, positions, inv_freq)
+        k_blk, v_blk = self.project_kv(x, positions, inv_freq)
+        k = torch.cat([ctx_k.to(k_blk.dtype), k_blk], dim=1).transpose(1, 2)  # [bs, kvh, L+g, d]
+        v = torch.cat([ctx_v.to(v_blk.dtype), v_blk], dim=1).transpose(1, 2)
+        groups = self.num_heads // self.num_kv_heads
+        if groups > 1:
+            k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)
+        out = F.scaled_dot_product_attention(q.transpose(1, 2), k, v, attn_mask=attn_mask)
+        return self.o_proj(out.transpose(1, 2).reshape(bs, g, self.num_heads * self.head_dim))
+
+
+class DraftMLP(nn.Module):
+    def __init__(self, cfg: DSparkConfig) -> None:
+        super().__init__()
+        self.gate_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
+        self.up_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
+        self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class DraftLayer(nn.Module):
+    def __init__(self, cfg: DSparkConfig) -> None:
+        super().__init__()
+        self.self_attn = DraftAttention(cfg)
+        self.mlp = DraftMLP(cfg)
+        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+
+
+@dataclass
+class DraftChain:
+    """One left-to-right draft chain per request.
+
+    ``probs[r, k]`` is the distribution draft ``k`` was drawn from (Markov bias, grammar mask and
+    the row's temperature applied; one-hot for greedy rows): the ``q`` of rejection sampling.
+    ``confidences[r, k]``: calibrated (STS, then mask-corrected) probability that draft ``k`` is
+    accepted given drafts ``< k`` were; ``confidence_logits`` are the raw head logits (None
+    without a head, in which case ``confidences`` is the draft's own temperature-1 masked
+    probability of its token).
+    """
+
+    tokens: torch.Tensor  # [bs, k] int64
+    probs: torch.Tensor  # [bs, k, V] float32
+    confidences: torch.Tensor  # [bs, k] float32
+    confidence_logits: torch.Tensor | None = None  # [bs, k] float32
+
+
+class DSparkDrafter(nn.Module):
+    """DSpark drafter over a frozen target's ``embed_tokens`` and ``lm_head``.
+
+    ``embed_tokens`` / ``lm_head`` are held by reference (not registered as submodules), so they
+    appear in neither ``parameters()`` nor ``state_dict()`` and are never trained or saved here.
+    """
+
+    def __init__(
+        self,
+        config: DSparkConfig,
+        embed_tokens: nn.Embedding,
+        lm_head: Callable[[torch.Tensor], torch.Tensor],
+    ) -> None:
+        super().__init__()
+        self.config = config
+        h = config.hidden_size
+        self.fc = nn.Linear(config.ctx_input_size, h, bias=False)
+        self.hidden_norm = RMSNorm(h, config.rms_norm_eps)
+        self.layers = nn.ModuleList([DraftLayer(config) for _ in range(config.num_hidden_layers)])
+        self.norm = RMSNorm(h, config.rms_norm_eps)
+        self.markov_head: MarkovHead | None = build_markov_head(
+            config.markov_head_type, config.vocab_size, config.markov_rank, h)
+        self.confidence_head = (
+            ConfidenceHead(config.confidence_input_size) if config.enable_confidence_head else None)
+        self._shared = (embed_tokens, lm_head)  # a tuple: not registered
+        self.register_buffer(
+            "inv_freq", rope_inv_freq(config.head_dim, config.rope_theta, config.rope_scaling),
+            persistent=False)
+        self.register_buffer("sts_temperatures", torch.ones(config.block_size), persistent=False)
+
+    @property
+    def gamma(self) -> int:
+        return self.config.block_size
+
+    @property
+    def embed_tokens(self) -> nn.Embedding:
+        return self._shared[0]
+
+    @property
+    def lm_head(self) -> Callable[[torch.Tensor], torch.Tensor]:
+        return self._shared[1]
+
+    def set_sts(self, calibration: StsCalibration | Sequence[float] | None) -> None:
+        """Install per-position STS temperatures (None = identity)."""
+        temps = [1.0] * self.gamma if calibration is None else (
+            calibration.temperatures if isinstance(calibration, StsCalibration)
+            else list(calibration))
+        if len(temps) != self.gamma or any(not t > 0 for t in temps):
+            raise ValueError(f"need {self.gamma} positive STS temperatures, got {temps}")
+        self.sts_temperatures.copy_(torch.tensor(temps, dtype=torch.float32))
+
+    def sts_calibration(self) -> StsCalibration:
+        return StsCalibration(temperatures=[float(t) for t in self.sts_temperatures.tolist()])
+
+    # ---- context -------------------------------------------------------------------------
+
+    def project_context(self, target_hidden: torch.Tensor) -> torch.Tensor:
+        """``H_ctx = RMSNorm(fc(target_hidden))``: ``[n, m * H_target] -> [n, H]``."""
+        return self.hidden_norm(self.fc(target_hidden.to(self.fc.weight.dtype)))
+
+    def context_kv(
+        self, h_ctx: torch.Tensor, positions: torch.Tensor
+    ) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """Per draft layer ``(k, v)``, each ``[n, kv_heads, d]``; ``k`` is roped at ``positions``.
+
+        These depend only on the token's own target hidden state and position, so the engine
+        computes them once when the target computes a token and keeps them per KV slot.
+        """
+        return [layer.self_attn.project_kv(h_ctx, positions, self.inv_freq)
+                for layer in self.layers]
+
+    # ---- block backbone -------------------------------------------------------------------
+
+    def block_input_ids(self, anchor_ids: torch.Tensor) -> torch.Tensor:
+        """``[anchor, mask, ..., mask]``: ``[bs] -> [bs, gamma]``."""
+        ids = torch.full((anchor_ids.shape[0], self.gamma), self.config.mask_token_id,
+                         dtype=torch.long, device=anchor_ids.device)
+        ids[:, 0] = anchor_ids.long()
+        return ids
+
+    def forward_block(
+        self,
+        anchor_ids: torch.Tensor,  # [bs] int64
+        anchor_positions: torch.Tensor,  # [bs] int64
+        ctx_k: Sequence[torch.Tensor],  # per layer [bs, Lmax, kv_heads, d]
+        ctx_v: Sequence[torch.Tensor],  # per layer [bs, Lmax, kv_heads, d]
+        ctx_valid: torch.Tensor,  # [bs, Lmax] bool
+    ) -> torch.Tensor:
+        """Run one block per request; returns the final-normed ``block_hidden [bs, gamma, H]``."""
+        bs, g = anchor_ids.shape[0], self.gamma
+        assert len(ctx_k) == len(ctx_v) == len(self.layers), "one ctx K/V per draft layer"
+        x = self.embed_tokens(self.block_input_ids(anchor_ids)).to(self.fc.weight.dtype)
+        positions = anchor_positions.long().unsqueeze(1) + torch.arange(g, device=x.device)
+        lmax = ctx_valid.shape[1]
+        attn_mask = torch.cat(
+            [ctx_valid.bool().view(bs, 1, 1, lmax).expand(bs, 1, g, lmax),
+             torch.ones(bs, 1, g, g, dtype=torch.bool, device=x.device)], dim=-1)
+        for layer, k_l, v_l in zip(self.layers, ctx_k, ctx_v):
+            attn = layer.self_attn(layer.input_layernorm(x), positions, k_l, v_l, attn_mask,
+                                   self.inv_freq)
+            x = x + attn
+            x = x + layer.mlp(layer.post_attention_layernorm(x))
+        return self.norm(x)
+
+    def base_logits(self, block_hidden: torch.Tensor) -> torch.Tensor:
+        """``U_k`` through the shared lm_head: ``[..., H] -> [..., V]`` float32."""
+        return self.lm_head(block_hidden).float()
+
+    # ---- heads ----------------------------------------------------------------------------
+
+    def confidence_logits(
+        self, block_hidden: torch.Tensor, prev_tokens: torch.Tensor
+    ) -> torch.Tensor | None:
+        """Raw confidence logits ``z``: ``block_hidden [..., H]``, ``prev_tokens [...]``."""
+        if self.confidence_head is None:
+            return None
+        feats = block_hidden
+        if self.config.confidence_head_with_markov:
+            assert self.markov_head is not None
+            e = self.markov_head.prev_embedding(prev_tokens).to(block_hidden.dtype)
+            feats = torch.cat([block_hidden, e], dim=-1)
+        return self.confidence_head(feats)
+
+    def train_heads(
+        self, block_hidden: torch.Tensor, prev_tokens: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Teacher-forced training outputs for whole blocks.
+
+        ``block_hidden [..., k, H]``; ``prev_tokens [..., k]`` = ``[anchor, x_1, ..., x_{k-1}]``
+        (the true previous tokens). Returns ``draft_logits [..., k, V]`` (base + Markov bias)
+        and raw ``confidence_logits [..., k]`` (or None).
+        """
+        logits = self.base_logits(block_hidden)
+        if self.markov_head is not None:
+            logits = logits + self.markov_head.block_bias(prev_tokens, block_hidden).float()
+        return logits, self.confidence_logits(block_hidden, prev_tokens)
+
+    # ---- chain sampling -------------------------------------------------------------------
+
+    @torch.no_grad()
+    def sample_chain(
+        self,
+        block_hidden: torch.Tensor,  # [bs, gamma, H]
+        base_logits: torch.Tensor,  # [bs, gamma, V]
+        anchor_ids: torch.Tensor,  # [bs]
+        temperature: torch.Tensor,  # [bs], 0 = greedy
+        generators: Sequence[torch.Generator | None] | None = None,
+        mask_fn: MaskFn | None = None,
+        num_tokens: int | None = None,
+    ) -> DraftChain:
+        """Draw ``num_tokens`` (default gamma) drafts left to right.
+
+        Row ``k``: ``logits = U_k + markov_bias(x_{k-1})`` (``x_0`` = anchor), plus the additive
+        mask from ``mask_fn(k, prev_tokens)`` when it returns one; greedy rows take the argmax
+        (first maximum), others sample from ``softmax(logits / T)`` with one uniform per
+        non-greedy row per step from that row's generator (or the global RNG). A mask must leave
+        at least one token allowed per row. Masked tokens get probability 0 and are never drawn.
+        """
+        bs, gamma, _ = block_hidden.shape
+        k_total = gamma if num_tokens is None else int(num_tokens)
+        assert 0 <= k_total <= gamma, f"num_tokens must be in [0, {gamma}]"
+        device = base_logits.device
+        temperature = temperature.to(device=device, dtype=torch.float32)
+        greedy = temperature <= 0
+        safe_t = torch.where(greedy, torch.ones_like(temperature), temperature).unsqueeze(1)
+        sampled_rows = [i for i, t in enumerate(temperature.tolist()) if t > 0]
+        gens = list(generators) if generators is not None else [None] * bs
+        sampled_gens = [gens[i] for i in sampled_rows]
+        sampled_idx = torch.tensor(sampled_rows, dtype=torch.long, device=device)
+
+        prev = anchor_ids.long().to(device)
+        state = (self.markov_head.init_state((bs,), block_hidden)
+                 if self.markov_head is not None else None)
+        tokens, probs, confs, conf_logits = [], [], [], []
+        for k in range(k_total):
+            h_k = block_hidden[:, k]
+            logits = base_logits[:, k].float()  # [bs, V]
+            if self.markov_head is not None:
+                bias, state = self.markov_head.step(prev, h_k, state)
+                logits = logits + bias.float()
+            mask = mask_fn(k, prev) if mask_fn is not None else None
+            masked = logits if mask is None else logits + mask.to(logits)
+            argmax = masked.argmax(dim=-1)  # [bs]
+            q = torch.softmax(masked / safe_t, dim=-1)  # [bs, V]
+            tok = argmax
+            if sampled_rows:
+                u = torch.stack(draw_uniforms(sampled_gens, [1] * len(sampled_rows), device))
+                tok = argmax.clone()
+                tok[sampled_idx] = sample_with_uniforms(q[sampled_idx], u.squeeze(1))
+            one_hot = F.one_hot(argmax, q.shape[-1]).to(q.dtype)
+            q = torch.where(greedy.unsqueeze(1), one_hot, q)
+
+            z = self.confidence_logits(h_k, prev)
+            if z is None:
+                c = torch.softmax(masked, dim=-1).gather(1, tok.unsqueeze(1)).squeeze(1)
+            else:
+                c = apply_sts_torch(z, self.sts_temperatures[k : k + 1])
+                if mask is not None:
+                    c = mask_adjusted_confidence(c, logits, masked, tok)
+                conf_logits.append(z.float())
+            tokens.append(tok)
+            probs.append(q)
+            confs.append(c.float())
+            prev = tok
+
+        vocab = base_logits.shape[-1]
+        return DraftChain(
+            tokens=torch.stack(tokens, 1) if tokens else torch.empty(bs, 0, dtype=torch.long,
+                                                                      device=device),
+            probs=torch.stack(probs, 1) if probs else torch.empty(bs, 0, vocab, device=device),
+            confidences=torch.stack(confs, 1) if confs else torch.empty(bs, 0, device=device),
+            confidence_logits=(torch.stack(conf_logits, 1) if conf_logits
+                               else (torch.empty(bs, 0, device=device)
+                                     if self.confidence_head is not None else None)),
+        )

@@ -1,0 +1,293 @@
+"""One decode step for all running requests: draft, verify in one target forward, accept, commit.
+
+Per request the verify input is ``[anchor, d_1 .. d_l]`` where the anchor is the last token the
+target produced (not yet in KV). Row ``j`` of the target's logits decides the token after
+``d_j``: greedy acceptance keeps the longest prefix that matches the target's choice, rejection
+sampling keeps it with probability ``min(1, p/q)``; either way one more token (correction or
+bonus) comes from the target. With an empty draft this is exactly plain decoding.
+
+Slots: ``1 + l`` slots are allocated per request; the anchor's and accepted drafts' slots are
+written to ``req_to_token`` (tree paths are compacted, positions already match their depth), the
+rest are freed at once.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from dspark_sglang.core.forward_batch import ForwardMode
+from dspark_sglang.core.req import Req
+from dspark_sglang.layers import sampler as smp
+from dspark_sglang.model_executor.model_runner import BatchRequestSpec, ModelRunner, \
+    build_forward_batch
+from dspark_sglang.mem_cache.cache_manager import CacheManager
+from dspark_sglang.layers.logits_processing import RowSpec, adjust_logits_, sampling_info
+from dspark_sglang.speculative import verify as vfy
+from dspark_sglang.speculative.worker import Draft, DraftWorker
+
+
+@dataclass
+class StepResult:
+    req: Req
+    tokens: list[int]  # accepted drafts + one target token
+    logprobs: list[tuple[Any, Any]] | None
+    num_drafted: int
+
+
+@dataclass
+class SpecStats:
+    steps: int = 0
+    verify_tokens: int = 0
+    drafted: int = 0
+    accepted: int = 0
+    emitted: int = 0
+    per_pos_tried: list[int] | None = None
+    per_pos_accepted: list[int] | None = None
+    last_lengths: list[int] | None = None
+    last_expected_tau: float | None = None
+
+    def record_position(self, num_drafted: int, num_accepted: int) -> None:
+        if self.per_pos_tried is None:
+            self.per_pos_tried, self.per_pos_accepted = [], []
+        assert self.per_pos_accepted is not None
+        while len(self.per_pos_tried) < num_drafted:
+            self.per_pos_tried.append(0)
+            self.per_pos_accepted.append(0)
+        for j in range(num_drafted):
+            if j > num_accepted:
+                break
+            self.per_pos_tried[j] += 1
+            if j < num_accepted:
+                self.per_pos_accepted[j] += 1
+
+    def as_dict(self) -> dict[str, Any]:
+        tried, acc = self.per_pos_tried or [], self.per_pos_accepted or []
+        return {
+            "steps": self.steps,
+            "avg_spec_accept_length": self.emitted / self.steps if self.steps else 0.0,
+            "avg_verify_tokens_per_step": self.verify_tokens / self.steps if self.steps else 0.0,
+            "draft_acceptance_rate": self.accepted / self.drafted if self.drafted else 0.0,
+            "per_position_acceptance": [a / t if t else 0.0 for a, t in zip(acc, tried)],
+        }
+
+
+def tree_attention_mask(parents: list[int]) -> torch.Tensor:
+    """[n+1, n+1] bool over [anchor, nodes...]: each node sees the anchor, its ancestors, itself."""
+    n = len(parents)
+    m = torch.zeros((n + 1, n + 1), dtype=torch.bool)
+    m[:, 0] = True
+    for i, p in enumerate(parents):
+        m[i + 1, i + 1] = True
+        if p >= 0:
+            m[i + 1] |= m[p + 1]
+    return m
+
+
+def node_depths(parents: list[int]) -> list[int]:
+    depth: list[int] = []
+    for p in parents:
+        depth.append(1 if p < 0 else depth[p] + 1)
+    return depth
+
+
+class SpecDecoder:
+    def __init__(self, runner: ModelRunner, cache: CacheManager, worker: DraftWorker,
+                 eos_ids: set[int], vocab_size: int) -> None:
+        self.runner = runner
+        self.cache = cache
+        self.worker = worker
+        self.eos_ids = eos_ids
+        self.vocab_size = vocab_size
+        self.stats = SpecStats()
+
+    def slots_needed(self, reqs: list[Req]) -> int:
+        return len(reqs) * (1 + self.worker.max_draft_len())
+
+    def step(self, reqs: list[Req]) -> list[StepResult] | None:
+        """Run one step. Returns None (and changes nothing) when KV slots ran out."""
+        drafts = self.worker.propose(reqs)
+        total = sum(1 + len(d) for d in drafts)
+        slots = self.cache.alloc_slots(total)
+        if slots is None:
+            return None
+        specs, off = [], 0
+        for req, d in zip(reqs, drafts):
+            n = 1 + len(d)
+            loc = slots[off : off + n]
+            off += n
+            mask, positions = None, None
+            if d.parents is not None:
+                mask = tree_attention_mask(d.parents)
+                positions = [req.kv_len] + [req.kv_len + x for x in node_depths(d.parents)]
+            elif len(d):
+                mask = None  # causal == chain
+            self.cache.req_to_token_pool.write(req.req_pool_idx, req.kv_len, loc)
+            specs.append(BatchRequestSpec(req.req_pool_idx, [req.output_ids[-1]] + d.tokens,
+                                          req.kv_len, loc, mask, positions))
+        mode = ForwardMode.DECODE if total == len(reqs) else ForwardMode.TARGET_VERIFY
+        fb = build_forward_batch(mode, specs, self.cache.req_to_token,
+                                 capture_layer_ids=self.worker.capture_layer_ids)
+        out = self.runner.forward(fb)
+        self.worker.on_target_forward(fb, out)
+        assert out.logits is not None
+        results = self._accept(reqs, drafts, out.logits)
+        self._commit(reqs, drafts, specs, results)
+        return results
+
+    # ---- acceptance ---------------------------------------------------------------------------
+    def _rows(self, req: Req, d: Draft) -> list[RowSpec]:
+        """One RowSpec per verify row (anchor + each draft node), grammar walked along the path."""
+        if d.parents is None:
+            parents = [-1] + list(range(len(d)))[:-1] if len(d) else []
+            parents = list(range(-1, len(d) - 1))
+        else:
+            parents = d.parents
+        rows = [RowSpec(req, [], req.grammar)]
+        states = [req.grammar]
+        paths: list[list[int]] = [[]]
+        for i, (tok, p) in enumerate(zip(d.tokens, parents)):
+            parent_row = p + 1
+            path = paths[parent_row] + [tok]
+            g = None
+            pg = states[parent_row]
+            if pg is not None:
+                g = pg.copy()
+                if g.is_terminated() or not g.accept_token(tok):
+                    g = None  # invalid path: row unused (the token cannot be accepted)
+            states.append(g)
+            paths.append(path)
+            rows.append(RowSpec(req, path, g if req.grammar is not None else None))
+        return rows
+
+    def _accept(self, reqs: list[Req], drafts: list[Draft], logits: torch.Tensor
+                ) -> list[StepResult]:
+        rows: list[RowSpec] = []
+        for req, d in zip(reqs, drafts):
+            rows.extend(self._rows(req, d))
+        raw_logits = logits
+        logits = logits.clone()
+        adjust_logits_(logits, rows, self.eos_ids, self.vocab_size)
+        rows_per_req = [1 + len(d) for d in drafts]
+        info = sampling_info(reqs).expand(rows_per_req)
+        probs = smp.logits_to_probs(logits, info)  # [rows, V]
+        greedy_tok = logits.argmax(dim=-1)
+        want_lp = any(r.return_logprob for r in reqs)
+        logp = smp.compute_logprobs(raw_logits) if want_lp else None
+        results: list[StepResult] = []
+        off = 0
+        for req, d in zip(reqs, drafts):
+            n = 1 + len(d)
+            if d.parents is None:
+                if req.sampling_params.is_greedy:
+                    tgt = greedy_tok[off : off + n].tolist()
+                    m = 0
+                    while m < len(d) and d.tokens[m] == tgt[m]:
+                        m += 1
+                    toks = d.tokens[:m] + [tgt[m]]
+                    path_rows = list(range(m + 1))
+                else:
+                    q = d.probs if d.probs is not None else _one_hot(d.tokens, probs.shape[-1])
+                    toks = vfy.rejection_verify(
+                        [probs[off : off + n]], [q.to(probs.dtype)],
+                        [torch.tensor(d.tokens, dtype=torch.int64)], [req.generator])[0]
+                    path_rows = list(range(len(toks)))
+            else:
+                toks, path_rows = self._accept_tree(req, d, greedy_tok[off : off + n],
+                                                    probs[off : off + n])
+            lps = None
+            if req.return_logprob and logp is not None:
+                lps = [_logprob_entry(logp[off + r], t, req.top_logprobs_num)
+                       for r, t in zip(path_rows, toks)]
+            results.append(StepResult(req, toks, lps, len(d)))
+            req.draft_state["accepted_rows"] = path_rows
+            off += n
+        return results
+
+    def _accept_tree(self, req: Req, d: Draft, greedy_tok: torch.Tensor, probs: torch.Tensor
+                     ) -> tuple[list[int], list[int]]:
+        """Greedy: follow the child whose token equals the target's choice at its parent.
+
+        Sampling: walk the tree, at each node try children in order with rejection sampling over
+        the residual distribution (multi-draft speculative sampling, SpecInfer-style).
+        """
+        assert d.parents is not None
+        children: dict[int, list[int]] = {}
+        for i, p in enumerate(d.parents):
+            children.setdefault(p, []).append(i)
+        toks: list[int] = []
+        rows = [0]
+        node = -1
+        greedy = req.sampling_params.is_greedy
+        while True:
+            row = node + 1
+            if greedy:
+                want = int(greedy_tok[row])
+                nxt = next((c for c in children.get(node, []) if d.tokens[c] == want), None)
+                if nxt is None:
+                    toks.append(want)
+                    return toks, rows
+            else:
+                p = probs[row].clone()
+                nxt = None
+                for c in children.get(node, []):
+                    t = d.tokens[c]
+                    u = torch.rand((), generator=req.generator)
+                    if float(u) < float(p[t]):  # q is one-hot on t for tree drafts
+                        nxt = c
+                        break
+                    p[t] = 0.0
+                    s = p.sum()
+                    if s <= 0:
+                        break
+                    p = p / s
+                if nxt is None:
+                    t = int(torch.multinomial(p, 1, generator=req.generator))
+                    toks.append(t)
+                    return toks, rows
+            toks.append(d.tokens[nxt])
+            rows.append(nxt + 1)
+            node = nxt
+
+    # ---- commit -------------------------------------------------------------------------------
+    def _commit(self, reqs: list[Req], drafts: list[Draft], specs: list[BatchRequestSpec],
+                results: list[StepResult]) -> None:
+        st = self.stats
+        st.steps += 1
+        st.verify_tokens += sum(len(s.input_ids) for s in specs)
+        for req, d, spec, res in zip(reqs, drafts, specs, results):
+            rows = req.draft_state.pop("accepted_rows")
+            keep_rows = rows  # anchor row 0 + accepted draft rows (the last token is not in KV)
+            keep = spec.out_cache_loc[torch.tensor(keep_rows, dtype=torch.int64)]
+            drop_mask = torch.ones(spec.out_cache_loc.numel(), dtype=torch.bool)
+            drop_mask[torch.tensor(keep_rows, dtype=torch.int64)] = False
+            self.cache.free_slots(spec.out_cache_loc[drop_mask])
+            self.cache.req_to_token_pool.write(req.req_pool_idx, req.kv_len, keep)
+            req.kv_len += len(keep_rows)
+            accepted = len(res.tokens) - 1
+            req.spec_verify_ct += 1
+            req.spec_accepted_drafts += accepted
+            req.spec_draft_tokens += len(d)
+            st.drafted += len(d)
+            st.accepted += accepted
+            st.emitted += len(res.tokens)
+            if d.parents is None:
+                st.record_position(len(d), accepted)
+
+
+def _one_hot(tokens: list[int], vocab: int) -> torch.Tensor:
+    q = torch.zeros((len(tokens), vocab))
+    if tokens:
+        q[torch.arange(len(tokens)), torch.tensor(tokens)] = 1.0
+    return q
+
+
+def _logprob_entry(logp_row: torch.Tensor, tok: int, top_n: int) -> tuple[Any, Any]:
+    lp = float(logp_row[tok])
+    top = None
+    if top_n:
+        v, i = logp_row.topk(top_n)
+        top = list(zip(v.tolist(), i.tolist()))
+    return (lp, tok), top

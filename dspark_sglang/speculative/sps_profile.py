@@ -1,0 +1,117 @@
+"""SPS table: target forward steps per second as a function of verify tokens in the batch.
+
+Profiled once at engine start (:func:`profile_sps`) and read by the prefix scheduler. JSON format::
+
+    {"token_counts": [1, 2, 4, ...], "sps": [41.2, 40.9, ...], "meta": {...}}
+
+Contract of :meth:`SPSTable.sps`: linear interpolation between profiled points; below the first
+point the first value; above the last point, constant token throughput
+(``sps(b) = sps_last * b_last / b``), so tokens past the profile are never free, unless
+``meta["flat_tail"]`` is true (then the last value is kept). The stored curve is
+made monotone non-increasing (running minimum from small to large ``b``): a larger forward is never
+faster, and measurement noise must not invite the scheduler to grow a batch to "speed it up".
+"""
+
+from __future__ import annotations
+
+import json
+import statistics
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+
+@dataclass
+class SPSTable:
+    token_counts: list[int]  # strictly increasing, >= 1
+    sps_values: list[float]  # steps/s at each count, monotone non-increasing, > 0
+    meta: dict[str, Any] = field(default_factory=dict)
+    _b: np.ndarray = field(init=False, repr=False, compare=False)
+    _s: np.ndarray = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        if not self.token_counts or len(self.token_counts) != len(self.sps_values):
+            raise ValueError("SPSTable needs equally long, non-empty token_counts and sps")
+        pairs = sorted(zip((int(b) for b in self.token_counts), (float(s) for s in self.sps_values)))
+        counts = [b for b, _ in pairs]
+        if counts[0] < 1 or len(set(counts)) != len(counts):
+            raise ValueError("token counts must be distinct and >= 1")
+        if any(not s > 0 for _, s in pairs):
+            raise ValueError("sps values must be positive")
+        self.token_counts = counts
+        self.sps_values = np.minimum.accumulate(np.array([s for _, s in pairs])).tolist()
+        self._b = np.array(self.token_counts, dtype=np.float64)
+        self._s = np.array(self.sps_values, dtype=np.float64)
+
+    @classmethod
+    def from_measurements(
+        cls, measurements: Mapping[int, float], meta: dict[str, Any] | None = None
+    ) -> SPSTable:
+        """From ``{num_tokens: steps_per_second}``."""
+        counts = sorted(measurements)
+        return cls(counts, [measurements[b] for b in counts], dict(meta or {}))
+
+    @classmethod
+    def flat(cls, sps: float = 1.0) -> SPSTable:
+        """A table where every batch size costs the same (verification is free)."""
+        return cls([1], [sps], {"kind": "flat", "flat_tail": True})
+
+    def sps_many(self, num_tokens: np.ndarray) -> np.ndarray:
+        """Vectorised :meth:`sps` over an array of token counts (float64 result)."""
+        b = np.asarray(num_tokens, dtype=np.float64)
+        out = np.interp(b, self._b, self._s)
+        if not self.meta.get("flat_tail", False):
+            tail = b > self._b[-1]
+            out = np.where(tail, self._s[-1] * self._b[-1] / np.maximum(b, 1.0), out)
+        return out
+
+    def sps(self, num_tokens: int) -> float:
+        return float(self.sps_many(np.array([num_tokens]))[0])
+
+    def to_json(self) -> dict[str, Any]:
+        return {"token_counts": self.token_counts, "sps": self.sps_values, "meta": self.meta}
+
+    @classmethod
+    def from_json(cls, obj: Mapping[str, Any]) -> SPSTable:
+        return cls(list(obj["token_counts"]), list(obj["sps"]), dict(obj.get("meta", {})))
+
+    def save(self, path: str | Path) -> None:
+        Path(path).write_text(json.dumps(self.to_json(), indent=2))
+
+    @classmethod
+    def load(cls, path: str | Path) -> SPSTable:
+        return cls.from_json(json.loads(Path(path).read_text()))
+
+
+def profile_sps(
+    step_fn: Callable[[int], None],
+    token_counts: Sequence[int],
+    repeats: int = 5,
+    warmup: int = 2,
+    clock: Callable[[], float] = time.perf_counter,
+) -> SPSTable:
+    """Time ``step_fn(b)`` (one target forward over ``b`` tokens) for each ``b``.
+
+    ``step_fn`` must return only when the forward is finished (on GPU: synchronise inside it).
+    Each count gets ``warmup`` untimed calls, then ``repeats`` timed ones; the table stores
+    ``1 / median(call time)``. ``clock`` is injectable for tests.
+    """
+    if repeats < 1 or warmup < 0:
+        raise ValueError("need repeats >= 1 and warmup >= 0")
+    measurements: dict[int, float] = {}
+    for b in sorted({int(x) for x in token_counts}):
+        for _ in range(warmup):
+            step_fn(b)
+        times = []
+        for _ in range(repeats):
+            t0 = clock()
+            step_fn(b)
+            times.append(clock() - t0)
+        measurements[b] = 1.0 / max(statistics.median(times), 1e-9)
+    return SPSTable.from_measurements(
+        measurements, {"repeats": repeats, "warmup": warmup, "kind": "profiled"}
+    )

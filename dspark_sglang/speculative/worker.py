@@ -1,0 +1,99 @@
+"""Drafter-side interface of a speculative step, and the weight-free workers (NONE, NGRAM).
+
+A ``DraftWorker`` proposes draft tokens for running requests; the generic ``SpecDecoder``
+(spec_decoder.py) verifies them with the target in one batched forward. Every target forward
+(prefill chunks and verify passes) is reported to the worker through ``on_target_forward`` so a
+drafter can store what it needs per KV slot (the DSpark draft context pool).
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass, field
+
+import torch
+
+from dspark_sglang.core.forward_batch import ForwardBatch, ModelOutput
+from dspark_sglang.core.req import Req
+
+
+@dataclass
+class Draft:
+    """Draft for one request. A chain when ``parents`` is None; else a tree.
+
+    ``tokens[i]`` is node ``i``; in a tree ``parents[i]`` is the parent node index (-1 = the
+    anchor) and nodes are listed parents-first. ``probs`` is the draft distribution ``q`` each
+    token was sampled from (``[len(tokens), V]``), or None for deterministic drafts (n-gram,
+    greedy), which the verifier treats as one-hot.
+    """
+
+    tokens: list[int] = field(default_factory=list)
+    probs: torch.Tensor | None = None
+    parents: list[int] | None = None
+    confidences: list[float] | None = None  # calibrated conditional survival per position
+
+    def __len__(self) -> int:
+        return len(self.tokens)
+
+
+class DraftWorker(ABC):
+    """What the spec decoder needs from a drafter. Called only from the scheduler thread."""
+
+    name: str = "NONE"
+    capture_layer_ids: tuple[int, ...] = ()  # target layers whose hidden states it needs
+
+    @abstractmethod
+    def propose(self, reqs: list[Req]) -> list[Draft]: ...
+
+    def on_target_forward(self, fb: ForwardBatch, out: ModelOutput) -> None:
+        """Called after every target forward (prefill and verify), before acceptance."""
+
+    def max_draft_len(self) -> int:
+        return 0
+
+
+class NoDraftWorker(DraftWorker):
+    """Plain decoding: one target step per token."""
+
+    name = "NONE"
+
+    def propose(self, reqs: list[Req]) -> list[Draft]:
+        return [Draft() for _ in reqs]
+
+
+class NgramWorker(DraftWorker):
+    """Prompt-lookup drafting: no weights; drafts copy what followed the last n-gram earlier."""
+
+    name = "NGRAM"
+
+    def __init__(self, num_draft_tokens: int, max_ngram: int) -> None:
+        from dspark_sglang.speculative.ngram import NgramProposer
+
+        self.k = num_draft_tokens
+        self.proposer = NgramProposer(max_ngram=max_ngram, min_ngram=1,
+                                      num_draft_tokens=num_draft_tokens)
+
+    def max_draft_len(self) -> int:
+        return self.k
+
+    def propose(self, reqs: list[Req]) -> list[Draft]:
+        out = []
+        for req in reqs:
+            room = req.sampling_params.max_new_tokens - len(req.output_ids) - 1
+            toks = self.proposer.propose(req.fill_ids)[: max(room, 0)]
+            toks = _grammar_filter_prefix(req, toks)
+            out.append(Draft(tokens=list(toks)))
+        return out
+
+
+def _grammar_filter_prefix(req: Req, toks: list[int]) -> list[int]:
+    """Cut a weight-free draft at its first grammar-invalid token (drafts are never invalid)."""
+    if req.grammar is None or not toks:
+        return toks
+    g = req.grammar.copy()
+    kept: list[int] = []
+    for t in toks:
+        if g.is_terminated() or not g.accept_token(t):
+            break
+        kept.append(t)
+    return kept

@@ -1,0 +1,340 @@
+"""Triton kernels vs their torch references, on CPU through the Triton interpreter.
+
+``TRITON_INTERPRET=1`` is set before anything imports triton's JIT, so the kernels run on CPU
+tensors (slowly: shapes are tiny). The references are also checked against brute-force loops, so
+a shared mistake cannot hide.
+"""
+
+from __future__ import annotations
+
+import os
+
+os.environ["TRITON_INTERPRET"] = "1"  # before any @triton.jit decoration
+
+import importlib
+import importlib.util
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+from types import ModuleType
+
+import pytest
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+
+# Import the kernels folder as ``dspark_kernels`` whether or not the project is installed.
+_LOADER = textwrap.dedent(
+    f"""
+    import importlib, importlib.util, sys
+    try:
+        import dspark_kernels
+    except ImportError:
+        _spec = importlib.util.spec_from_file_location(
+            "dspark_kernels", {str(REPO / "kernels" / "__init__.py")!r},
+            submodule_search_locations=[{str(REPO / "kernels")!r}])
+        dspark_kernels = importlib.util.module_from_spec(_spec)
+        sys.modules["dspark_kernels"] = dspark_kernels
+        _spec.loader.exec_module(dspark_kernels)
+    """
+)
+
+
+def _load_package() -> ModuleType:
+    try:
+        return importlib.import_module("dspark_kernels")
+    except ImportError:
+        spec = importlib.util.spec_from_file_location(
+            "dspark_kernels", REPO / "kernels" / "__init__.py",
+            submodule_search_locations=[str(REPO / "kernels")])
+        assert spec is not None and spec.loader is not None
+        module = importlib.util.module_from_spec(spec)
+        sys.modules["dspark_kernels"] = module
+        spec.loader.exec_module(module)
+        return module
+
+
+dspark_kernels = _load_package()
+try:
+    import triton  # noqa: F401
+
+    HAVE_TRITON = True
+except ImportError:
+    HAVE_TRITON = False
+needs_triton = pytest.mark.skipif(not HAVE_TRITON, reason="triton is not importable")
+
+va = importlib.import_module("dspark_kernels.verify_attention")
+kvs = importlib.import_module("dspark_kernels.kv_store")
+bm = importlib.import_module("dspark_kernels.bitmask")
+acc = importlib.import_module("dspark_kernels.accept")
+kt = importlib.import_module("dspark_kernels.testing")
+
+
+@pytest.fixture(autouse=True)
+def _one_thread() -> None:
+    torch.set_num_threads(1)
+
+
+# ----------------------------------------------------------------------------- verify attention
+
+
+TOL = {torch.float32: 2e-5, torch.float16: 2e-3, torch.bfloat16: 2e-2}
+
+VERIFY_CASES = [
+    # dtype, head_dim, gqa ratio, mask, prefix lens, ext lens
+    (torch.float32, 64, 1, None, [70, 0, 5], [3, 6, 1]),
+    (torch.float16, 80, 3, "chain", [9, 33], [5, 8]),
+    (torch.float32, 128, 3, "tree", [12, 0], [7, 9]),
+    (torch.float16, 128, 1, "tree", [0, 65], [6, 4]),
+    (torch.bfloat16, 64, 3, "tree", [20], [8]),
+    (torch.float32, 80, 1, None, [3, 10], [40, 0]),  # several query blocks, an empty request
+]
+
+
+@needs_triton
+@pytest.mark.parametrize("dtype,head_dim,group,mask_kind,prefix_lens,ext_lens", VERIFY_CASES)
+def test_verify_attention_matches_ref(
+    dtype: torch.dtype,
+    head_dim: int,
+    group: int,
+    mask_kind: str | None,
+    prefix_lens: list[int],
+    ext_lens: list[int],
+) -> None:
+    kv_heads = 2
+    batch = kt.make_verify_batch(prefix_lens, ext_lens, kv_heads * group, kv_heads, head_dim,
+                                 dtype, mask_kind)
+    out = torch.full_like(batch.q, float("nan"))  # unwritten owned rows would stay NaN
+    got = va.verify_attention(**batch.kwargs(), out=out)
+    want = va.verify_attention_ref(**batch.kwargs())
+    owned = batch.owned_rows()
+    assert got.data_ptr() == out.data_ptr()
+    assert not got[owned].isnan().any()
+    assert got[~owned].isnan().all(), "rows of no request must not be written"
+    err = (got[owned].float() - want[owned].float()).abs().max().item()
+    assert err <= TOL[dtype], err
+
+
+@needs_triton
+def test_verify_attention_bool_and_uint8_masks_agree_and_chain_equals_causal() -> None:
+    batch = kt.make_verify_batch([4, 30], [5, 7], 4, 2, 64, torch.float32, "chain", seed=3)
+    args = batch.kwargs()
+    with_chain = va.verify_attention(**args, max_extend_len=7)
+    with_u8 = va.verify_attention(**{**args, "custom_mask": batch.custom_mask.to(torch.uint8)})
+    causal = va.verify_attention(**{**args, "custom_mask": None, "mask_indptr": None})
+    owned = batch.owned_rows()
+    torch.testing.assert_close(with_chain[owned], with_u8[owned], rtol=0, atol=0)
+    torch.testing.assert_close(with_chain[owned], causal[owned], rtol=0, atol=1e-6)
+
+
+@needs_triton
+def test_verify_attention_row_without_visible_keys_is_zero() -> None:
+    batch = kt.make_verify_batch([0], [3], 2, 2, 64, torch.float32, "chain", seed=4)
+    mask = batch.custom_mask.clone()
+    mask[3:6] = False  # query 1 sees nothing (empty prefix)
+    args = {**batch.kwargs(), "custom_mask": mask}
+    got = va.verify_attention(**args)
+    want = va.verify_attention_ref(**args)
+    start = int(batch.extend_start[0])
+    assert got[start + 1].abs().max().item() == 0.0
+    assert want[start + 1].abs().max().item() == 0.0
+    torch.testing.assert_close(got[start : start + 3], want[start : start + 3])
+
+
+def test_verify_attention_ref_matches_brute_force() -> None:
+    batch = kt.make_verify_batch([6, 2], [4, 5], 6, 2, 16, torch.float64, "tree", seed=5)
+    want = va.verify_attention_ref(**batch.kwargs())
+    rows = batch.req_pool_indices.tolist()
+    for i, (row, block) in enumerate(zip(rows, batch.mask_blocks, strict=True)):
+        seq, ext = int(batch.seq_lens[i]), int(batch.extend_lens[i])
+        start, prefix = int(batch.extend_start[i]), seq - ext
+        slots = batch.req_to_token[row, :seq]
+        for t in range(ext):
+            keys = [j for j in range(seq) if j < prefix or block[t, j - prefix]]
+            for h in range(6):
+                kk = batch.k_buf[slots[keys], h // 3]  # [visible, head_dim]
+                vv = batch.v_buf[slots[keys], h // 3]
+                w = torch.softmax(kk @ batch.q[start + t, h] * batch.sm_scale, 0)
+                torch.testing.assert_close(want[start + t, h], w @ vv)
+
+
+# ----------------------------------------------------------------------------------- kv store
+
+
+@needs_triton
+@pytest.mark.parametrize("src_dtype,buf_dtype", [(torch.float32, torch.float32),
+                                                 (torch.float32, torch.float16)])
+def test_store_kv_matches_ref(src_dtype: torch.dtype, buf_dtype: torch.dtype) -> None:
+    gen = torch.Generator().manual_seed(1)
+    qkv = torch.randn(5, 3 * 3, 80, generator=gen).to(src_dtype)  # fused, strided k / v views
+    k, v = qkv[:, 3:6], qkv[:, 6:9]
+    loc = torch.tensor([7, 0, 3, 11, 5])
+    bufs = [torch.full((12, 3, 80), float("nan"), dtype=buf_dtype) for _ in range(4)]
+    kvs.store_kv(bufs[0], bufs[1], loc, k, v)
+    kvs.store_kv_ref(bufs[2], bufs[3], loc, k, v)
+    for got, want, src in ((bufs[0], bufs[2], k), (bufs[1], bufs[3], v)):
+        torch.testing.assert_close(got, want, equal_nan=True, rtol=0, atol=0)
+        torch.testing.assert_close(got[loc], src.to(buf_dtype), rtol=0, atol=0)
+        untouched = torch.ones(12, dtype=torch.bool)
+        untouched[loc] = False
+        assert got[untouched].isnan().all()
+
+
+# ------------------------------------------------------------------------------------ bitmask
+
+
+def _bit_loop_reference(logits: torch.Tensor, bitmask: torch.Tensor) -> torch.Tensor:
+    out = logits.clone()
+    for r in range(logits.shape[0]):
+        for t in range(logits.shape[1]):
+            word = t // 32
+            allowed = word < bitmask.shape[1] and (int(bitmask[r, word]) >> (t % 32)) & 1
+            if not allowed:
+                out[r, t] = float("-inf")
+    return out
+
+
+@needs_triton
+@pytest.mark.parametrize("dtype,vocab,num_words", [(torch.float32, 100, 4),
+                                                   (torch.float16, 70, 2),
+                                                   (torch.float32, 1500, 47)])
+def test_bitmask_matches_ref_and_bit_loop(dtype: torch.dtype, vocab: int, num_words: int) -> None:
+    gen = torch.Generator().manual_seed(2)
+    bitmask = torch.randint(-(2**31), 2**31, (3, num_words), generator=gen, dtype=torch.int64)
+    bitmask = bitmask.to(torch.int32)
+    bitmask[0, 0] = -1  # every bit, sign bit included
+    bitmask[1] = 0
+    logits = torch.randn(3, vocab, generator=gen).to(dtype)
+    got, ref = logits.clone(), logits.clone()
+    bm.apply_token_bitmask_inplace(got, bitmask)
+    bm.apply_token_bitmask_inplace_ref(ref, bitmask)
+    torch.testing.assert_close(got, ref, rtol=0, atol=0)
+    torch.testing.assert_close(ref, _bit_loop_reference(logits, bitmask), rtol=0, atol=0)
+    assert torch.isinf(got[1]).all()
+    assert torch.isfinite(got[0, :32]).all()
+
+
+# ------------------------------------------------------------------------------------- accept
+
+
+@needs_triton
+def test_chain_accept_examples_and_random() -> None:
+    draft = torch.tensor([[5, 6, 7, 8], [5, 6, 7, 8], [1, 2, -1, -1], [9, 9, 9, 9], [4, 4, 4, 4]])
+    lens = torch.tensor([4, 4, 2, 0, 3])
+    target = torch.tensor([[5, 6, 7, 8, 3], [5, 0, 7, 8, 3], [1, 2, 7, 7, 7],
+                           [9, 9, 9, 9, 9], [4, 4, 4, 4, 4]])
+    n, out = acc.greedy_accept_chain(draft, lens, target)
+    assert n.tolist() == [4, 1, 2, 0, 3]
+    assert out.tolist() == [[5, 6, 7, 8, 3], [5, 0, -1, -1, -1], [1, 2, 7, -1, -1],
+                            [9, -1, -1, -1, -1], [4, 4, 4, 4, -1]]
+    n_ref, out_ref = acc.greedy_accept_chain_ref(draft, lens, target)
+    assert n_ref.tolist() == n.tolist() and out_ref.tolist() == out.tolist()
+
+    gen = torch.Generator().manual_seed(3)
+    draft = torch.randint(0, 3, (16, 7), generator=gen)
+    lens = torch.randint(0, 8, (16,), generator=gen)
+    target = torch.randint(0, 3, (16, 8), generator=gen)
+    target[:4, :7] = draft[:4]  # some full matches
+    got = acc.greedy_accept_chain(draft, lens, target)
+    want = acc.greedy_accept_chain_ref(draft, lens, target)
+    assert got[0].tolist() == want[0].tolist() and got[1].tolist() == want[1].tolist()
+    assert (got[0] <= lens).all()
+
+
+def _random_trees(bs: int, n: int, seed: int) -> tuple[torch.Tensor, ...]:
+    gen = torch.Generator().manual_seed(seed)
+    parents = torch.zeros(bs, n, dtype=torch.int64)
+    for i in range(1, n):
+        parents[:, i] = torch.randint(0, i, (bs,), generator=gen)
+    parents[:, 0] = -1
+    tokens = torch.randint(0, 3, (bs, n), generator=gen)
+    target = torch.randint(0, 3, (bs, n), generator=gen)
+    num_nodes = torch.randint(1, n + 1, (bs,), generator=gen)
+    return tokens, parents, num_nodes, target
+
+
+@needs_triton
+def test_tree_accept_example_and_random() -> None:
+    # root 0 -> {1: 'a'=10, 2: 'b'=11}; 1 -> {3: 12}; 2 -> {4: 13}; target after 0 is 11, after 2
+    # is 13, after 4 is 99: path 0, 2, 4 and tokens 11, 13, 99.
+    tokens = torch.tensor([[0, 10, 11, 12, 13]])
+    parents = torch.tensor([[-1, 0, 0, 1, 2]])
+    target = torch.tensor([[11, 12, 13, 0, 99]])
+    num_nodes = torch.tensor([5])
+    n, path, out = acc.greedy_accept_tree(tokens, parents, num_nodes, target)
+    assert n.tolist() == [2] and path.tolist() == [[0, 2, 4, -1, -1]]
+    assert out.tolist() == [[11, 13, 99, -1, -1]]
+
+    batch = _random_trees(24, 9, seed=4)
+    got = acc.greedy_accept_tree(*batch)
+    want = acc.greedy_accept_tree_ref(*batch)
+    for g, w in zip(got, want, strict=True):
+        assert g.tolist() == w.tolist()
+    assert int(got[0].max()) >= 2, "random trees should include a deep acceptance"
+
+
+def test_tree_ref_on_a_chain_equals_chain_ref() -> None:
+    gen = torch.Generator().manual_seed(6)
+    draft = torch.randint(0, 2, (8, 5), generator=gen)
+    target = torch.randint(0, 2, (8, 6), generator=gen)
+    lens = torch.full((8,), 5)
+    chain_n, chain_out = acc.greedy_accept_chain_ref(draft, lens, target)
+    tokens = torch.cat([torch.zeros(8, 1, dtype=torch.int64), draft], 1)
+    parents = torch.arange(-1, 5).expand(8, 6).contiguous()
+    tree_n, _, tree_out = acc.greedy_accept_tree_ref(tokens, parents, lens + 1, target)
+    assert tree_n.tolist() == chain_n.tolist() and tree_out.tolist() == chain_out.tolist()
+
+
+# ----------------------------------------------------------------------------------- imports
+
+
+def _run_python(code: str) -> subprocess.CompletedProcess[str]:
+    env = dict(os.environ)
+    env.pop("TRITON_INTERPRET", None)
+    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          check=False, env=env, cwd=str(REPO), timeout=120)
+
+
+def test_import_without_triton() -> None:
+    code = "import sys\nsys.modules['triton'] = None\n" + _LOADER + textwrap.dedent(
+        """
+        import torch
+        from dspark_kernels import has_triton
+        from dspark_kernels.verify_attention import verify_attention, verify_attention_ref
+        from dspark_kernels.accept import greedy_accept_chain_ref
+        assert not has_triton()
+        t = torch.tensor
+        n, _ = greedy_accept_chain_ref(t([[1]]), t([1]), t([[1, 2]]))
+        assert n.tolist() == [1]
+        try:
+            verify_attention(torch.zeros(1, 1, 16), torch.zeros(1, 1, 16), torch.zeros(1, 1, 16),
+                             torch.zeros(1, 1, dtype=torch.long), torch.zeros(1, dtype=torch.long),
+                             torch.ones(1, dtype=torch.long), torch.ones(1, dtype=torch.long),
+                             torch.zeros(1, dtype=torch.long), None, None, 1.0)
+        except RuntimeError as e:  # CPU tensors, no interpreter: refused before importing triton
+            assert "TRITON_INTERPRET" in str(e)
+        else:
+            raise AssertionError("expected a refusal")
+        print("ok")
+        """
+    )
+    result = _run_python(code)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "ok"
+
+
+def test_import_does_not_load_triton() -> None:
+    code = _LOADER + textwrap.dedent(
+        """
+        import sys
+        import dspark_kernels.verify_attention, dspark_kernels.kv_store
+        import dspark_kernels.bitmask, dspark_kernels.accept
+        print("triton" in sys.modules, dspark_kernels.__name__, dspark_kernels.has_triton())
+        """
+    )
+    result = _run_python(code)
+    assert result.returncode == 0, result.stderr
+    loaded, name, has = result.stdout.split()
+    assert loaded == "False" and name == "dspark_kernels"
+    assert has == str(HAVE_TRITON)

@@ -127,7 +127,7 @@ def verify_attention(
         BLOCK_N=block_n,
         HAS_MASK=has_mask,
         DOT_FP32=dot_in_fp32(q.dtype, q.device),
-        num_warps=4 if head_dim_pad <= 64 else 8,
+        num_warps=4 if block_m < 64 else 8,
         num_stages=2,
     )
     return o

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import math
 import random
 
@@ -79,8 +80,8 @@ def test_more_load_gives_shorter_or_equal_lengths() -> None:
         assert max(dec.lengths) - min(dec.lengths) <= 1
         means.append(sum(dec.lengths) / bs)
         maxes.append(max(dec.lengths))
-    assert all(b <= a for a, b in zip(means, means[1:]))
-    assert all(b <= a for a, b in zip(maxes, maxes[1:]))
+    assert all(b <= a for a, b in itertools.pairwise(means))
+    assert all(b <= a for a, b in itertools.pairwise(maxes))
     assert maxes[0] > maxes[-1]  # load actually changed the decision
 
 
@@ -176,7 +177,8 @@ def test_fixed_lengths() -> None:
 def test_sps_table_interpolation_monotone_and_tail() -> None:
     t = SPSTable.from_measurements({8: 80.0, 1: 100.0, 4: 101.0, 16: 40.0})
     assert t.token_counts == [1, 4, 8, 16]
-    assert t.sps_values == [100.0, 100.0, 80.0, 40.0]  # 101 clipped: bigger batches are never faster
+    # 101 is clipped: a bigger batch is never faster
+    assert t.sps_values == [100.0, 100.0, 80.0, 40.0]
     assert t.sps(6) == pytest.approx(90.0)
     assert t.sps(1) == 100.0
     assert t.sps(32) == pytest.approx(20.0)  # constant tokens/s past the profile
@@ -190,7 +192,8 @@ def test_sps_table_json_roundtrip(tmp_path) -> None:  # type: ignore[no-untyped-
     path = tmp_path / "sps.json"
     t.save(path)
     u = SPSTable.load(path)
-    assert u.token_counts == t.token_counts and u.sps_values == t.sps_values and u.meta["device"] == "cpu"
+    assert (u.token_counts, u.sps_values) == (t.token_counts, t.sps_values)
+    assert u.meta["device"] == "cpu"
     with pytest.raises(ValueError):
         SPSTable([1, 1], [2.0, 3.0])
     with pytest.raises(ValueError):

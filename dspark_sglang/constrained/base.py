@@ -56,6 +56,7 @@ class Grammar(ABC):
     def __init__(self, info: TokenizerInfo) -> None:
         self.info = info
         self._terminated = False
+        self._num_tokens = 0  # accepted non-EOS tokens still in the history
 
     # -- backend hooks -------------------------------------------------------------------
     @abstractmethod
@@ -95,7 +96,10 @@ class Grammar(ABC):
             return False
         if not 0 <= token < self.info.tokenizer_vocab_size or token in self.info.special_token_ids:
             return False
-        return self._accept(token)
+        if not self._accept(token):
+            return False
+        self._num_tokens += 1
+        return True
 
     def accept_tokens(self, tokens: list[int]) -> int:
         """Accept tokens left to right; returns how many were accepted (stops at the first no)."""
@@ -106,8 +110,10 @@ class Grammar(ABC):
 
     def rollback(self, num_tokens: int) -> None:
         """Undo the last ``num_tokens`` accepted tokens (an accepted EOS counts as one)."""
-        if num_tokens < 0:
-            raise ValueError(f"cannot roll back {num_tokens} tokens")
+        if not 0 <= num_tokens <= self._num_tokens + self._terminated:
+            raise ValueError(
+                f"cannot roll back {num_tokens} of {self._num_tokens + self._terminated} tokens"
+            )
         if num_tokens == 0:
             return
         if self._terminated:
@@ -115,6 +121,7 @@ class Grammar(ABC):
             num_tokens -= 1
         if num_tokens:
             self._rollback(num_tokens)
+            self._num_tokens -= num_tokens
 
     def fill_bitmask(self, bitmask: torch.Tensor, row: int) -> None:
         """Write the allowed NEXT tokens into ``bitmask[row]``; the matcher does not change.
@@ -148,6 +155,7 @@ class Grammar(ABC):
         """An independent matcher in the same state (rollback history included where kept)."""
         other = self._copy()
         other._terminated = self._terminated
+        other._num_tokens = self._num_tokens
         return other
 
     def find_jump_forward_tokens(self) -> list[int]:

@@ -36,7 +36,9 @@ class LLGuidanceGrammar(Grammar):
             return False
         ok = self._matcher.consume_token(token)
         if not ok:  # pragma: no cover - validated above
-            raise RuntimeError(f"llguidance rejected a validated token: {self._matcher.get_error()}")
+            raise RuntimeError(
+                f"llguidance rejected a validated token: {self._matcher.get_error()}"
+            )
         return True
 
     def _rollback(self, num_tokens: int) -> None:

@@ -54,8 +54,18 @@ class OutlinesCompiled(CompiledGrammar):
         self._rows: OrderedDict[int, np.ndarray] = OrderedDict()
         self._cache_states = cache
         self._lock = threading.Lock()
-        single = np.asarray(info.single_byte_token, dtype=np.int64)  # [256]
-        self._byte_tokens = single if (single >= 0).all() else None
+        single = np.asarray(info.single_byte_token, dtype=np.int64)  # [256], -1 = none
+        self._has_byte_token = single >= 0  # [256] bool
+        self._byte_tokens = np.where(self._has_byte_token, single, 0)  # [256]
+        # tokens starting with a byte that has no single-byte token of its own
+        self._orphan_tokens = np.asarray(
+            [
+                i
+                for i, data in enumerate(info.token_bytes)
+                if data and not self._has_byte_token[data[0]]
+            ],
+            dtype=np.int64,
+        )
 
     def new_matcher(self) -> Grammar:
         return OutlinesGrammar(self, [self.index.get_initial_state()])
@@ -81,20 +91,22 @@ class OutlinesCompiled(CompiledGrammar):
     def forced_bytes(self, state: int) -> bytes:
         """Bytes every continuation from ``state`` starts with.
 
-        A byte is forced when the state is not final and exactly one single-byte token is
-        allowed: the index keeps only live edges, so any allowed token's first byte also has its
-        single-byte token allowed. Needs a vocab with all 256 single-byte tokens (byte-level and
-        byte-fallback vocabs have them); otherwise nothing is reported as forced.
+        A byte ``b`` is forced when the state is not final, ``b``'s single-byte token is the only
+        single-byte token allowed, and no allowed token starts with a byte that lacks a
+        single-byte token. The index keeps only live edges, so any allowed token's first byte
+        has its single-byte token allowed too (when the vocab has one): the test is exact for
+        bytes with single-byte tokens and conservative (nothing forced) for the others.
         """
-        if self._byte_tokens is None:
-            return b""
         out = bytearray()
         tokens = self._byte_tokens
+        shifts = (tokens & 31).astype(np.uint32)
+        orphans = self._orphan_tokens
+        orphan_shifts = (orphans & 31).astype(np.uint32)
         while len(out) < _MAX_FORCED_BYTES and not self.index.is_final_state(state):
             row = self.mask_row(state)
-            bits = (row[tokens >> 5] >> (tokens & 31).astype(np.uint32)) & 1  # [256]
+            bits = ((row[tokens >> 5] >> shifts) & 1).astype(bool) & self._has_byte_token
             candidates = np.flatnonzero(bits)
-            if len(candidates) != 1:
+            if len(candidates) != 1 or ((row[orphans >> 5] >> orphan_shifts) & 1).any():
                 break
             byte = int(candidates[0])
             nxt = self.index.get_next_state(state, int(tokens[byte]))
@@ -152,7 +164,9 @@ class OutlinesBackend(GrammarBackend):
         try:
             return build_regex_from_schema(schema)
         except (ValueError, TypeError) as exc:
-            raise GrammarError(f"unsupported json_schema: {clean_backend_message(str(exc))}") from None
+            raise GrammarError(
+                f"unsupported json_schema: {clean_backend_message(str(exc))}"
+            ) from None
 
     def _compile(self, kind: str, spec: str) -> CompiledGrammar:
         regex = self._to_regex(kind, spec)

@@ -1,4 +1,4 @@
-"""What the grammar backends need to know about a tokenizer, built from a HF ``tokenizers.Tokenizer``.
+"""What the grammar backends need to know about a tokenizer (from a HF ``tokenizers.Tokenizer``).
 
 Run time never imports ``transformers``: every backend is built from the Rust tokenizer object, the
 model's vocab size (the LM head may be wider than the tokenizer; the extra ids are never allowed)

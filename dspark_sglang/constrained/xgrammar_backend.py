@@ -52,7 +52,10 @@ class XGrammarGrammar(Grammar):
         return bool(self._matcher.accept_token(token))
 
     def _rollback(self, num_tokens: int) -> None:
-        self._matcher.rollback(num_tokens)
+        try:
+            self._matcher.rollback(num_tokens)
+        except RuntimeError as exc:  # more tokens than were accepted
+            raise ValueError(clean_backend_message(str(exc))) from None
 
     def _fill(self, bitmask: torch.Tensor, row: int) -> None:
         self._matcher.fill_next_token_bitmask(bitmask, row)

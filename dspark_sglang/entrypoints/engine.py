@@ -160,6 +160,9 @@ class Engine:
             if len(ids) >= self.context_len:
                 raise ValueError(f"the prompt has {len(ids)} tokens, which is not less than the "
                                  f"context length {self.context_len}")
+            if len(ids) + 1 > self.server_args.max_total_tokens:
+                raise ValueError(f"the prompt has {len(ids)} tokens but the KV pool holds only "
+                                 f"{self.server_args.max_total_tokens} (max_total_tokens)")
             sp_in = sampling_params[i] if isinstance(sampling_params, list) else sampling_params
             sp = SamplingParams.from_dict(sp_in)
             sp.normalize_and_validate(vocab, self.context_len)

@@ -47,10 +47,12 @@ class EngineParts:
     def grammar_backend(self) -> Any:
         """Lazily built grammar backend (compile happens on the caller's thread)."""
         if self._grammar_backend is None:
-            from dspark_sglang.constrained import get_grammar_backend
+            from dspark_sglang.constrained.registry import get_grammar_backend
+            from dspark_sglang.constrained.tokenizer_info import TokenizerInfo
 
-            self._grammar_backend = get_grammar_backend(
-                self.args.grammar_backend, self.tokenizer, self.vocab_size)
+            info = TokenizerInfo.from_tokenizer(
+                self.tokenizer.hf, sorted(self.output.eos_token_ids), self.vocab_size)
+            self._grammar_backend = get_grammar_backend(self.args.grammar_backend, info)
         return self._grammar_backend
 
 

@@ -1,4 +1,4 @@
-"""Load a checkpoint (HF safetensors directory or GGUF) into config + float32 state dict + tokenizer.
+"""Load a checkpoint (HF safetensors dir or GGUF) into config + float32 state dict + tokenizer.
 
 GGUF checkpoints are converted once (dequantised, renamed, un-permuted) and cached as an HF
 directory (``model.safetensors``, ``config.json``, ``tokenizer.json``, ``tokenizer_config.json``)

@@ -142,7 +142,9 @@ class Tokenizer:
             ids = [self.bos_token_id, *ids]  # type: ignore[list-item]
         return ids
 
-    def encode_batch(self, texts: Sequence[str], add_special_tokens: bool = True) -> list[list[int]]:
+    def encode_batch(
+        self, texts: Sequence[str], add_special_tokens: bool = True
+    ) -> list[list[int]]:
         return [self.encode(t, add_special_tokens) for t in texts]
 
     def decode(self, ids: Iterable[int], skip_special_tokens: bool = True) -> str:

@@ -41,6 +41,9 @@ class Scheduler:
         self.prefilling: list[Req] = []
         self.running: list[Req] = []
         self.num_retractions = 0
+        # after a retraction, admit nothing new until a request finishes (or nothing runs):
+        # otherwise the retracted request is re-admitted at once and the pool thrashes forever
+        self._admission_paused = False
         self.finished_count = 0
 
     # ---- requests ------------------------------------------------------------------------------
@@ -81,8 +84,9 @@ class Scheduler:
         if not self.waiting:
             return
         active = len(self.prefilling) + len(self.running)
-        if active >= self.max_running:
+        if active >= self.max_running or (self._admission_paused and active):
             return
+        self._admission_paused = False
         # radix-aware order: longest cached prefix first (FCFS among equals)
         scored = []
         for i, req in enumerate(self.waiting):
@@ -99,6 +103,14 @@ class Scheduler:
             first_chunk = min(need, self.chunk_size)
             reserve = headroom * (len(self.running) + len(self.prefilling) + len(admitted) + 1)
             if first_chunk + reserve > self.cache.available() - self._locked_extra(slots, node):
+                if active + len(admitted) == 0 and self.cache.available() < first_chunk + 1:
+                    # cannot fit even with an empty engine: fail it instead of waiting forever
+                    self.waiting.remove(req)
+                    req.finish_reason = {"type": "abort", "message": (
+                        f"request needs {first_chunk + 1} KV slots but the pool has "
+                        f"{self.cache.available()} (max_total_tokens)")}
+                    self._finish(req, cache=False)
+                    continue
                 break
             if not self.cache.admit(req, slots, node):
                 break
@@ -273,6 +285,7 @@ class Scheduler:
         req.draft_state.clear()
         self.waiting.appendleft(req)
         self.num_retractions += 1
+        self._admission_paused = True
 
     def _finish(self, req: Req, cache: bool) -> None:
         self.cache.release_req(req, cache=cache)
@@ -283,5 +296,6 @@ class Scheduler:
             self.waiting.remove(req)
         req.state = ReqState.FINISHED
         req.draft_state.clear()
+        self._admission_paused = False
         self.finished_count += 1
         self.emit(req, True)

@@ -13,7 +13,8 @@ Definitions (DESIGN.md §2)::
 Exact stop rule (non-anticipating). Candidates ``(r, j)`` with ``j <= min(L_r, max_lengths[r])``
 are ordered by descending ``a_{r,j}``, ties by lower ``j``, then lower ``r``. Start from ``l_r = 0``
 for all requests (``B = bs``, ``tau = bs``). Scan the candidates in order; candidate ``(r, j)`` is
-admitted iff ``(r, j - 1)`` is admitted (or ``j == 1``), ``B + 1 <= max_num_verify_tokens`` (if
+admitted iff ``(r, j - 1)`` is admitted (or ``j == 1``; guaranteed by this order, since
+``a_{r,j}`` is non-increasing in ``j``, and asserted), ``B + 1 <= max_num_verify_tokens`` (if
 given) and ``(tau + a_{r,j}) * SPS(B + 1) > tau * SPS(B)`` (strictly). The first candidate that is
 not admitted ends the scan: nothing after it is admitted, even if admitting several more would
 raise the objective again (e.g. past a step in the SPS curve). The implementation evaluates the
@@ -93,24 +94,15 @@ def schedule_prefix(
         return ScheduleDecision([], 0.0, 0, 0.0)
     surv = _prefix_survival(conf)  # [bs, L]
     valid = np.arange(width)[None, :] < avail[:, None]  # [bs, L]
-    r_idx, j_idx = np.nonzero(valid)  # j_idx is 0-based: draft j_idx + 1
+    # enumerate candidates position-major, so a stable sort on -a breaks ties by lower j, then r
+    j_idx, r_idx = np.nonzero(valid.T)  # j_idx is 0-based: draft j_idx + 1
     a = surv[r_idx, j_idx]
-    order = np.lexsort((r_idx, j_idx, -a))  # primary: -a, then j, then r
+    order = np.argsort(-a, kind="stable")
     r_sorted, j_sorted, a_sorted = r_idx[order], j_idx[order], a[order]
 
     num_cand = len(order)
     if max_num_verify_tokens is not None:
         num_cand = min(num_cand, max(0, max_num_verify_tokens - bs))
-    # admitting (r, j) needs (r, j - 1) admitted: cut the order at the first violation
-    counts = np.bincount(r_sorted, minlength=bs)
-    group_start = np.cumsum(counts) - counts
-    occurrence = np.empty(len(order), dtype=np.int64)  # how many earlier candidates share r
-    occurrence[np.argsort(r_sorted, kind="stable")] = np.arange(len(order)) - np.repeat(
-        group_start, counts
-    )
-    violations = np.flatnonzero(occurrence != j_sorted)
-    if violations.size:
-        num_cand = min(num_cand, int(violations[0]))
 
     tau = bs + np.concatenate([[0.0], np.cumsum(a_sorted[:num_cand])])  # [num_cand + 1]
     num_tokens = bs + np.arange(num_cand + 1)  # [num_cand + 1]
@@ -119,6 +111,11 @@ def schedule_prefix(
     k_star = int(np.argmin(improves)) if not improves.all() else num_cand
 
     lengths = np.bincount(r_sorted[:k_star], minlength=bs)
+    # Prefix constraint: (r, j) is admitted only after (r, j - 1). It holds by construction
+    # (a is non-increasing in j and ties go to lower j); distinct positions 0..l-1 are the only
+    # set of l admitted positions whose sum is l(l-1)/2, which is what this checks.
+    pos_sum = np.bincount(r_sorted[:k_star], weights=j_sorted[:k_star], minlength=bs)
+    assert np.array_equal(pos_sum, lengths * (lengths - 1) / 2), "prefix constraint violated"
     return ScheduleDecision(
         lengths=lengths.tolist(),
         expected_tau=float(tau[k_star]),

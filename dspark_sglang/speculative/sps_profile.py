@@ -36,7 +36,9 @@ class SPSTable:
     def __post_init__(self) -> None:
         if not self.token_counts or len(self.token_counts) != len(self.sps_values):
             raise ValueError("SPSTable needs equally long, non-empty token_counts and sps")
-        pairs = sorted(zip((int(b) for b in self.token_counts), (float(s) for s in self.sps_values)))
+        pairs = sorted(
+            zip((int(b) for b in self.token_counts), (float(s) for s in self.sps_values))
+        )
         counts = [b for b, _ in pairs]
         if counts[0] < 1 or len(set(counts)) != len(counts):
             raise ValueError("token counts must be distinct and >= 1")

@@ -1,0 +1,83 @@
+"""Shared fixtures: tiny random models built on the fly, and engines over them."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any, Callable
+
+import pytest
+import torch
+
+torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Callable[..., str]:
+    """``tiny_model_dir(arch="llama", **kw) -> path``: cached per argument set."""
+    from dspark_sglang.models.tiny import make_tiny_model
+
+    made: dict[tuple[Any, ...], str] = {}
+
+    def make(arch: str = "llama", **kw: Any) -> str:
+        key = (arch, tuple(sorted(kw.items())))
+        if key not in made:
+            d = tmp_path_factory.mktemp(f"tiny_{arch}")
+            make_tiny_model(d, arch=arch, **kw)
+            made[key] = str(d)
+        return made[key]
+
+    return make
+
+
+@pytest.fixture(scope="session")
+def llama_dir(tiny_model_dir: Callable[..., str]) -> str:
+    return tiny_model_dir("llama", layers=3, hidden=64, heads=4, kv_heads=2)
+
+
+@pytest.fixture
+def make_engine() -> Any:
+    """Factory for engines that are shut down after the test."""
+    from dspark_sglang import Engine
+
+    engines: list[Any] = []
+
+    def make(model_path: str, **kw: Any) -> Any:
+        kw.setdefault("max_total_tokens", 4096)
+        kw.setdefault("dtype", "float32")
+        e = Engine(model_path=model_path, **kw)
+        engines.append(e)
+        return e
+
+    yield make
+    for e in engines:
+        e.shutdown()
+
+
+def has_default_model() -> bool:
+    from dspark_sglang.models.default_model import has_default_model as _has
+
+    return _has()
+
+
+PROMPTS = [
+    "The quick brown fox",
+    "def add(a, b):\n    return",
+    "Speculative decoding drafts tokens and the target verifies them in one pass. Then",
+    "{\"name\": \"Alice\", \"age\":",
+    "Numbers 0123456789 and punctuation",
+    "Unicode: café, naïve, Straße",
+]
+
+
+@pytest.fixture
+def prompts() -> list[str]:
+    return list(PROMPTS)
+
+
+def greedy(max_new_tokens: int = 24, **kw: Any) -> dict[str, Any]:
+    return {"max_new_tokens": max_new_tokens, "temperature": 0.0, "ignore_eos": True, **kw}
+
+
+def root() -> Path:
+    return Path(__file__).resolve().parent.parent

@@ -1,0 +1,222 @@
+"""DSpark draft worker: block drafting over the shared draft context pool, then a verify length
+per request from the hardware-aware prefix scheduler.
+
+Modes served by the same drafter (``--speculative-algorithm``):
+- ``DSPARK``: chain of up to ``block_size`` drafts, lengths chosen by the prefix scheduler from
+  calibrated confidences and the profiled SPS table;
+- ``CHAIN``: the whole chain, no scheduler (``--speculative-num-draft-tokens`` caps it);
+- ``MTP1``: exactly one draft token per step, always verified;
+- ``TREE``: a top-k tree from the drafter's per-position distributions (greedy verification of
+  the tree; sampled requests are verified with multi-draft rejection sampling).
+
+Draft context pool: per KV slot and draft layer, the K/V of ``H_ctx`` (the projected target hidden
+states) — written in ``on_target_forward`` for every token the target computes, so a slot in the
+radix tree always carries valid draft context too.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from dspark_sglang.core.forward_batch import ForwardBatch, ModelOutput
+from dspark_sglang.core.req import Req
+from dspark_sglang.mem_cache.kv_pool import KVPool
+from dspark_sglang.server_args import ServerArgs
+from dspark_sglang.speculative.dspark import DSparkDrafter, load_dspark_checkpoint
+from dspark_sglang.speculative.prefix_scheduler import schedule_prefix
+from dspark_sglang.speculative.sps_profile import SPSTable
+from dspark_sglang.speculative.worker import Draft, DraftWorker
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_DRAFTER_DIR = Path(__file__).resolve().parent.parent / "assets" / "drafters" / \
+    "smollm2_135m"
+
+
+class DSparkWorker(DraftWorker):
+    def __init__(self, drafter: DSparkDrafter, num_slots: int, req_to_token: torch.Tensor,
+                 mode: str, sps_table: SPSTable | None, num_draft_tokens: int | None,
+                 tree_topk: int, context_len: int, dtype: torch.dtype, device: str) -> None:
+        cfg = drafter.config
+        if any(i < 0 for i in cfg.target_layer_ids):
+            raise ValueError("target_layer_ids < 0 (embedding output) are not supported")
+        self.name = mode
+        self.drafter = drafter
+        self.mode = mode
+        self.gamma = cfg.block_size
+        self.num_draft = min(self.gamma, num_draft_tokens or self.gamma)
+        if mode == "MTP1":
+            self.num_draft = 1
+        self.tree_topk = tree_topk
+        self.tree_nodes = num_draft_tokens or 2 * self.gamma
+        self.sps_table = sps_table
+        self.context_len = context_len
+        self.req_to_token = req_to_token
+        self.capture_layer_ids = tuple(cfg.target_layer_ids)
+        self.ctx_pool = KVPool(cfg.num_hidden_layers, num_slots, cfg.num_key_value_heads,
+                               cfg.head_dim, dtype, device)
+        self.last_decision: Any = None
+
+    def max_draft_len(self) -> int:
+        return self.tree_nodes if self.mode == "TREE" else self.num_draft
+
+    # ---- context pool ------------------------------------------------------------------------
+    @torch.inference_mode()
+    def on_target_forward(self, fb: ForwardBatch, out: ModelOutput) -> None:
+        assert out.aux_hidden is not None, "target forward must capture target_layer_ids"
+        h_ctx = self.drafter.project_context(out.aux_hidden)  # [n, H]
+        for layer_id, (k, v) in enumerate(self.drafter.context_kv(h_ctx, fb.positions)):
+            self.ctx_pool.store(layer_id, fb.out_cache_loc, k, v)
+
+    # ---- drafting ----------------------------------------------------------------------------
+    def _room(self, req: Req) -> int:
+        left = req.sampling_params.max_new_tokens - len(req.output_ids) - 1
+        ctx_left = self.context_len - req.kv_len - 1
+        return max(0, min(left, ctx_left))
+
+    @torch.inference_mode()
+    def propose(self, reqs: list[Req]) -> list[Draft]:
+        bs = len(reqs)
+        rooms = [self._room(r) for r in reqs]
+        if max(rooms) == 0:
+            return [Draft() for _ in reqs]
+        lens = torch.tensor([r.kv_len for r in reqs])
+        max_len = int(lens.max())
+        rows = torch.tensor([r.req_pool_idx for r in reqs])
+        slots = self.req_to_token[rows, :max_len]  # [bs, L]
+        valid = torch.arange(max_len)[None, :] < lens[:, None]
+        slots = torch.where(valid, slots, torch.zeros_like(slots))
+        ctx_k = [self.ctx_pool.k_bufs[i][slots] for i in range(self.ctx_pool.num_layers)]
+        ctx_v = [self.ctx_pool.v_bufs[i][slots] for i in range(self.ctx_pool.num_layers)]
+        anchors = torch.tensor([r.output_ids[-1] for r in reqs])
+        hidden = self.drafter.forward_block(anchors, lens, ctx_k, ctx_v, valid)  # [bs, g, H]
+        base = self.drafter.base_logits(hidden)  # [bs, g, V]
+        temps = torch.tensor([0.0 if r.sampling_params.is_greedy
+                              else float(r.sampling_params.temperature) for r in reqs])
+        if self.mode == "TREE":
+            return self._propose_tree(reqs, hidden, base, anchors, temps, rooms)
+        k = min(self.num_draft, max(rooms))
+        grammar_walk = _GrammarWalk(reqs, base.shape[-1])
+        chain = self.drafter.sample_chain(
+            hidden, base, anchors, temps, [r.generator for r in reqs],
+            mask_fn=grammar_walk if grammar_walk.active else None, num_tokens=k)
+        limits = [min(k, rooms[i], grammar_walk.valid_len(i, k)) for i in range(bs)]
+        if self.mode == "DSPARK" and self.sps_table is not None:
+            decision = schedule_prefix(chain.confidences.float(), self.sps_table,
+                                       max_lengths=limits)
+            lengths = decision.lengths
+            self.last_decision = decision
+        else:
+            lengths = limits
+        toks = chain.tokens.tolist()
+        out = []
+        for i in range(bs):
+            n = lengths[i]
+            sampled = not reqs[i].sampling_params.is_greedy
+            out.append(Draft(tokens=toks[i][:n],
+                             probs=chain.probs[i, :n] if sampled and n else None,
+                             confidences=chain.confidences[i, :n].tolist()))
+        return out
+
+    def _propose_tree(self, reqs: list[Req], hidden: torch.Tensor, base: torch.Tensor,
+                      anchors: torch.Tensor, temps: torch.Tensor, rooms: list[int]
+                      ) -> list[Draft]:
+        from dspark_sglang.speculative.tree import build_topk_tree
+
+        # per-position distributions along the drafter's greedy chain (Markov bias included)
+        chain = self.drafter.sample_chain(hidden, base, anchors, torch.zeros_like(temps),
+                                          num_tokens=self.gamma)
+        logits = base.float().clone()
+        if self.drafter.markov_head is not None:
+            prev = torch.cat([anchors[:, None], chain.tokens[:, :-1]], dim=1)
+            logits = logits + self.drafter.markov_head.block_bias(prev, hidden).float()
+        out = []
+        for i, req in enumerate(reqs):
+            depth = min(self.gamma, rooms[i])
+            if depth == 0 or req.grammar is not None:
+                n = min(self.num_draft, rooms[i]) if req.grammar is None else 0
+                out.append(Draft(tokens=chain.tokens[i, :n].tolist()))
+                continue
+            lp = torch.log_softmax(logits[i, :depth], dim=-1)
+            tree = build_topk_tree(lp, self.tree_topk, self.tree_nodes)
+            out.append(Draft(tokens=tree.tokens.tolist(), parents=tree.parents.tolist()))
+        return out
+
+
+class _GrammarWalk:
+    """``mask_fn`` for ``sample_chain``: advances a copy of each request's grammar along the chain
+    and returns the additive mask for the next position. A request whose copy terminated or
+    rejected a token stops being drafted there (``valid_len``)."""
+
+    def __init__(self, reqs: list[Req], vocab: int) -> None:
+        self.reqs = reqs
+        self.vocab = vocab
+        self.active = any(r.grammar is not None for r in reqs)
+        self.states = [r.grammar.copy() if r.grammar is not None else None for r in reqs]
+        self.stop_at: dict[int, int] = {}
+
+    def __call__(self, k: int, prev: torch.Tensor) -> torch.Tensor | None:
+        from dspark_sglang.constrained.base import allocate_bitmask, bitmask_to_bool
+
+        rows = [i for i, g in enumerate(self.states) if g is not None]
+        if not rows:
+            return None
+        mask = torch.zeros((len(self.reqs), self.vocab))
+        bitmask = allocate_bitmask(len(rows), self.vocab)
+        prev_l = prev.tolist()
+        for j, i in enumerate(rows):
+            g = self.states[i]
+            assert g is not None
+            ok = True
+            if k > 0:
+                ok = not g.is_terminated() and g.accept_token(prev_l[i])
+            if not ok or g.is_terminated():
+                self.stop_at.setdefault(i, k)
+                bitmask[j].fill_(-1)  # anything: the draft is cut at this position
+                continue
+            g.fill_bitmask(bitmask, j)
+        allowed = bitmask_to_bool(bitmask, self.vocab)  # [rows, V]
+        sub = torch.zeros((len(rows), self.vocab))
+        sub[~allowed] = float("-inf")
+        mask[torch.tensor(rows)] = sub
+        return mask
+
+    def valid_len(self, i: int, k: int) -> int:
+        return self.stop_at.get(i, k)
+
+
+def create_dspark_worker(args: ServerArgs, parts: Any) -> DSparkWorker:
+    from dspark_sglang.speculative.sps_runtime import load_or_profile_sps
+
+    path = args.speculative_draft_model_path
+    if path is None:
+        if not parts.is_default_model:
+            raise ValueError("speculative_draft_model_path is required for "
+                             f"{args.speculative_algorithm} with a non-default model")
+        path = str(DEFAULT_DRAFTER_DIR)
+    if not (Path(path) / "config.json").is_file():
+        raise ValueError(f"speculative_draft_model_path {path!r} has no DSpark config.json")
+    runner = parts.runner
+    model = runner.model
+    drafter = load_dspark_checkpoint(path, model.embed_tokens, model.lm_head,
+                                     sts_path=args.speculative_dspark_confidence_sts_path,
+                                     device=runner.device, dtype=runner.dtype)
+    drafter.eval().requires_grad_(False)
+    if drafter.config.vocab_size != parts.config.vocab_size:
+        raise ValueError("drafter vocab_size does not match the target model")
+    block = args.speculative_dspark_block_size
+    if block is not None and block != drafter.config.block_size:
+        raise ValueError(f"speculative_dspark_block_size={block} but the drafter was trained "
+                         f"with block_size={drafter.config.block_size}")
+    sps = None
+    if args.speculative_algorithm == "DSPARK":
+        sps = load_or_profile_sps(args.speculative_dspark_sps_table_path, parts.model_path,
+                                  runner, parts.cache)
+    return DSparkWorker(drafter, args.max_total_tokens, parts.cache.req_to_token,
+                        args.speculative_algorithm, sps, args.speculative_num_draft_tokens,
+                        args.speculative_eagle_topk, parts.context_len, runner.dtype,
+                        runner.device)

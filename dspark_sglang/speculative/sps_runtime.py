@@ -1,0 +1,94 @@
+"""Profile SPS(B) — target forward steps per second at B verify tokens — on the live engine.
+
+The table is measured once at engine start (or loaded from ``--speculative-dspark-sps-table-path``)
+and cached on disk keyed by model, dtype, device and thread count.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import math
+from pathlib import Path
+
+import torch
+
+from dspark_sglang.core.forward_batch import ForwardMode
+from dspark_sglang.mem_cache.cache_manager import CacheManager
+from dspark_sglang.model_executor.model_runner import BatchRequestSpec, ModelRunner, \
+    build_forward_batch
+from dspark_sglang.speculative.sps_profile import SPSTable, profile_sps
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_TOKEN_COUNTS = (1, 2, 4, 8, 12, 16, 24, 32, 48, 64, 96, 128, 192, 256)
+_CTX_PER_REQ = 128
+_TOKENS_PER_REQ = 8  # a verify batch is many short chains: bs = ceil(B / 8)
+
+
+def _sps_cache_path(model_path: str, runner: ModelRunner) -> Path:
+    from dspark_sglang.models.loader import default_cache_root
+
+    key = json.dumps([model_path, str(runner.dtype), runner.device, torch.get_num_threads(),
+                      runner.attn.__class__.__name__])
+    h = hashlib.sha256(key.encode()).hexdigest()[:16]
+    return default_cache_root() / "sps" / f"{h}.json"
+
+
+def measure_sps(runner: ModelRunner, cache: CacheManager,
+                token_counts: tuple[int, ...] = DEFAULT_TOKEN_COUNTS,
+                repeats: int = 3) -> SPSTable:
+    """Time target forwards of B new tokens (over a short context per request).
+
+    Borrows slots and rows from the cache manager and gives all of them back."""
+    avail = cache.allocator.available_size()
+    counts = tuple(b for b in token_counts if b <= avail // 4) or (1,)
+    n_req = min(math.ceil(max(counts) / _TOKENS_PER_REQ), cache.req_to_token_pool.available_size())
+    ctx = max(0, min(_CTX_PER_REQ, avail // n_req - _TOKENS_PER_REQ))
+    per = ctx + _TOKENS_PER_REQ
+    counts = tuple(b for b in counts if b <= n_req * _TOKENS_PER_REQ)
+    rows = [cache.req_to_token_pool.alloc() for _ in range(n_req)]
+    slots = cache.allocator.alloc(n_req * per)
+    assert slots is not None and all(r is not None for r in rows)
+    try:
+        for i, row in enumerate(rows):
+            cache.req_to_token_pool.write(row, 0, slots[i * per : (i + 1) * per])
+
+        def step(b: int) -> None:
+            specs = []
+            left, i = b, 0
+            while left > 0:
+                n = min(left, _TOKENS_PER_REQ)
+                row = rows[i]
+                loc = cache.req_to_token[row, ctx : ctx + n]
+                specs.append(BatchRequestSpec(row, [0] * n, ctx, loc))
+                left -= n
+                i += 1
+            fb = build_forward_batch(ForwardMode.TARGET_VERIFY, specs, cache.req_to_token)
+            runner.forward(fb)
+            if runner.device == "cuda":
+                torch.cuda.synchronize()
+
+        return profile_sps(step, counts, repeats=repeats, warmup=1)
+    finally:
+        cache.allocator.free(slots)
+        for r in rows:
+            cache.req_to_token_pool.free(r)
+
+
+def load_or_profile_sps(path: str | None, model_path: str, runner: ModelRunner,
+                        cache: CacheManager) -> SPSTable:
+    if path:
+        return SPSTable.load(path)
+    cached = _sps_cache_path(model_path, runner)
+    if cached.is_file():
+        try:
+            return SPSTable.load(cached)
+        except Exception:  # corrupt cache: re-profile
+            logger.warning("ignoring unreadable SPS cache %s", cached)
+    table = measure_sps(runner, cache)
+    cached.parent.mkdir(parents=True, exist_ok=True)
+    table.save(cached)
+    logger.info("profiled SPS table -> %s", cached)
+    return table

@@ -48,6 +48,7 @@ class SpecStats:
     per_pos_accepted: list[int] | None = None
     last_lengths: list[int] | None = None
     last_expected_tau: float | None = None
+    forced_tokens: int = 0  # grammar jump-forward tokens proposed
 
     def record_position(self, num_drafted: int, num_accepted: int) -> None:
         if self.per_pos_tried is None:
@@ -71,6 +72,9 @@ class SpecStats:
             "avg_verify_tokens_per_step": self.verify_tokens / self.steps if self.steps else 0.0,
             "draft_acceptance_rate": self.accepted / self.drafted if self.drafted else 0.0,
             "per_position_acceptance": [a / t if t else 0.0 for a, t in zip(acc, tried)],
+            "jump_forward_tokens": self.forced_tokens,
+            "last_verify_lengths": self.last_lengths,
+            "last_expected_tau": self.last_expected_tau,
         }
 
 
@@ -102,6 +106,22 @@ class SpecDecoder:
         self.eos_ids = eos_ids
         self.vocab_size = vocab_size
         self.stats = SpecStats()
+        # grammar jump-forward rides on speculation: forced tokens replace the draft and are
+        # verified like any draft (lossless); plain decoding (NONE) stays one token per step
+        self.jump_forward = worker.name != "NONE"
+
+    def _apply_jump_forward(self, reqs: list[Req], drafts: list[Draft]) -> None:
+        limit = max(self.worker.max_draft_len(), 8)
+        for i, req in enumerate(reqs):
+            g = req.grammar
+            if g is None or g.is_terminated():
+                continue
+            room = req.sampling_params.max_new_tokens - len(req.output_ids) - 1
+            forced = g.find_jump_forward_tokens()[: max(0, min(limit, room))]
+            if forced:
+                drafts[i] = Draft(tokens=list(forced))
+                req.draft_state["forced"] = len(forced)
+                self.stats.forced_tokens += len(forced)
 
     def slots_needed(self, reqs: list[Req]) -> int:
         return len(reqs) * (1 + self.worker.max_draft_len())
@@ -109,6 +129,8 @@ class SpecDecoder:
     def step(self, reqs: list[Req]) -> list[StepResult] | None:
         """Run one step. Returns None (and changes nothing) when KV slots ran out."""
         drafts = self.worker.propose(reqs)
+        if self.jump_forward:
+            self._apply_jump_forward(reqs, drafts)
         total = sum(1 + len(d) for d in drafts)
         slots = self.cache.alloc_slots(total)
         if slots is None:
@@ -141,8 +163,7 @@ class SpecDecoder:
     def _rows(self, req: Req, d: Draft) -> list[RowSpec]:
         """One RowSpec per verify row (anchor + each draft node), grammar walked along the path."""
         if d.parents is None:
-            parents = [-1] + list(range(len(d)))[:-1] if len(d) else []
-            parents = list(range(-1, len(d) - 1))
+            parents = list(range(-1, len(d) - 1))  # a chain: each draft's parent is the one before
         else:
             parents = d.parents
         rows = [RowSpec(req, [], req.grammar)]
@@ -203,6 +224,7 @@ class SpecDecoder:
                        for r, t in zip(path_rows, toks)]
             results.append(StepResult(req, toks, lps, len(d)))
             req.draft_state["accepted_rows"] = path_rows
+            req.draft_state.pop("forced", None)
             off += n
         return results
 
@@ -257,6 +279,9 @@ class SpecDecoder:
         st = self.stats
         st.steps += 1
         st.verify_tokens += sum(len(s.input_ids) for s in specs)
+        st.last_lengths = [len(d) for d in drafts]
+        dec = getattr(self.worker, "last_decision", None)
+        st.last_expected_tau = dec.expected_tau if dec is not None else None
         for req, d, spec, res in zip(reqs, drafts, specs, results):
             rows = req.draft_state.pop("accepted_rows")
             keep_rows = rows  # anchor row 0 + accepted draft rows (the last token is not in KV)

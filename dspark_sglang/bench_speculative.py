@@ -1,0 +1,65 @@
+"""``python -m dspark_sglang.bench_speculative``: speculative modes side by side, one process.
+
+    python -m dspark_sglang.bench_speculative --modes NONE MTP1 CHAIN DSPARK NGRAM TREE \
+        --concurrency 1 8 32 --max-new-tokens 64 --output spec.json
+
+Prints per mode and concurrency: output tokens/s, speedup vs NONE and vs MTP1, tau, verify
+tokens per step, and (greedy) how many outputs equal NONE's. See docs/benchmarks.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+
+from dspark_sglang.benchmark.engine_runner import ENGINE_MODES
+from dspark_sglang.benchmark.plots import write_plots
+from dspark_sglang.benchmark.report import write_json
+from dspark_sglang.benchmark.speculative import SpecBenchConfig, run_spec_bench
+from dspark_sglang.benchmark.workloads import load_prompts
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m dspark_sglang.bench_speculative",
+                                description=__doc__.split("\n")[0])
+    p.add_argument("--model-path", default=None, help="default: the embedded SmolLM2-135M")
+    p.add_argument("--dtype", default="bfloat16", choices=["float32", "bfloat16"])
+    p.add_argument("--modes", nargs="+", default=["NONE", "MTP1", "CHAIN", "DSPARK", "NGRAM",
+                                                   "TREE"], choices=list(ENGINE_MODES))
+    p.add_argument("--concurrency", nargs="+", type=int, default=[1, 8])
+    p.add_argument("--prompt-file", nargs="*", default=None,
+                   help="prompt files / folders ({'turns': [...]} lines); default: "
+                        "shared/workloads/eval/*.jsonl")
+    p.add_argument("--prompts-per-file", type=int, default=2)
+    p.add_argument("--num-prompts", type=int, default=None, help="cap on prompts in all")
+    p.add_argument("--max-new-tokens", type=int, default=64)
+    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy; e.g. 1.0")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--num-draft-tokens", type=int, default=None,
+                   help="--speculative-num-draft-tokens for CHAIN / NGRAM / TREE / STANDALONE")
+    p.add_argument("--draft-model-path", default=None, help="STANDALONE draft LM")
+    p.add_argument("--max-total-tokens", type=int, default=32768)
+    p.add_argument("--num-threads", type=int, default=None)
+    p.add_argument("--no-chat-template", action="store_true")
+    p.add_argument("--output", default="bench_speculative.json", help="JSON report path")
+    p.add_argument("--plot", default=None, metavar="DIR", help="write PNG charts into DIR")
+    return p
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = build_parser().parse_args(argv)
+    prompts = load_prompts(args.prompt_file, args.prompts_per_file, args.num_prompts)
+    cfg = SpecBenchConfig(
+        prompts=prompts, modes=args.modes, concurrency=args.concurrency,
+        model_path=args.model_path, dtype=args.dtype, max_new_tokens=args.max_new_tokens,
+        temperature=args.temperature, seed=args.seed, num_draft_tokens=args.num_draft_tokens,
+        draft_model_path=args.draft_model_path, max_total_tokens=args.max_total_tokens,
+        num_threads=args.num_threads, chat_template=not args.no_chat_template)
+    report = run_spec_bench(cfg)
+    print(f"wrote {write_json(args.output, report)}")
+    if args.plot:
+        for path in write_plots(report["results"], args.plot, load_key="conc"):
+            print(f"wrote {path}")
+
+
+if __name__ == "__main__":
+    main()

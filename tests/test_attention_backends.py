@@ -1,0 +1,322 @@
+"""Attention backends: registry selection, clear errors, and Triton == torch-native on CPU.
+
+The Triton backend runs on CPU through the Triton interpreter: ``TRITON_INTERPRET=1`` is set
+before anything imports triton. If another test module imported triton first (without the
+interpreter), the Triton tests here are skipped in-process and rerun in a fresh process.
+"""
+
+from __future__ import annotations
+
+import os
+
+os.environ["TRITON_INTERPRET"] = "1"  # before any @triton.jit decoration
+
+import importlib.util
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+
+from dspark_sglang.core.forward_batch import ForwardBatch, ForwardMode
+from dspark_sglang.layers.attention.base import AttentionBackend, create_attention_backend
+from dspark_sglang.layers.attention.torch_native import TorchNativeAttnBackend
+from dspark_sglang.mem_cache.kv_pool import KVPool
+
+REPO = Path(__file__).resolve().parents[1]
+
+HAVE_TRITON = importlib.util.find_spec("triton") is not None
+try:
+    import triton.language as tl
+    from triton.runtime.interpreter import InterpretedFunction
+
+    INTERPRETED = isinstance(tl.standard.max, InterpretedFunction)
+except ImportError:
+    INTERPRETED = False
+needs_interpreter = pytest.mark.skipif(
+    not HAVE_TRITON or not INTERPRETED,
+    reason="triton is not importable" if not HAVE_TRITON else
+    "triton was imported before TRITON_INTERPRET=1; rerun in test_triton_in_fresh_process",
+)
+
+
+@pytest.fixture(autouse=True)
+def _one_thread() -> None:
+    torch.set_num_threads(1)
+
+
+def _run_python(code: str, interpret: bool = False) -> subprocess.CompletedProcess[str]:
+    env = dict(os.environ, PYTHONPATH=str(REPO), CUDA_VISIBLE_DEVICES="")
+    env.pop("TRITON_INTERPRET", None)
+    if interpret:
+        env["TRITON_INTERPRET"] = "1"
+    return subprocess.run([sys.executable, "-c", textwrap.dedent(code)], capture_output=True,
+                          text=True, check=False, env=env, cwd=str(REPO), timeout=120)
+
+
+# ------------------------------------------------------------------------------ registry / errors
+
+
+def test_registry_selects_torch_native_and_rejects_unknown() -> None:
+    backend = create_attention_backend("torch_native")
+    assert isinstance(backend, TorchNativeAttnBackend)
+    assert isinstance(backend, AttentionBackend)
+    with pytest.raises(ValueError, match="attention_backend must be one of"):
+        create_attention_backend("flash_attn_9000")
+
+
+@needs_interpreter
+def test_registry_selects_triton_when_interpreting() -> None:
+    from dspark_sglang.layers.attention.triton_backend import TritonAttnBackend
+
+    assert isinstance(create_attention_backend("triton"), TritonAttnBackend)
+    assert isinstance(create_attention_backend("triton", device="cpu"), TritonAttnBackend)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the CPU refusal")
+def test_flashinfer_on_cpu_is_a_clear_error() -> None:
+    with pytest.raises(RuntimeError, match="flashinfer.*CUDA"):
+        create_attention_backend("flashinfer")
+    with pytest.raises(RuntimeError, match="flashinfer.*CUDA"):
+        create_attention_backend("flashinfer", device="cpu")
+
+
+def test_triton_on_cpu_without_interpreter_is_a_clear_error() -> None:
+    result = _run_python(
+        """
+        import sys
+        from dspark_sglang.layers.attention.base import create_attention_backend
+        try:
+            create_attention_backend("triton", device="cpu")
+        except RuntimeError as e:
+            print("refused:", e)
+        print("triton imported:", "triton" in sys.modules)
+        """
+    )
+    assert result.returncode == 0, result.stderr
+    assert "refused:" in result.stdout and "TRITON_INTERPRET" in result.stdout, result.stdout
+    assert "torch_native" in result.stdout
+    assert "triton imported: False" in result.stdout
+
+
+def test_engine_rejects_triton_on_cpu_without_interpreter(tmp_path: Path) -> None:
+    from dspark_sglang.models.tiny import make_tiny_model
+
+    make_tiny_model(tmp_path, layers=1, hidden=32, heads=2, kv_heads=1)
+    result = _run_python(
+        f"""
+        import dspark_sglang
+        try:
+            dspark_sglang.Engine(model_path={str(tmp_path)!r}, attention_backend="triton",
+                                 max_total_tokens=256, dtype="float32")
+        except RuntimeError as e:
+            print("refused:", e)
+        """
+    )
+    assert result.returncode == 0, result.stderr
+    assert "refused:" in result.stdout and "CUDA" in result.stdout, result.stdout
+
+
+def test_import_without_triton_and_flashinfer() -> None:
+    result = _run_python(
+        """
+        import sys
+        sys.modules["triton"] = None  # any import of them now raises ImportError
+        sys.modules["flashinfer"] = None
+        import dspark_sglang
+        from dspark_sglang.entrypoints.engine import Engine
+        from dspark_sglang.model_executor import model_runner, cuda_graph
+        from dspark_sglang.layers.attention.base import create_attention_backend
+        b = create_attention_backend("torch_native")
+        for name in ("triton", "flashinfer"):
+            try:
+                create_attention_backend(name)
+            except (RuntimeError, ImportError) as e:
+                print(name, "refused:", type(e).__name__, str(e)[:60])
+        print("ok", type(b).__name__, Engine.__name__)
+        """
+    )
+    assert result.returncode == 0, result.stderr
+    lines = result.stdout.splitlines()
+    assert lines[-1] == "ok TorchNativeAttnBackend Engine", result.stdout
+    assert any(line.startswith("triton refused:") for line in lines)
+    assert any(line.startswith("flashinfer refused:") for line in lines)
+
+
+def test_import_does_not_load_gpu_libraries() -> None:
+    result = _run_python(
+        """
+        import sys
+        import dspark_sglang
+        from dspark_sglang.entrypoints import engine, model_setup
+        from dspark_sglang.model_executor import cuda_graph
+        from dspark_sglang.layers.attention import base, torch_native
+        print(sorted(m for m in ("triton", "flashinfer") if m in sys.modules))
+        """
+    )
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "[]"
+
+
+# ------------------------------------------------------------------------ Triton == torch-native
+
+
+def _chain_mask(n: int) -> torch.Tensor:
+    return torch.ones(n, n, dtype=torch.bool).tril()
+
+
+def _tree_mask(parents: list[int]) -> torch.Tensor:
+    n = len(parents)
+    mask = torch.zeros(n, n, dtype=torch.bool)
+    for i in range(n):
+        j = i
+        while j >= 0:
+            mask[i, j] = True
+            j = parents[j]
+    return mask
+
+
+def _make_batch(
+    mode: ForwardMode, prefix_lens: list[int], ext_lens: list[int],
+    masks: list[torch.Tensor | None] | None, kv_heads: int, head_dim: int, seed: int,
+) -> tuple[ForwardBatch, KVPool]:
+    """Shuffled slots and shuffled req_to_token rows; the prefix K/V are random."""
+    gen = torch.Generator().manual_seed(seed)
+    bs = len(prefix_lens)
+    seqs = [p + e for p, e in zip(prefix_lens, ext_lens, strict=True)]
+    num_slots = sum(seqs) + 5
+    pool = KVPool(1, num_slots, kv_heads, head_dim, torch.float32)
+    pool.k_bufs[0].copy_(torch.randn(pool.k_bufs[0].shape, generator=gen))
+    pool.v_bufs[0].copy_(torch.randn(pool.v_bufs[0].shape, generator=gen))
+    slots = torch.randperm(num_slots, generator=gen)[:sum(seqs)] + 1  # slot 0 = padding
+    rows = torch.randperm(bs + 2, generator=gen)[:bs]
+    req_to_token = torch.zeros(bs + 2, max(seqs) + 3, dtype=torch.int64)
+    out_loc, offset = [], 0
+    for i, (p, s) in enumerate(zip(prefix_lens, seqs, strict=True)):
+        req_to_token[rows[i], :s] = slots[offset : offset + s]
+        out_loc.append(slots[offset + p : offset + s])
+        offset += s
+    n = sum(ext_lens)
+    fb = ForwardBatch(
+        mode=mode,
+        input_ids=torch.zeros(n, dtype=torch.int64),
+        positions=torch.cat([torch.arange(p, p + e) for p, e in zip(prefix_lens, ext_lens)]),
+        out_cache_loc=torch.cat(out_loc),
+        req_pool_indices=rows.clone(),
+        seq_lens=torch.tensor(seqs),
+        extend_lens=torch.tensor(ext_lens),
+        req_to_token=req_to_token,
+        custom_masks=masks,
+        seq_lens_list=seqs,
+        extend_lens_list=list(ext_lens),
+    )
+    return fb, pool
+
+
+BACKEND_CASES = {
+    # name: mode, prefix lens, ext lens, masks, heads, kv_heads, head_dim
+    "extend_prefix_causal": (ForwardMode.EXTEND, [5, 0, 17], [4, 7, 1], None, 4, 2, 16),
+    "decode": (ForwardMode.DECODE, [9, 1, 30, 4], [1, 1, 1, 1], None, 4, 1, 32),
+    "verify_chain": (ForwardMode.TARGET_VERIFY, [6, 11], [5, 3],
+                     [_chain_mask(5), _chain_mask(3)], 4, 2, 16),
+    "verify_tree_and_causal": (ForwardMode.TARGET_VERIFY, [8, 3, 0], [6, 2, 4],
+                               [_tree_mask([-1, 0, 0, 1, 1, 2]), None,
+                                _tree_mask([-1, 0, 1, 0])], 6, 2, 16),
+}
+
+
+@needs_interpreter
+@pytest.mark.parametrize("case", sorted(BACKEND_CASES))
+def test_triton_backend_matches_torch_native(case: str) -> None:
+    from dspark_sglang.layers.attention.triton_backend import TritonAttnBackend
+
+    mode, prefix_lens, ext_lens, masks, heads, kv_heads, head_dim = BACKEND_CASES[case]
+    fb_ref, pool_ref = _make_batch(mode, prefix_lens, ext_lens, masks, kv_heads, head_dim, 1)
+    fb_tri, pool_tri = _make_batch(mode, prefix_lens, ext_lens, masks, kv_heads, head_dim, 1)
+    gen = torch.Generator().manual_seed(2)
+    n = sum(ext_lens)
+    q = torch.randn(n, heads, head_dim, generator=gen)
+    k = torch.randn(n, kv_heads, head_dim, generator=gen)
+    v = torch.randn(n, kv_heads, head_dim, generator=gen)
+    scale = head_dim**-0.5
+
+    ref = TorchNativeAttnBackend()
+    ref.init_forward_metadata(fb_ref)
+    want = ref.forward(q, k, v, 0, fb_ref, pool_ref, scale)
+    tri = TritonAttnBackend(device="cpu")
+    tri.init_forward_metadata(fb_tri)
+    got = tri.forward(q, k, v, 0, fb_tri, pool_tri, scale)
+
+    assert got.shape == (n, heads, head_dim) and got.dtype == q.dtype
+    torch.testing.assert_close(got, want, rtol=0, atol=2e-5)
+    # the new tokens' K/V were stored at out_cache_loc, nothing else changed
+    torch.testing.assert_close(pool_tri.k_bufs[0], pool_ref.k_bufs[0], rtol=0, atol=0)
+    torch.testing.assert_close(pool_tri.v_bufs[0][fb_tri.out_cache_loc], v, rtol=0, atol=0)
+    # the mask matters: a different tree would give a different answer
+    if masks is not None and any(m is not None and not torch.equal(m, _chain_mask(m.shape[0]))
+                                 for m in masks):
+        fb_causal, pool_causal = _make_batch(mode, prefix_lens, ext_lens, None, kv_heads,
+                                             head_dim, 1)
+        tri.init_forward_metadata(fb_causal)
+        causal = tri.forward(q, k, v, 0, fb_causal, pool_causal, scale)
+        assert (causal - got).abs().max().item() > 1e-3
+
+
+@needs_interpreter
+def test_triton_backend_with_bf16_pool_and_host_metadata() -> None:
+    """bf16 pool (the GPU serving dtype): q is cast to the pool dtype, output returns in q's."""
+    from dspark_sglang.layers.attention.triton_backend import TritonAttnBackend
+
+    fb, pool = _make_batch(ForwardMode.EXTEND, [3, 12], [5, 2], None, 2, 16, 3)
+    pool_bf = KVPool(1, pool.k_bufs[0].shape[0] - 1, 2, 16, torch.bfloat16)
+    pool_bf.k_bufs[0].copy_(pool.k_bufs[0])
+    pool_bf.v_bufs[0].copy_(pool.v_bufs[0])
+    gen = torch.Generator().manual_seed(4)
+    q = torch.randn(7, 4, 16, generator=gen).to(torch.bfloat16)
+    k = torch.randn(7, 2, 16, generator=gen).to(torch.bfloat16)
+    v = torch.randn(7, 2, 16, generator=gen).to(torch.bfloat16)
+    ref = TorchNativeAttnBackend()
+    ref.init_forward_metadata(fb)
+    want = ref.forward(q, k, v, 0, fb, pool_bf, 0.25)
+    tri = TritonAttnBackend()
+    tri.init_forward_metadata(fb)
+    got = tri.forward(q, k, v, 0, fb, pool_bf, 0.25)
+    assert got.dtype == torch.bfloat16
+    assert (got.float() - want.float()).abs().max().item() <= 2e-2
+
+
+@needs_interpreter
+def test_engine_with_triton_backend_matches_torch_native(tmp_path: Path) -> None:
+    from dspark_sglang import Engine
+    from dspark_sglang.models.tiny import make_tiny_model
+
+    make_tiny_model(tmp_path, layers=2, hidden=32, heads=2, kv_heads=1, vocab_size=384)
+    prompts = ["The quick brown fox", "def add(a, b):"]
+    params = {"max_new_tokens": 4, "temperature": 0.0, "ignore_eos": True}
+    outputs: dict[str, list[list[int]]] = {}
+    for backend in ("torch_native", "triton"):
+        engine = Engine(model_path=str(tmp_path), attention_backend=backend, dtype="float32",
+                        max_total_tokens=256, max_running_requests=2)
+        try:
+            outs: list[dict[str, Any]] = engine.generate(prompts, params)
+            outputs[backend] = [o["output_ids"] for o in outs]
+        finally:
+            engine.shutdown()
+    assert all(len(ids) == 4 for ids in outputs["torch_native"])
+    assert outputs["triton"] == outputs["torch_native"]
+
+
+@pytest.mark.skipif(not HAVE_TRITON or INTERPRETED, reason="the Triton tests ran in this process")
+def test_triton_in_fresh_process() -> None:
+    """Only when triton was imported without the interpreter before this module: rerun the
+    Triton tests in a process where TRITON_INTERPRET=1 is set first."""
+    env = dict(os.environ, TRITON_INTERPRET="1")
+    result = subprocess.run(
+        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", __file__,
+         "-k", "not fresh_process"],
+        capture_output=True, text=True, check=False, env=env, cwd=str(REPO), timeout=600)
+    assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-2000:]
+    assert " passed" in result.stdout, result.stdout[-2000:]

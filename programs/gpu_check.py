@@ -1,31 +1,39 @@
-"""GPU check of the Triton kernels (draft; the lead will add end-to-end engine checks).
+"""GPU check: kernels, attention backends, engine equality and end-to-end speed, in one table.
 
-Runs on one CUDA device, installs nothing, and prints one table:
+Runs on one CUDA device in under 8 minutes (H200), installs nothing, and prints one table:
 
 1. every ``dspark_kernels`` kernel against its torch reference on fresh random inputs, in fp16,
    bf16 and fp32 (outputs pre-filled with NaN where the kernel takes an output buffer, so rows it
    forgets to write show up), head dims 64 / 80 / 128, GQA 1 and 4, causal / chain / tree masks;
 2. FlashInfer ``BatchPrefillWithPagedKVCacheWrapper`` with a custom mask (page size 1, page
    indices from ``req_to_token``) against the same reference, when flashinfer imports;
-3. verify-attention timing (µs per call, achieved TB/s of KV read, and that as a share of the
-   device's measured copy bandwidth), Triton and FlashInfer side by side.
+3. the ``triton`` and ``flashinfer`` attention backends (store + attention of one layer, EXTEND /
+   DECODE / TARGET_VERIFY with tree masks) against ``torch_native``;
+4. greedy output equality on the embedded default model: triton == torch_native (fp32),
+   flashinfer vs torch_native (bf16; a mismatch is a WARN), NGRAM and DSPARK == NONE (fp32);
+5. verify-attention timing (µs per call, achieved TB/s of KV read, and that as a share of the
+   device's measured copy bandwidth), Triton and FlashInfer side by side;
+6. end-to-end tokens/s for NONE / MTP1 / DSPARK at concurrency 1 / 16 / 64 in bf16.
 
-Without CUDA it prints "no GPU" and exits 0. ``--cpu-smoke`` runs part 1 on CPU through the
-Triton interpreter with tiny shapes (a check of this script, not of the GPU). Exit status 1 when a
-check FAILs or ERRORs (FlashInfer being absent is a SKIP).
+Parts 4 and 6 stop starting new engine runs after ``--engine-budget-s`` (SKIP rows). Without CUDA
+it prints "no GPU" and exits 0. ``--cpu-smoke`` runs part 1 on CPU through the Triton interpreter
+with tiny shapes (a check of this script, not of the GPU). Exit status 1 when a check FAILs or
+ERRORs (FlashInfer being absent is a SKIP; WARN does not fail).
 
-    python programs/gpu_check.py [--skip-timing] [--flashinfer-all] [--json out.json]
+    python programs/gpu_check.py [--skip-timing] [--skip-engine] [--flashinfer-all] [--json f]
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import gc
 import importlib
 import importlib.util
 import json
 import os
 import sys
+import time
 import traceback
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -50,6 +58,7 @@ class CheckRow:
     tol: float | None = None
     time_us: float | None = None
     tbps: float | None = None
+    tok_s: float | None = None
     note: str = ""
 
 
@@ -304,25 +313,242 @@ def time_verify_attention(
     return rows
 
 
-# ---------------------------------------------------------------------------------- lead hooks
+# ---------------------------------------------------------------------------- backend checks
 
 
-def engine_checks(device: str) -> list[CheckRow]:
-    """HOOK for the lead: end-to-end engine checks on the GPU (to be written with the engine).
+def _backend_batch(device: str, dtype: torch.dtype, mode_name: str, seed: int) -> tuple:
+    """``make_fb(device)`` (shuffled slots), K/V pools on ``device`` and on the host (same
+    content), host q/k/v for one layer, and the softmax scale."""
+    from dspark_kernels.testing import random_tree_mask
 
-    Intended content: the Triton and FlashInfer attention backends against the torch-native
-    backend on one tiny random model (logits of EXTEND / DECODE / TARGET_VERIFY batches), and
-    greedy speculative == plain output for each speculative algorithm. Returns rows for the
-    table; currently none (the engine does not exist yet in this draft).
+    from dspark_sglang.core.forward_batch import ForwardBatch, ForwardMode
+    from dspark_sglang.mem_cache.kv_pool import KVPool
+
+    gen = torch.Generator().manual_seed(seed)
+    prefix, ext, mode = {
+        "extend": ([300, 0, 37], [64, 17, 5], ForwardMode.EXTEND),
+        "decode": ([1000, 1, 77, 512], [1, 1, 1, 1], ForwardMode.DECODE),
+        "verify": ([200, 0, 90], [8, 6, 8], ForwardMode.TARGET_VERIFY),
+    }[mode_name]
+    heads, kv_heads, head_dim = 16, 4, 128
+    seqs = [p + e for p, e in zip(prefix, ext, strict=True)]
+    num_slots = sum(seqs) + 8
+    pools = [KVPool(1, num_slots, kv_heads, head_dim, dtype, dev) for dev in (device, "cpu")]
+    for buf in ("k_bufs", "v_bufs"):
+        init = torch.randn(num_slots + 1, kv_heads, head_dim, generator=gen).to(dtype)
+        for pool in pools:
+            getattr(pool, buf)[0].copy_(init)
+    slots = torch.randperm(num_slots, generator=gen)[: sum(seqs)] + 1
+    r2t = torch.zeros(len(seqs) + 2, max(seqs), dtype=torch.int64)
+    rows = torch.randperm(len(seqs) + 2, generator=gen)[: len(seqs)]
+    locs, off = [], 0
+    for i, (p, s) in enumerate(zip(prefix, seqs, strict=True)):
+        r2t[rows[i], :s] = slots[off : off + s]
+        locs.append(slots[off + p : off + s])
+        off += s
+    masks = [random_tree_mask(e, gen) for e in ext] if mode_name == "verify" else None
+    n = sum(ext)
+
+    def make_fb(device: str) -> ForwardBatch:
+        return ForwardBatch(
+            mode=mode, input_ids=torch.zeros(n, dtype=torch.int64, device=device),
+            positions=torch.zeros(n, dtype=torch.int64, device=device),
+            out_cache_loc=torch.cat(locs).to(device), req_pool_indices=rows.to(device),
+            seq_lens=torch.tensor(seqs, device=device), extend_lens=torch.tensor(ext,
+                                                                                 device=device),
+            req_to_token=r2t.to(device), custom_masks=masks, seq_lens_list=seqs,
+            extend_lens_list=ext)
+
+    qkv = [torch.randn(n, h, head_dim, generator=gen).to(dtype) for h in (heads, kv_heads, kv_heads)]
+    return make_fb, pools, qkv, head_dim**-0.5
+
+
+def check_backend(device: str, name: str, dtype: torch.dtype, mode_name: str) -> CheckRow:
+    """One layer of an attention backend (store + attention) on the device against
+    torch_native on the host."""
+    if str(REPO) not in sys.path:
+        sys.path.insert(0, str(REPO))
+    from dspark_sglang.layers.attention.base import create_attention_backend
+
+    make_fb, pools, (q, k, v), scale = _backend_batch(device, dtype, mode_name, 31)
+    outs = []
+    for backend_name, pool, dev in ((name, pools[0], device), ("torch_native", pools[1], "cpu")):
+        backend = create_attention_backend(backend_name, device=dev)
+        fb = make_fb(dev)
+        backend.init_forward_metadata(fb)
+        out = backend.forward(q.to(dev), k.to(dev), v.to(dev), 0, fb, pool, scale)
+        outs.append(out.cpu())
+    row = compare(CheckRow(f"backend {name}", dtype_name(dtype), f"{mode_name} heads=16/4 d=128"),
+                  outs[0], outs[1], ATTN_TOL[dtype])
+    if row.status == "PASS" and not torch.equal(pools[0].k_bufs[0].cpu(), pools[1].k_bufs[0]):
+        row.status, row.note = "FAIL", "K/V pools differ after the store"
+    return row
+
+
+def backend_rows(device: str) -> list[CheckRow]:
+    rows = []
+    for name, dtypes in (("triton", (torch.float32, torch.bfloat16)),
+                         ("flashinfer", (torch.bfloat16, torch.float16))):
+        for dtype in dtypes:
+            for mode_name in ("extend", "decode", "verify"):
+                config = f"{mode_name}"
+                try:
+                    rows.append(check_backend(device, name, dtype, mode_name))
+                except ImportError as e:
+                    rows.append(CheckRow(f"backend {name}", dtype_name(dtype), config, "SKIP",
+                                         note=f"{e}"[:120]))
+                except Exception as e:  # noqa: BLE001
+                    traceback.print_exc(file=sys.stderr)
+                    rows.append(CheckRow(f"backend {name}", dtype_name(dtype), config, "ERROR",
+                                         note=f"{type(e).__name__}: {e}"[:120]))
+    return rows
+
+
+# ----------------------------------------------------------------------------- engine checks
+
+CHECK_PROMPTS = [
+    "The capital of France is",
+    "def fibonacci(n):\n    \"\"\"Return the n-th Fibonacci number.\"\"\"\n",
+    "List three prime numbers and explain why each is prime:",
+    '{"name": "Alice", "age": 30, "city":',
+]
+
+
+def _greedy(max_new_tokens: int) -> dict[str, object]:
+    return {"max_new_tokens": max_new_tokens, "temperature": 0.0, "ignore_eos": True}
+
+
+def _run_engine(
+    device: str, dtype: str, backend: str, algo: str, prompts: list[str], max_new_tokens: int,
+) -> tuple[list[list[int]], float, float | None]:
+    """Build an Engine on the embedded default model, generate greedily (all prompts at once),
+    shut it down. Returns (output ids per prompt, seconds of the timed batch, mean accepted
+    length or None). A short warm-up request runs before the timed batch."""
+    if str(REPO) not in sys.path:  # run from a checkout without installing
+        sys.path.insert(0, str(REPO))
+    import dspark_sglang
+
+    engine = dspark_sglang.Engine(
+        dtype=dtype, attention_backend=backend, device=device, speculative_algorithm=algo,
+        max_total_tokens=max(16384, 2 * len(prompts) * (max_new_tokens + 128)),
+        max_running_requests=max(64, len(prompts)))
+    try:
+        engine.generate(prompts[:1], _greedy(4))
+        torch.cuda.synchronize()
+        start = time.perf_counter()
+        outs = engine.generate(prompts, _greedy(max_new_tokens))
+        seconds = time.perf_counter() - start
+    finally:
+        engine.shutdown()
+        del engine
+        gc.collect()
+        torch.cuda.empty_cache()
+    ids = [list(o["output_ids"]) for o in outs]
+    verify_cts = [o["meta_info"].get("spec_verify_ct") or 0 for o in outs]
+    accept = (sum(len(i) for i in ids) / sum(verify_cts)) if sum(verify_cts) else None
+    return ids, seconds, accept
+
+
+def _same_tokens(got: list[list[int]], want: list[list[int]]) -> tuple[bool, str]:
+    total = sum(len(w) for w in want)
+    same = sum(sum(a == b for a, b in zip(g, w)) for g, w in zip(got, want, strict=True))
+    first = [next((j for j, (a, b) in enumerate(zip(g, w)) if a != b), None)
+             for g, w in zip(got, want, strict=True)]
+    diverged = [f"p{i}@{j}" for i, j in enumerate(first) if j is not None]
+    ok = got == want
+    return ok, f"{same}/{total} tokens equal" + (f"; first diff {', '.join(diverged)}"
+                                                 if diverged else "")
+
+
+class Deadline:
+    """The engine part's time budget: rows after it become SKIP (the script must end in time)."""
+
+    def __init__(self, seconds: float) -> None:
+        self.end = time.monotonic() + seconds
+
+    def over(self) -> bool:
+        return time.monotonic() > self.end
+
+
+def engine_checks(device: str, deadline: Deadline, max_new_tokens: int = 32) -> list[CheckRow]:
+    """Greedy output equality on the embedded default model:
+
+    - attention backends: triton == torch_native in float32; flashinfer (fp16/bf16 kernels only)
+      against torch_native in bfloat16 (a mismatch there is a WARN: bf16 near-ties may flip with
+      a different reduction order);
+    - speculative algorithms: NGRAM and DSPARK == NONE, float32, on the triton backend.
     """
-    del device
-    return []
+    rows: list[CheckRow] = []
+    runs: dict[tuple[str, str, str], list[list[int]]] = {}
+
+    def run(dtype: str, backend: str, algo: str) -> list[list[int]] | None:
+        key = (dtype, backend, algo)
+        if key not in runs:
+            ids, _, _ = _run_engine(device, dtype, backend, algo, CHECK_PROMPTS, max_new_tokens)
+            runs[key] = ids
+        return runs[key]
+
+    cases = [
+        ("backend triton", "float32", ("triton", "NONE"), ("torch_native", "NONE"), "FAIL"),
+        ("backend flashinfer", "bfloat16", ("flashinfer", "NONE"), ("torch_native", "NONE"),
+         "WARN"),
+        ("spec NGRAM", "float32", ("triton", "NGRAM"), ("triton", "NONE"), "FAIL"),
+        ("spec DSPARK", "float32", ("triton", "DSPARK"), ("triton", "NONE"), "FAIL"),
+    ]
+    for name, dtype, (backend, algo), (ref_backend, ref_algo), on_mismatch in cases:
+        short = "fp32" if dtype == "float32" else "bf16"
+        config = f"{backend}/{algo} vs {ref_backend}/{ref_algo}, {len(CHECK_PROMPTS)} prompts x " \
+                 f"{max_new_tokens} tokens"
+        if deadline.over():
+            rows.append(CheckRow(f"greedy {name}", short, config, "SKIP", note="time budget"))
+            continue
+        try:
+            want = run(dtype, ref_backend, ref_algo)
+            got = run(dtype, backend, algo)
+        except ImportError as e:  # an optional extra (flashinfer) is absent
+            rows.append(CheckRow(f"greedy {name}", short, config, "SKIP", note=f"{e}"[:120]))
+            continue
+        except Exception as e:  # noqa: BLE001 - report and go on (e.g. DSPARK not wired yet)
+            traceback.print_exc(file=sys.stderr)
+            rows.append(CheckRow(f"greedy {name}", short, config, "ERROR",
+                                 note=f"{type(e).__name__}: {e}"[:120]))
+            continue
+        ok, note = _same_tokens(got, want)
+        rows.append(CheckRow(f"greedy {name}", short, config, "PASS" if ok else on_mismatch,
+                             note=note))
+    return rows
 
 
-def engine_timing(device: str) -> list[CheckRow]:
-    """HOOK for the lead: end-to-end timings (SPS table, tokens/s) to print in the same table."""
-    del device
-    return []
+def engine_timing(
+    device: str, deadline: Deadline, backend: str = "triton", max_new_tokens: int = 128,
+) -> list[CheckRow]:
+    """End-to-end generated tokens/s (bf16, greedy, ignore_eos) for NONE / MTP1 / DSPARK at
+    concurrency 1 / 16 / 64 on the embedded default model: all requests submitted at once,
+    timed from submission to the last completion (prefill included)."""
+    rows: list[CheckRow] = []
+    for algo in ("NONE", "MTP1", "DSPARK"):
+        for concurrency in (1, 16, 64):
+            config = f"{algo} conc={concurrency} {backend} new={max_new_tokens}"
+            if deadline.over():
+                rows.append(CheckRow("e2e tokens/s", "bf16", config, "SKIP", note="time budget"))
+                continue
+            prompts = [f"{CHECK_PROMPTS[i % len(CHECK_PROMPTS)]} (request {i})"
+                       for i in range(concurrency)]
+            try:
+                ids, seconds, accept = _run_engine(device, "bfloat16", backend, algo, prompts,
+                                                   max_new_tokens)
+            except Exception as e:  # noqa: BLE001
+                traceback.print_exc(file=sys.stderr)
+                rows.append(CheckRow("e2e tokens/s", "bf16", config, "ERROR",
+                                     note=f"{type(e).__name__}: {e}"[:120]))
+                continue
+            tokens = sum(len(i) for i in ids)
+            row = CheckRow("e2e tokens/s", "bf16", config, "INFO", tok_s=tokens / seconds)
+            row.note = f"{tokens} tokens in {seconds:.2f}s; per request " \
+                       f"{tokens / seconds / concurrency:.1f} tok/s" + (
+                           f"; accept len {accept:.2f}" if accept is not None else "")
+            rows.append(row)
+    return rows
 
 
 # ---------------------------------------------------------------------------------------- main
@@ -332,9 +558,11 @@ def print_table(rows: list[CheckRow]) -> None:
     def fmt(x: float | None, spec: str) -> str:
         return "" if x is None else format(x, spec)
 
-    header = ["check", "dtype", "status", "max_err", "tol", "us", "TB/s", "config", "note"]
+    header = ["check", "dtype", "status", "max_err", "tol", "us", "TB/s", "tok/s", "config",
+              "note"]
     table = [[r.check, r.dtype, r.status, fmt(r.max_err, ".2e"), fmt(r.tol, ".0e"),
-              fmt(r.time_us, ".1f"), fmt(r.tbps, ".2f"), r.config, r.note] for r in rows]
+              fmt(r.time_us, ".1f"), fmt(r.tbps, ".2f"), fmt(r.tok_s, ".0f"), r.config, r.note]
+             for r in rows]
     widths = [max(len(h), *(len(t[i]) for t in table)) if table else len(h)
               for i, h in enumerate(header)]
     print("  ".join(h.ljust(w) for h, w in zip(header, widths, strict=True)))
@@ -398,6 +626,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--cpu-smoke", action="store_true",
                         help="no GPU: run the kernel checks on CPU via the Triton interpreter")
     parser.add_argument("--json", type=Path, help="also write the rows as JSON")
+    parser.add_argument("--skip-engine", action="store_true", help="kernel checks only")
+    parser.add_argument("--engine-backend", default="triton",
+                        choices=("torch_native", "triton", "flashinfer"),
+                        help="attention backend of the end-to-end timings")
+    parser.add_argument("--engine-budget-s", type=float, default=330.0,
+                        help="engine checks + timings stop starting new runs after this long")
     args = parser.parse_args(argv)
 
     if args.cpu_smoke:
@@ -419,7 +653,10 @@ def main(argv: list[str] | None = None) -> int:
     if device == "cuda":
         fi_rows, workspace = flashinfer_rows(device, args.flashinfer_all)
         rows += fi_rows
-        rows += engine_checks(device)
+        rows += backend_rows(device)
+    deadline = Deadline(args.engine_budget_s)
+    if device == "cuda" and not args.skip_engine:
+        rows += engine_checks(device, deadline)
     if device == "cuda" and not args.skip_timing:
         copy_tbps = copy_bandwidth_tbps(device)
         rows.append(CheckRow("copy bandwidth", "uint8", "1 GiB d2d", "INFO", tbps=copy_tbps))
@@ -428,7 +665,8 @@ def main(argv: list[str] | None = None) -> int:
                                           copy_tbps, workspace)
         rows += time_verify_attention(device, torch.bfloat16, 64, 1024, 16, 32, 8, 128, None,
                                       copy_tbps, workspace)
-        rows += engine_timing(device)
+        if not args.skip_engine:
+            rows += engine_timing(device, deadline, args.engine_backend)
     print_table(rows)
     if args.json:
         args.json.write_text(json.dumps([dataclasses.asdict(r) for r in rows], indent=1))

@@ -309,6 +309,91 @@ def test_engine_with_triton_backend_matches_torch_native(tmp_path: Path) -> None
     assert outputs["triton"] == outputs["torch_native"]
 
 
+# ------------------------------------------------------------------------------- CUDA graphs
+
+
+def _tiny_runner(backend: str) -> Any:
+    from dspark_sglang.model_executor.model_runner import ModelRunner
+    from dspark_sglang.models.llama import LlamaForCausalLM
+    from dspark_sglang.models.tiny import random_state_dict, tiny_config
+
+    cfg = tiny_config(layers=2, hidden=32, heads=2, kv_heads=1, vocab_size=64)
+    model = LlamaForCausalLM(cfg, max_positions=128)
+    model.load_hf_state_dict(random_state_dict(cfg, seed=5), torch.float32)
+    return ModelRunner(model.eval(), 64, torch.float32, backend, "cpu")
+
+
+def _decode_and_verify_batches(r2t: torch.Tensor) -> list[ForwardBatch]:
+    """A DECODE batch of 3 requests and a TARGET_VERIFY batch of 2 x 3 tokens (tree masks) over
+    prefixes whose K/V the caller has written (rows 1, 4, 2 of r2t; slots 1..)."""
+    from dspark_sglang.model_executor.model_runner import BatchRequestSpec, build_forward_batch
+
+    decode = build_forward_batch(ForwardMode.DECODE, [
+        BatchRequestSpec(1, [7], 5, torch.tensor([40])),
+        BatchRequestSpec(4, [9], 3, torch.tensor([41])),
+        BatchRequestSpec(2, [11], 8, torch.tensor([42])),
+    ], r2t)
+    tree = _tree_mask([-1, 0, 0])
+    verify = build_forward_batch(ForwardMode.TARGET_VERIFY, [
+        BatchRequestSpec(1, [3, 4, 5], 6, torch.tensor([43, 44, 45]), tree, [6, 7, 7]),
+        BatchRequestSpec(4, [6, 8, 1], 4, torch.tensor([46, 47, 48]), _chain_mask(3)),
+    ], r2t)
+    return [decode, verify]
+
+
+def _fill_prefixes(runner: Any, r2t: torch.Tensor) -> None:
+    gen = torch.Generator().manual_seed(6)
+    for layer in range(runner.kv_pool.num_layers):
+        runner.kv_pool.k_bufs[layer].copy_(torch.randn(runner.kv_pool.k_bufs[layer].shape,
+                                                       generator=gen))
+        runner.kv_pool.v_bufs[layer].copy_(torch.randn(runner.kv_pool.v_bufs[layer].shape,
+                                                       generator=gen))
+    for row, first in ((1, 1), (4, 12), (2, 20)):
+        r2t[row, :10] = torch.arange(first, first + 10)
+
+
+def test_cuda_graph_runner_is_off_on_cpu() -> None:
+    from dspark_sglang.model_executor.cuda_graph import CudaGraphRunner
+
+    runner = _tiny_runner("torch_native")
+    r2t = torch.zeros(6, 32, dtype=torch.int64)
+    fb = _decode_and_verify_batches(r2t)[0]
+    graphs = CudaGraphRunner(runner)
+    assert not graphs.enabled and not graphs.can_run(fb)
+    with pytest.raises(ValueError, match="can_run"):
+        graphs.replay(fb)
+
+
+@needs_interpreter
+def test_cuda_graph_static_path_matches_eager() -> None:
+    """The graph runner's static buffers (padding, table copy, masks) without capture, on CPU:
+    same logits as a plain forward, and the pool gets the same K/V."""
+    from dspark_sglang.model_executor.cuda_graph import CudaGraphRunner
+
+    eager, static = _tiny_runner("triton"), _tiny_runner("triton")
+    r2t = torch.zeros(6, 32, dtype=torch.int64)
+    _fill_prefixes(eager, r2t)
+    _fill_prefixes(static, r2t)
+    graphs = CudaGraphRunner(static, capture_bs=(2, 4), verify_lens=(3,), max_context=32,
+                             use_graphs=False)
+    assert graphs.enabled and not CudaGraphRunner(static, disable=True).enabled
+    for fb in _decode_and_verify_batches(r2t):
+        # rows of r2t must name the new tokens' slots after the prefix
+        for i, row in enumerate(fb.req_pool_indices.tolist()):
+            p, e = fb.prefix_lens_list[i], fb.extend_lens_list[i]
+            r2t[row, p : p + e] = fb.out_cache_loc[sum(fb.extend_lens_list[:i]):][:e]
+        assert graphs.can_run(fb)
+        want = eager.forward(fb).logits
+        got = graphs.replay(fb).logits
+        assert got is not None and want is not None and got.shape == want.shape
+        torch.testing.assert_close(got, want, rtol=0, atol=1e-5)
+        torch.testing.assert_close(static.kv_pool.k_bufs[1][1:], eager.kv_pool.k_bufs[1][1:])
+    assert graphs.num_replays == 2 and len(graphs._graphs) == 2
+    unequal = _decode_and_verify_batches(r2t)[1]
+    unequal.extend_lens_list = [3, 2]
+    assert not graphs.can_run(unequal)
+
+
 @pytest.mark.skipif(not HAVE_TRITON or INTERPRETED, reason="the Triton tests ran in this process")
 def test_triton_in_fresh_process() -> None:
     """Only when triton was imported without the interpreter before this module: rerun the

@@ -94,7 +94,9 @@ class HFPeer:
                  assistant_path: str | None = None, prompt_lookup_tokens: int = 10) -> None:
         import torch
         from transformers import AutoModelForCausalLM
+        from transformers.utils import logging as hf_logging
 
+        hf_logging.disable_progress_bar()
         if dtype not in _TORCH_DTYPES:
             raise ValueError(f"dtype must be one of {_TORCH_DTYPES}")
         self.torch_dtype = getattr(torch, dtype)
@@ -187,6 +189,10 @@ def run_peer(name: str, prompts: list[str], domains: list[str], tokenizer: Any,
     into the ids fed to transformers. Returns results and wall time; raises when the peer cannot
     be built (callers report it and go on).
     """
+    import torch
+
+    if num_threads:
+        torch.set_num_threads(num_threads)
     runner: Any
     if name.startswith("hf"):
         runner = HFPeer(model_path, dtype, name, assistant_path)
@@ -207,6 +213,6 @@ def run_peer(name: str, prompts: list[str], domains: list[str], tokenizer: Any,
             else:
                 out = runner.complete(text, max_new_tokens, temperature, seed + i)
             results.append(RequestResult.from_output(i, dom, time.perf_counter() - t0, out))
-        except Exception as e:
+        except Exception as e:  # noqa: BLE001 - reported in the table, the run goes on
             results.append(RequestResult(i, dom, time.perf_counter() - t0, error=error_text(e)))
     return results, time.perf_counter() - start

@@ -26,6 +26,11 @@ def _pyplot() -> Any:
     return plt
 
 
+def _legend(ax: Any) -> None:
+    if ax.get_legend_handles_labels()[0]:
+        ax.legend(fontsize=7)
+
+
 def _ok(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return [r for r in rows if not r.get("error") and r.get("output_tok_s") is not None]
 
@@ -38,18 +43,33 @@ def _by_mode(rows: list[dict[str, Any]]) -> dict[str, list[dict[str, Any]]]:
     return groups
 
 
+def _series(rows: list[dict[str, Any]], load_key: str
+            ) -> dict[str, list[tuple[float, dict[str, Any]]]]:
+    """Rows grouped per mode and load kind (``conc`` / ``rate``), sorted by load value.
+    Series of the other load kind than ``load_key`` are labelled ``mode [kind]``."""
+    groups: dict[str, list[tuple[float, dict[str, Any]]]] = defaultdict(list)
+    for r in _ok(rows):
+        if "mode" not in r:
+            continue
+        for kind in ("conc", "rate"):
+            if r.get(kind) is not None:
+                label = str(r["mode"]) if kind == load_key else f"{r['mode']} [{kind}]"
+                groups[label].append((float(r[kind]), r))
+                break
+    return {k: sorted(v, key=lambda t: t[0]) for k, v in sorted(groups.items())}
+
+
 def plot_pareto(rows: list[dict[str, Any]], path: Path, load_key: str,
                 peers: list[dict[str, Any]] | None = None) -> Path:
     """Per-user tokens/s (y) against aggregate tokens/s (x), one line per mode over load."""
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(6.5, 4.5))
-    for mode, rs in sorted(_by_mode(rows).items()):
-        rs = sorted(rs, key=lambda r: r.get(load_key) or 0)
-        xs = [r["output_tok_s"] for r in rs]
-        ys = [r.get("per_user_tok_s") or 0.0 for r in rs]
-        ax.plot(xs, ys, marker="o", label=mode)
-        for r, x, y in zip(rs, xs, ys):
-            ax.annotate(str(r.get(load_key)), (x, y), fontsize=7, xytext=(3, 3),
+    for label, pts in _series(rows, load_key).items():
+        xs = [r["output_tok_s"] for _, r in pts]
+        ys = [r.get("per_user_tok_s") or 0.0 for _, r in pts]
+        ax.plot(xs, ys, marker="o", label=label)
+        for (v, _), x, y in zip(pts, xs, ys):
+            ax.annotate(f"{v:g}", (x, y), fontsize=7, xytext=(3, 3),
                         textcoords="offset points")
     for p in _ok(peers or []):
         ax.scatter([p["output_tok_s"]], [p.get("per_user_tok_s") or 0.0], marker="x",
@@ -58,7 +78,7 @@ def plot_pareto(rows: list[dict[str, Any]], path: Path, load_key: str,
     ax.set_ylabel("per-user tokens/s")
     ax.set_title(f"throughput vs per-user speed (labels: {load_key})")
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=7)
+    _legend(ax)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
@@ -82,7 +102,7 @@ def plot_tau_by_domain(rows: list[dict[str, Any]], path: Path) -> Path:
     ax.set_xticklabels(domains, rotation=20, fontsize=8)
     ax.set_ylabel("accepted tokens per verify step (tau)")
     ax.set_title("tau by domain")
-    ax.legend(fontsize=7)
+    _legend(ax)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
@@ -102,7 +122,7 @@ def plot_per_position(rows: list[dict[str, Any]], path: Path) -> Path:
     ax.set_ylim(0, 1.05)
     ax.set_title("per-position conditional acceptance (lowest load)")
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=7)
+    _legend(ax)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
@@ -113,17 +133,18 @@ def plot_verify_vs_load(rows: list[dict[str, Any]], path: Path, load_key: str) -
     """Verify tokens per request step against load (the scheduler should shrink it)."""
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(6, 4))
-    for mode, rs in sorted(_by_mode(rows).items()):
-        rs = sorted(rs, key=lambda r: r.get(load_key) or 0)
-        pts = [(r.get(load_key), r.get("verify_tokens_per_req_step")) for r in rs]
-        pts = [(x, y) for x, y in pts if x is not None and y is not None]
+    for label, series in _series(rows, load_key).items():
+        if label != label.split(" [")[0]:
+            continue  # the other load kind has another x axis
+        pts = [(v, r.get("verify_tokens_per_req_step")) for v, r in series]
+        pts = [(x, y) for x, y in pts if y is not None]
         if pts:
-            ax.plot([x for x, _ in pts], [y for _, y in pts], marker="o", label=mode)
+            ax.plot([x for x, _ in pts], [y for _, y in pts], marker="o", label=label)
     ax.set_xlabel(load_key)
     ax.set_ylabel("verify tokens per request step")
     ax.set_title("verify length vs load")
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=7)
+    _legend(ax)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)

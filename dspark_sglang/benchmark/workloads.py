@@ -21,8 +21,8 @@ _FALLBACK_PROMPTS = (
     ("builtin", "Explain in three sentences why the sky is blue."),
     ("builtin", "Write a Python function that returns the n-th Fibonacci number."),
     ("builtin", "List five fruits and their colours, one per line."),
-    ("builtin", "Natalia sold clips to 48 friends in April and half as many in May. How many "
-                "clips did she sell in total? Reason step by step."),
+    ("builtin", ("Natalia sold clips to 48 friends in April and half as many in May. How many "
+                 "clips did she sell in total? Reason step by step.")),
 )
 
 
@@ -52,7 +52,7 @@ def _read_jsonl(path: Path) -> list[dict[str, Any]]:
         except json.JSONDecodeError as e:
             raise ValueError(f"{path}:{i + 1}: not JSON ({e})") from e
         if not isinstance(obj, dict):
-            raise ValueError(f"{path}:{i + 1}: expected a JSON object")
+            raise ValueError(f"{path}:{i + 1}: expected a JSON object")  # noqa: TRY004
         rows.append(obj)
     return rows
 

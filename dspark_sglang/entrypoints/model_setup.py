@@ -91,7 +91,8 @@ def build_engine_parts(args: ServerArgs, emit: Callable[[Req, bool], None]) -> E
                          f"max_position_embeddings {cfg.max_position_embeddings}")
     model = build_target_model(cfg, loaded.state_dict, dtype, device, context_len + 64)
     del loaded.state_dict
-    runner = ModelRunner(model, args.max_total_tokens, dtype, args.attention_backend, device)
+    runner = ModelRunner(model, args.max_total_tokens, dtype, args.attention_backend, device,
+                         disable_cuda_graph=args.disable_cuda_graph)
     cache = CacheManager(args.max_total_tokens, max(2 * args.max_running_requests, 8),
                          context_len, args.disable_radix_cache)
     tokenizer = loaded.tokenizer

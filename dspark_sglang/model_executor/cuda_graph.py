@@ -104,11 +104,9 @@ class CudaGraphRunner:
         q_len = ext[0]
         if any(e != q_len for e in ext):
             return None
-        if fb.mode == ForwardMode.DECODE and q_len == 1 and fb.custom_masks is None:
-            pass
-        elif fb.mode == ForwardMode.TARGET_VERIFY and q_len in self.verify_lens:
-            pass
-        else:
+        is_decode = fb.mode == ForwardMode.DECODE and q_len == 1 and fb.custom_masks is None
+        is_verify = fb.mode == ForwardMode.TARGET_VERIFY and q_len in self.verify_lens
+        if not (is_decode or is_verify):
             return None
         bs = self._padded_bs(fb.batch_size)
         if bs is None:

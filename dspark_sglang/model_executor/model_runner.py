@@ -64,7 +64,8 @@ def build_forward_batch(
 
 class ModelRunner:
     def __init__(self, model: LlamaForCausalLM, num_slots: int, dtype: torch.dtype,
-                 attention_backend: str = "torch_native", device: str = "cpu") -> None:
+                 attention_backend: str = "torch_native", device: str = "cpu",
+                 disable_cuda_graph: bool = False) -> None:
         cfg = model.config
         self.model = model
         self.config = cfg
@@ -72,10 +73,25 @@ class ModelRunner:
         self.device = device
         self.kv_pool = KVPool(cfg.num_hidden_layers, num_slots, cfg.num_key_value_heads,
                               cfg.head_dim, dtype, device)
-        self.attn: AttentionBackend = create_attention_backend(attention_backend)
+        self.attn: AttentionBackend = create_attention_backend(
+            attention_backend, device=device, num_heads=cfg.num_attention_heads,
+            num_kv_heads=cfg.num_key_value_heads, head_dim=cfg.head_dim, dtype=dtype)
         self.num_forward_tokens = 0  # computed (not cached) tokens, for tests and metrics
+        self.graphs = None
+        if device == "cuda" and attention_backend == "triton" and not disable_cuda_graph:
+            from dspark_sglang.model_executor.cuda_graph import CudaGraphRunner
+
+            self.graphs = CudaGraphRunner(self)
 
     @torch.inference_mode()
     def forward(self, fb: ForwardBatch) -> ModelOutput:
         self.num_forward_tokens += fb.num_tokens
+        if self.device != "cpu":
+            fb.input_ids = fb.input_ids.to(self.device, non_blocking=True)
+            fb.positions = fb.positions.to(self.device, non_blocking=True)
+            fb.out_cache_loc = fb.out_cache_loc.to(self.device, non_blocking=True)
+            if fb.logits_indices is not None:
+                fb.logits_indices = fb.logits_indices.to(self.device, non_blocking=True)
+            if self.graphs is not None and self.graphs.can_run(fb):
+                return self.graphs.replay(fb)
         return self.model(fb, self.attn, self.kv_pool)

@@ -31,7 +31,7 @@ def build_attention_mask(fb: ForwardBatch) -> tuple[torch.Tensor, torch.Tensor, 
     seq_lens, ext_lens = fb.seq_lens_list, fb.extend_lens_list
     bs = len(seq_lens)
     max_kv, max_q = max(seq_lens), max(ext_lens)
-    rows = fb.req_to_token[fb.req_pool_indices, :max_kv]  # [bs, max_kv]
+    rows = fb.req_to_token[fb.req_pool_indices, :max_kv].cpu()  # [bs, max_kv]
     kv_pos = torch.arange(max_kv)
     q_ar = torch.arange(max_q)
     seq_t = torch.tensor(seq_lens)
@@ -56,11 +56,14 @@ def build_attention_mask(fb: ForwardBatch) -> tuple[torch.Tensor, torch.Tensor, 
 
 
 class TorchNativeAttnBackend(AttentionBackend):
-    def __init__(self, **_: object) -> None:
-        pass
+    def __init__(self, device: str = "cpu", **_: object) -> None:
+        self.device = device
 
     def init_forward_metadata(self, fb: ForwardBatch) -> None:
         kv_slots, mask, q_index = build_attention_mask(fb)
+        if self.device != "cpu":
+            kv_slots, mask, q_index = (kv_slots.to(self.device), mask.to(self.device),
+                                       q_index.to(self.device))
         fb.attn_metadata = TorchNativeMetadata(
             kv_slots=kv_slots, mask=mask[:, None], q_index=q_index,
             bs=fb.batch_size, max_q=max(fb.extend_lens_list),

@@ -113,18 +113,15 @@ class TritonAttnBackend(AttentionBackend):
 
     def __init__(self, device: torch.device | str | None = None, **_: object) -> None:
         check_triton_usable(device)
-        self.device = torch.device(device) if device is not None else None
+        if device is None:
+            device = "cuda" if torch.cuda.is_available() else "cpu"
+        self.device = torch.device(device)
         kernels = load_dspark_kernels()
         self._va = importlib.import_module(f"{kernels.__name__}.verify_attention")
         self._kvs = importlib.import_module(f"{kernels.__name__}.kv_store")
 
-    def _target_device(self, fb: ForwardBatch) -> torch.device:
-        if self.device is not None:
-            return self.device
-        return fb.req_to_token.device
-
     def init_forward_metadata(self, fb: ForwardBatch) -> None:
-        device = self._target_device(fb)
+        device = self.device
         seq_lens = fb.seq_lens_list or [int(x) for x in fb.seq_lens.tolist()]
         ext_lens = fb.extend_lens_list or [int(x) for x in fb.extend_lens.tolist()]
         starts = [0] * len(ext_lens)

@@ -1,0 +1,1 @@
+"""Shared helpers of the benchmark programs (workloads, runners, peers, tables, plots)."""

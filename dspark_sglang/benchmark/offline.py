@@ -1,0 +1,180 @@
+"""Raw engine speed (``python -m dspark_sglang.bench_offline``): prefill and decode tokens/s.
+
+Method, identical for every system:
+- prefill tokens/s = ``prefill_len`` / time of one request of ``prefill_len`` prompt tokens and
+  one new token;
+- decode tokens/s at batch B = ``B * decode_tokens`` / (time(B prompts, ``decode_tokens + 1``
+  new tokens) - time(same B prompts, 1 new token)): the prefill cancels out. EOS is ignored, so
+  every request produces exactly the asked number of tokens.
+Prompts are token ids (no tokenizer in the timing), distinct per request; our engine runs with
+the radix cache off so no run reuses an earlier one's KV. Each time is the median of
+``repeats`` runs.
+"""
+
+from __future__ import annotations
+
+import gc
+import statistics
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from dspark_sglang.benchmark.peers import HFPeer, peer_unavailable
+from dspark_sglang.benchmark.report import error_text, format_table, machine_info, ratio
+
+GenFn = Callable[[list[list[int]], int], Any]
+
+_BASE_TEXT = ("The history of computing is a story of abstraction: each generation of engineers "
+              "builds tools that hide the details of the layer below, so that the next can think "
+              "in larger steps. Compilers hid machine code, operating systems hid hardware, and "
+              "networks hid distance. ")
+
+
+@dataclass
+class OfflineConfig:
+    model_path: str | None = None
+    dtypes: list[str] = field(default_factory=lambda: ["float32", "bfloat16"])
+    batch_sizes: list[int] = field(default_factory=lambda: [1, 8, 32])
+    prefill_len: int = 512
+    decode_prompt_len: int = 32
+    decode_tokens: int = 32
+    repeats: int = 1
+    num_threads: int | None = None
+    with_transformers: bool = True
+
+
+def make_prompt_ids(tokenizer: Any, num: int, length: int, vocab_size: int) -> list[list[int]]:
+    """``num`` distinct prompts of exactly ``length`` token ids (request-numbered text)."""
+    out = []
+    for i in range(num):
+        ids = tokenizer.encode(f"Request {i}. " + _BASE_TEXT)
+        while len(ids) < length:
+            ids = ids + ids
+        row = ids[:length]
+        row[0] = (row[0] + i) % vocab_size if i else row[0]
+        out.append(row)
+    return out
+
+
+def _timed(fn: GenFn, batch: list[list[int]], n: int, repeats: int) -> float:
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn(batch, n)
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def measure(gen: GenFn, tokenizer: Any, vocab_size: int, cfg: OfflineConfig) -> dict[str, Any]:
+    """Prefill and per-batch decode tokens/s of one system (``gen(batch_ids, max_new)``)."""
+    gen(make_prompt_ids(tokenizer, 1, 16, vocab_size), 2)  # warm-up
+    res: dict[str, Any] = {}
+    long_prompt = make_prompt_ids(tokenizer, 1, cfg.prefill_len, vocab_size)
+    res["prefill_tok_s"] = cfg.prefill_len / _timed(gen, long_prompt, 1, cfg.repeats)
+    for b in cfg.batch_sizes:
+        try:
+            batch = make_prompt_ids(tokenizer, b, cfg.decode_prompt_len, vocab_size)
+            t1 = _timed(gen, batch, 1, cfg.repeats)
+            tn = _timed(gen, batch, cfg.decode_tokens + 1, cfg.repeats)
+            res[f"decode_b{b}_tok_s"] = (b * cfg.decode_tokens / (tn - t1) if tn > t1
+                                         else None)
+        except Exception as e:  # noqa: BLE001 - reported in the table, the run goes on
+            res[f"decode_b{b}_tok_s"] = None
+            res.setdefault("error", error_text(e))
+    return res
+
+
+def _measure_ours(cfg: OfflineConfig, dtype: str) -> tuple[dict[str, Any], Any]:
+    from dspark_sglang.entrypoints.engine import Engine
+
+    max_b = max(cfg.batch_sizes)
+    total = max(cfg.prefill_len + 64,
+                max_b * (cfg.decode_prompt_len + cfg.decode_tokens + 8)) + 256
+    engine = Engine(cfg.model_path, dtype=dtype, max_running_requests=max_b,
+                    max_total_tokens=total, disable_radix_cache=True,
+                    num_threads=cfg.num_threads,
+                    chunked_prefill_size=max(2048, cfg.prefill_len))
+    try:
+        def gen(batch: list[list[int]], n: int) -> Any:
+            return engine.generate(input_ids=batch, sampling_params={
+                "max_new_tokens": n, "temperature": 0.0, "ignore_eos": True})
+
+        return measure(gen, engine.tokenizer, engine.parts.vocab_size, cfg), engine.tokenizer
+    finally:
+        engine.shutdown()
+        gc.collect()
+
+
+def _measure_hf(cfg: OfflineConfig, dtype: str, tokenizer: Any) -> dict[str, Any]:
+    peer = HFPeer(cfg.model_path, dtype)
+    vocab = int(peer.model.config.vocab_size)
+
+    def gen(batch: list[list[int]], n: int) -> Any:
+        return peer.generate_ids(batch, n, ignore_eos=True)
+
+    try:
+        return measure(gen, tokenizer, vocab, cfg)
+    finally:
+        peer.model = None
+        gc.collect()
+
+
+def run_offline_bench(cfg: OfflineConfig, log: Any = print) -> dict[str, Any]:
+    """Measure our engine (and transformers) per dtype; print tables; return the report."""
+    import torch
+
+    if cfg.num_threads:
+        torch.set_num_threads(cfg.num_threads)
+    rows: list[dict[str, Any]] = []
+    hf_skip = peer_unavailable("hf") if cfg.with_transformers else "skipped: --no-transformers"
+    for dtype in cfg.dtypes:
+        log(f"[bench_offline] ours {dtype} ...")
+        tokenizer = None
+        try:
+            res, tokenizer = _measure_ours(cfg, dtype)
+            rows.append({"system": "ours", "dtype": dtype, **res})
+        except Exception as e:  # noqa: BLE001 - reported in the table, the run goes on
+            rows.append({"system": "ours", "dtype": dtype, "error": error_text(e)})
+        if hf_skip:
+            rows.append({"system": "transformers", "dtype": dtype, "error": hf_skip})
+            continue
+        log(f"[bench_offline] transformers {dtype} ...")
+        try:
+            if tokenizer is None:
+                from dspark_sglang.models.loader import load_model_files
+
+                tokenizer = load_model_files(cfg.model_path).tokenizer
+            rows.append({"system": "transformers", "dtype": dtype,
+                         **_measure_hf(cfg, dtype, tokenizer)})
+        except Exception as e:  # noqa: BLE001 - reported in the table, the run goes on
+            rows.append({"system": "transformers", "dtype": dtype, "error": error_text(e)})
+    ratios = compute_ratios(rows, cfg)
+    dec_cols = [f"decode_b{b}_tok_s" for b in cfg.batch_sizes]
+    cols = ["system", "dtype", "prefill_tok_s", *dec_cols, "error"]
+    log(format_table(rows, cols, f"prefill {cfg.prefill_len} tokens; decode "
+                                 f"{cfg.decode_tokens} tokens after a {cfg.decode_prompt_len}-"
+                                 "token prompt (tokens/s, aggregate over the batch)"))
+    log(format_table(ratios, list(ratios[0].keys()) if ratios else ["dtype"], "ratios"))
+    return {"benchmark": "bench_offline", "machine": machine_info(),
+            "config": vars(cfg), "results": rows, "ratios": ratios}
+
+
+def compute_ratios(rows: list[dict[str, Any]], cfg: OfflineConfig) -> list[dict[str, Any]]:
+    """Per dtype: ours / transformers (prefill, batch-1 decode) and ours batch-max / batch-1."""
+    out = []
+    b1, bmax = min(cfg.batch_sizes), max(cfg.batch_sizes)
+    for dtype in cfg.dtypes:
+        ours = next((r for r in rows if r["system"] == "ours" and r["dtype"] == dtype), {})
+        hf = next((r for r in rows if r["system"] == "transformers" and r["dtype"] == dtype), {})
+        out.append({
+            "dtype": dtype,
+            "prefill_ours/hf": ratio(ours.get("prefill_tok_s"), hf.get("prefill_tok_s")),
+            f"decode_b{b1}_ours/hf": ratio(ours.get(f"decode_b{b1}_tok_s"),
+                                           hf.get(f"decode_b{b1}_tok_s")),
+            f"ours_b{bmax}/ours_b{b1}": ratio(ours.get(f"decode_b{bmax}_tok_s"),
+                                              ours.get(f"decode_b{b1}_tok_s")),
+            f"hf_b{bmax}/hf_b{b1}": ratio(hf.get(f"decode_b{bmax}_tok_s"),
+                                          hf.get(f"decode_b{b1}_tok_s")),
+        })
+    return out

@@ -1,0 +1,155 @@
+"""``python -m dspark_sglang.train_drafter``: data -> target cache -> training -> STS -> export.
+
+Stages (``--stages``, comma separated, default ``data,cache,train``), each resumable:
+
+- ``data``: the target regenerates answers to the prompt files with our Engine (batch mode);
+- ``cache``: target hidden states at ``--target-layer-ids`` + final hidden, bf16 shards;
+- ``train``: DSpark training (random anchors, packed blocks, DeepSpec loss), STS calibration on
+  the held-out split, export (DeepSpec layout) to ``--out``.
+
+Example (the shipped SmolLM2 drafter; see docs/drafter.md for the exact run)::
+
+    python -m dspark_sglang.train_drafter --work-dir runs/smollm2 \\
+        --out dspark_sglang/assets/drafters/smollm2_135m --steps 600
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+
+from dspark_sglang.training import data as data_mod
+from dspark_sglang.training.trainer import TrainConfig
+
+
+def _parse(argv: Sequence[str] | None) -> argparse.Namespace:
+    d = TrainConfig()
+    ap = argparse.ArgumentParser(prog="python -m dspark_sglang.train_drafter",
+                                 description="train a DSpark drafter for a target model")
+    ap.add_argument("--work-dir", required=True, help="data, cache and training state live here")
+    ap.add_argument("--out", required=True, help="exported checkpoint directory")
+    ap.add_argument("--stages", default="data,cache,train")
+    ap.add_argument("--model-path", default=None, help="target (default: embedded SmolLM2)")
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--num-threads", type=int, default=None)
+    # data
+    ap.add_argument("--prompts", nargs="*", default=list(data_mod.DEFAULT_PROMPT_FILES))
+    ap.add_argument("--num-prompts", type=int, default=0, help="0 = all")
+    ap.add_argument("--gen-dtype", default="float32")
+    ap.add_argument("--gen-batch-size", type=int, default=48)
+    ap.add_argument("--max-new-tokens", type=int, default=160)
+    ap.add_argument("--sample-fraction", type=float, default=0.25)
+    # drafter shape
+    ap.add_argument("--num-layers", type=int, default=1)
+    ap.add_argument("--block-size", type=int, default=7)
+    ap.add_argument("--markov-rank", type=int, default=64)
+    ap.add_argument("--markov-head-type", default="vanilla")
+    ap.add_argument("--target-layer-ids", default="1,8,15,22,29")
+    ap.add_argument("--mask-token-id", type=int, default=0)
+    ap.add_argument("--init-layer", type=int, default=-1,
+                    help="init draft layers from this target layer (-1 = last, -2 = random)")
+    ap.add_argument("--sps-table", default=None, help="SPS table json to ship with the export")
+    # training
+    for name, val in vars(d).items():
+        flag = "--" + name.replace("_", "-")
+        if isinstance(val, bool):
+            ap.add_argument(flag, type=lambda s: s.lower() in ("1", "true", "yes"), default=val)
+        else:
+            ap.add_argument(flag, type=type(val), default=val)
+    ap.add_argument("--no-resume", action="store_true")
+    return ap.parse_args(argv)
+
+
+def _load_target(model_path: str | None, device: str) -> torch.nn.Module:
+    from dspark_sglang.entrypoints.model_setup import build_target_model
+    from dspark_sglang.models.loader import load_model_files
+
+    loaded = load_model_files(model_path)
+    return build_target_model(loaded.config, loaded.state_dict, torch.float32, device,
+                              loaded.config.max_position_embeddings)
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    args = _parse(argv)
+    if args.num_threads:
+        torch.set_num_threads(args.num_threads)
+    work = Path(args.work_dir)
+    work.mkdir(parents=True, exist_ok=True)
+    stages = {s.strip() for s in args.stages.split(",") if s.strip()}
+    layer_ids = [int(x) for x in args.target_layer_ids.split(",")]
+    data_path, cache_dir = work / "data.jsonl", work / "cache"
+    report: dict[str, object] = {}
+
+    if "data" in stages:
+        from dspark_sglang.entrypoints.engine import Engine
+
+        prompts = data_mod.read_prompts(args.prompts)
+        random.Random(args.seed).shuffle(prompts)
+        if args.num_prompts:
+            prompts = prompts[: args.num_prompts]
+        engine = Engine(model_path=args.model_path, dtype=args.gen_dtype,
+                        max_total_tokens=args.gen_batch_size * (512 + args.max_new_tokens),
+                        max_running_requests=args.gen_batch_size, num_threads=args.num_threads)
+        try:
+            report["data"] = data_mod.generate_dataset(
+                engine, prompts, data_path, args.max_new_tokens, args.gen_batch_size,
+                args.sample_fraction, args.seed)
+        finally:
+            engine.shutdown()
+
+    target = _load_target(args.model_path, args.device) if stages & {"cache", "train"} else None
+    if "cache" in stages:
+        from dspark_sglang.training.target_cache import TargetHiddenExtractor, build_target_cache
+
+        samples = data_mod.read_samples(data_path)
+        ext = TargetHiddenExtractor(target, layer_ids, max_batch_tokens=4096,
+                                    max_seq_len=args.max_seq_len)
+        report["cache"] = build_target_cache(ext, samples, cache_dir)
+
+    if "train" in stages:
+        from dspark_sglang.speculative.dspark.model import DSparkDrafter
+        from dspark_sglang.training.export import export_drafter
+        from dspark_sglang.training.target_cache import load_target_cache
+        from dspark_sglang.training.trainer import (
+            calibrate,
+            init_from_target,
+            make_drafter_config,
+            split_heldout,
+            train_drafter,
+        )
+
+        assert target is not None
+        cached_ids, seqs = load_target_cache(cache_dir)
+        if cached_ids != layer_ids:
+            raise ValueError(f"cache layer ids {cached_ids} != --target-layer-ids {layer_ids}")
+        tcfg = TrainConfig(**{k: getattr(args, k) for k in vars(TrainConfig())})
+        train_seqs, held = split_heldout(seqs, tcfg.heldout_fraction, tcfg.seed)
+        dcfg = make_drafter_config(target.config, layer_ids, args.num_layers, args.block_size,
+                                   args.markov_rank, args.mask_token_id, args.markov_head_type)
+        drafter = DSparkDrafter(dcfg, target.embed_tokens, target.lm_head).to(args.device)
+        if args.init_layer != -2:
+            init_from_target(drafter, target, args.init_layer % target.config.num_hidden_layers)
+        n_tok = sum(len(s.input_ids) for s in seqs)
+        print(f"[train] {len(train_seqs)} train / {len(held)} held-out sequences, {n_tok} tokens, "
+              f"{sum(p.numel() for p in drafter.parameters()) / 1e6:.2f}M drafter params")
+        t0 = time.monotonic()
+        last = train_drafter(drafter, target.lm_head, train_seqs, tcfg, work / "train",
+                             args.device, resume=not args.no_resume)
+        cal, ev = calibrate(drafter, target.lm_head, held, tcfg, args.device)
+        out = export_drafter(drafter, args.out, cal, args.sps_table, tcfg.export_dtype)
+        report["train"] = {"last": last, "minutes": (time.monotonic() - t0) / 60,
+                           "heldout": ev["metrics"],
+                           "sts": cal.to_dict() if cal is not None else None,
+                           "checkpoint_bytes": sum(f.stat().st_size for f in out.iterdir())}
+    print(json.dumps(report, indent=2, default=float))
+    (work / "report.json").write_text(json.dumps(report, indent=2, default=float))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,166 @@
+"""The benchmark programs run end to end on a tiny random model and write well-formed JSON.
+
+Nothing here asserts a speed: only that every program runs, reports every mode (a failing mode
+as ``error: ...``), and that its numbers are present and consistent.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from dspark_sglang.benchmark.metrics import RequestResult, stats_delta, summarize
+from dspark_sglang.benchmark.report import format_table, ratio
+from dspark_sglang.benchmark.workloads import load_prompt_file, load_prompts, sampling_for
+from dspark_sglang.models.tiny import make_tiny_model
+
+
+@pytest.fixture(scope="module")
+def tiny_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    d = tmp_path_factory.mktemp("bench") / "tiny"
+    make_tiny_model(d, arch="llama", seed=3)
+    return d
+
+
+@pytest.fixture(scope="module")
+def prompt_files(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    d = tmp_path_factory.mktemp("prompts")
+    turns = d / "code.jsonl"
+    turns.write_text("\n".join(json.dumps({"turns": [t, "second turn is ignored"]}) for t in (
+        "def add(a, b):\n    return a + b\n", "The quick brown fox jumps over the lazy dog.",
+        "Numbers 0123456789 and punctuation")) + "\n")
+    tasks = d / "tasks.jsonl"
+    schema = {"type": "object", "properties": {"name": {"type": "string"}},
+              "required": ["name"]}
+    tasks.write_text(json.dumps({"prompt": "Name as JSON: Alice", "schema": schema}) + "\n")
+    return turns, tasks
+
+
+def test_workloads_parse_turns_and_schema_tasks(prompt_files: tuple[Path, Path],
+                                                 tmp_path: Path) -> None:
+    turns, tasks = prompt_files
+    items = load_prompt_file(turns)
+    assert [it.domain for it in items] == ["code"] * 3
+    assert items[1].text.startswith("The quick") and items[1].schema is None
+    task = load_prompt_file(tasks)[0]
+    assert task.schema is not None and task.domain == "tasks"
+    sp = sampling_for(task, 8, 0.0, 1)
+    assert json.loads(sp["json_schema"]) == task.schema and "seed" not in sp
+    assert len(load_prompts([str(turns), str(tasks)], per_file=2)) == 3
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"turns": []}\n')
+    with pytest.raises(ValueError, match="turns"):
+        load_prompt_file(bad)
+
+
+def test_summary_table_and_stats_delta() -> None:
+    rs = [RequestResult(0, "a", 0.5, completion_tokens=10, spec_verify_ct=5,
+                        spec_draft_tokens=10),
+          RequestResult(1, "b", 1.0, completion_tokens=6, spec_verify_ct=6),
+          RequestResult(2, "b", 0.1, error="error: boom")]
+    s = summarize(rs, wall_s=2.0)
+    assert s["completion_tokens"] == 16 and s["num_errors"] == 1
+    assert s["output_tok_s"] == pytest.approx(8.0)
+    assert s["tau"] == pytest.approx(16 / 11)
+    assert s["verify_tokens_per_req_step"] == pytest.approx(21 / 11)
+    assert s["tau_by_domain"] == {"a": pytest.approx(2.0), "b": pytest.approx(1.0)}
+    d = stats_delta({"steps": 10, "avg_spec_accept_length": 2.0,
+                     "avg_verify_tokens_per_step": 3.0},
+                    {"steps": 20, "avg_spec_accept_length": 2.5,
+                     "avg_verify_tokens_per_step": 4.0})
+    assert d["batch_steps"] == 10
+    assert d["tokens_per_batch_step"] == pytest.approx(3.0)
+    assert d["verify_tokens_per_batch_step"] == pytest.approx(5.0)
+    table = format_table([{"mode": "NONE", "x": 1.5}, {"mode": "NGRAM"}], ["mode", "x"])
+    assert "1.50" in table and table.splitlines()[-1].rstrip().endswith("-")
+    assert ratio(3.0, 0.0) is None and ratio(3.0, 1.5) == 2.0
+
+
+def test_bench_offline_runs(tiny_dir: Path, tmp_path: Path) -> None:
+    from dspark_sglang.bench_offline import main
+
+    out = tmp_path / "offline.json"
+    torch.set_num_threads(1)
+    main(["--model-path", str(tiny_dir), "--dtypes", "float32", "--batch-sizes", "1", "2",
+          "--prefill-len", "16", "--decode-prompt-len", "8", "--decode-tokens", "3",
+          "--num-threads", "1", "--output", str(out)])
+    rep = json.loads(out.read_text())
+    assert rep["benchmark"] == "bench_offline" and rep["machine"]["cpu_count"] >= 1
+    systems = {r["system"]: r for r in rep["results"]}
+    assert set(systems) == {"ours", "transformers"}
+    for r in systems.values():
+        assert "error" not in r, r
+        assert r["prefill_tok_s"] > 0 and r["decode_b1_tok_s"] > 0 and r["decode_b2_tok_s"] > 0
+    ratios = rep["ratios"][0]
+    assert ratios["dtype"] == "float32" and ratios["decode_b1_ours/hf"] > 0
+    assert ratios["ours_b2/ours_b1"] > 0
+
+
+def test_bench_speculative_runs_and_compares_with_none(
+        tiny_dir: Path, prompt_files: tuple[Path, Path], tmp_path: Path,
+        capsys: pytest.CaptureFixture[str]) -> None:
+    from dspark_sglang.bench_speculative import main
+
+    out = tmp_path / "spec.json"
+    main(["--model-path", str(tiny_dir), "--dtype", "float32", "--modes", "NONE", "NGRAM",
+          "MTP1", "--concurrency", "1", "2", "--prompt-file", str(prompt_files[0]),
+          "--prompts-per-file", "3",
+          "--max-new-tokens", "12", "--num-threads", "1", "--output", str(out)])
+    rep = json.loads(out.read_text())
+    rows = {(r["mode"], r["conc"]): r for r in rep["results"]}
+    assert set(rows) == {(m, c) for m in ("NONE", "NGRAM", "MTP1") for c in (1, 2)}
+    for c in (1, 2):
+        none, ngram = rows[("NONE", c)], rows[("NGRAM", c)]
+        assert "error" not in none and "error" not in ngram
+        assert none["completion_tokens"] > 0 and none["speedup_vs_NONE"] == pytest.approx(1.0)
+        assert ngram["speedup_vs_NONE"] > 0 and ngram["tau"] >= 1.0
+        # greedy float32: n-gram speculation is lossless, so every output equals NONE's
+        assert ngram["identical_to_none"] == ngram["compared"] == 3
+    mtp = rows[("MTP1", 1)]
+    assert ("error" in mtp and mtp["error"].startswith("error:")) or mtp["output_tok_s"] > 0
+    printed = capsys.readouterr().out
+    assert "NGRAM" in printed and "same_as_NONE" in printed
+
+
+@pytest.mark.slow
+def test_bench_serving_url_native_openai_and_peers(
+        tiny_dir: Path, prompt_files: tuple[Path, Path], tmp_path: Path) -> None:
+    from dspark_sglang.bench_serving import main
+    from dspark_sglang.entrypoints.runtime import Runtime
+
+    files = [str(p) for p in prompt_files]
+    plot = importlib.util.find_spec("matplotlib") is not None
+    with Runtime(model_path=str(tiny_dir), num_threads=1, max_total_tokens=4096) as rt:
+        out = tmp_path / "serving.json"
+        main(["--url", rt.url, "--model-path", str(tiny_dir), "--prompt-file", *files,
+              "--prompts-per-file", "3",
+              "--concurrency", "1", "2", "--request-rate", "50", "--max-new-tokens", "8",
+              "--peers", "hf", "llamacpp", "--peer-prompts", "2", "--num-threads", "1",
+              "--no-progress", "--output", str(out)]
+             + (["--plot", str(tmp_path / "plots")] if plot else []))
+        rep = json.loads(out.read_text())
+        loads = [r["load"] for r in rep["results"]]
+        assert loads == ["conc=1", "conc=2", "rate=50"]
+        for r in rep["results"]:
+            assert "error" not in r, r
+            assert r["num_requests"] == 4 and r["completion_tokens"] > 0
+            assert r["tau"] is not None and r["tau"] >= 1.0
+            assert set(r["tau_by_domain"]) == {"code", "tasks"}
+        peers = {p["peer"]: p for p in rep["peers"]}
+        assert peers["hf"]["num_requests"] == 2 and peers["hf"]["completion_tokens"] > 0
+        assert "llamacpp" in peers
+        if plot:
+            assert len(list((tmp_path / "plots").glob("*.png"))) == 4
+        assert [g["target"] for g in rep["goals"]] == [1.85, 1.0, 3.0, 1.0]
+
+        out2 = tmp_path / "openai.json"
+        main(["--url", rt.url, "--model-path", str(tiny_dir), "--api", "openai",
+              "--prompt-file", *files, "--concurrency", "2", "--max-new-tokens", "6",
+              "--no-progress", "--output", str(out2)])
+        row = json.loads(out2.read_text())["results"][0]
+        assert row["num_errors"] == 0, row
+        assert row["completion_tokens"] > 0

@@ -1,0 +1,229 @@
+"""Drafter training pipeline on a tiny random target: cache, training, export, STS, simulation."""
+
+from __future__ import annotations
+
+import random
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from dspark_sglang.core.forward_batch import ForwardMode
+from dspark_sglang.entrypoints.model_setup import build_target_model
+from dspark_sglang.layers.attention.base import create_attention_backend
+from dspark_sglang.mem_cache.kv_pool import KVPool
+from dspark_sglang.model_executor.model_runner import BatchRequestSpec, build_forward_batch
+from dspark_sglang.models.llama import LlamaForCausalLM
+from dspark_sglang.models.loader import load_model_files
+from dspark_sglang.speculative.dspark.checkpoint import load_dspark_checkpoint
+from dspark_sglang.speculative.dspark.model import DSparkDrafter
+from dspark_sglang.training.blocks import build_block_batch, sample_anchors
+from dspark_sglang.training.calibration import expected_calibration_error, survival
+from dspark_sglang.training.data import Sample, read_prompts
+from dspark_sglang.training.export import export_drafter
+from dspark_sglang.training.simulate import SimSummary, trace_sequence
+from dspark_sglang.training.target_cache import (
+    TargetHiddenExtractor,
+    build_target_cache,
+    load_target_cache,
+)
+from dspark_sglang.training.trainer import (
+    TrainConfig,
+    calibrate,
+    init_from_target,
+    make_drafter_config,
+    split_heldout,
+    step_loss,
+    train_drafter,
+)
+
+LAYERS = (0, 1)
+GAMMA = 4
+
+
+@pytest.fixture(scope="module")
+def target(tiny_model_dir) -> LlamaForCausalLM:
+    loaded = load_model_files(tiny_model_dir("llama", layers=2))
+    return build_target_model(loaded.config, loaded.state_dict, torch.float32, "cpu", 512)
+
+
+def _samples(target: LlamaForCausalLM, n: int = 12, seed: int = 0) -> list[Sample]:
+    """Greedy continuations of random prompts (a tiny 'self-distillation' set)."""
+    g = torch.Generator().manual_seed(seed)
+    out = []
+    ext = TargetHiddenExtractor(target, LAYERS, 2048, 256)
+    for i in range(n):
+        ids = torch.randint(3, target.config.vocab_size, (6,), generator=g).tolist()
+        prompt = list(ids)
+        for _ in range(24):
+            _, fin = ext.run([ids])[0]
+            ids.append(int(target.lm_head(fin[-1]).argmax()))
+        out.append(Sample(f"s:{i}", prompt, ids[len(prompt):]))
+    return out
+
+
+@pytest.fixture(scope="module")
+def cache(target: LlamaForCausalLM, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    d = tmp_path_factory.mktemp("cache")
+    ext = TargetHiddenExtractor(target, LAYERS, max_batch_tokens=128, max_seq_len=64)
+    build_target_cache(ext, _samples(target), d, shard_tokens=100, log=lambda *_: None)
+    return d
+
+
+def _drafter(target: LlamaForCausalLM, rank: int = 16, seed: int = 0) -> DSparkDrafter:
+    torch.manual_seed(seed)
+    cfg = make_drafter_config(target.config, LAYERS, num_layers=1, block_size=GAMMA,
+                              markov_rank=rank, mask_token_id=0)
+    d = DSparkDrafter(cfg, target.embed_tokens, target.lm_head)
+    init_from_target(d, target, 1)
+    return d
+
+
+def test_cache_round_trip_matches_direct_forward(target: LlamaForCausalLM, cache: Path) -> None:
+    layer_ids, seqs = load_target_cache(cache)
+    assert layer_ids == list(LAYERS) and len(seqs) == 12
+    s = next(x for x in seqs if x.key == "s:3")
+    assert s.loss_start == 6 and s.input_ids.shape == (30,)
+    # independent forward through the model's own runner path
+    kv = KVPool(2, 64, target.config.num_key_value_heads, target.config.head_dim, torch.float32)
+    r2t = torch.zeros(1, 64, dtype=torch.long)
+    slots = torch.arange(1, 31)
+    r2t[0, :30] = slots
+    fb = build_forward_batch(ForwardMode.EXTEND,
+                             [BatchRequestSpec(0, s.input_ids.tolist(), 0, slots)], r2t,
+                             capture_layer_ids=LAYERS, capture_final_hidden=True)
+    out = target(fb, create_attention_backend("torch_native"), kv)
+    assert s.aux_hidden.dtype == torch.bfloat16
+    torch.testing.assert_close(s.aux_hidden.float(), out.aux_hidden, rtol=1e-2, atol=2e-2)
+    torch.testing.assert_close(s.final_hidden.float(), out.final_hidden, rtol=1e-2, atol=2e-2)
+    # resumable: a second build adds nothing
+    ext = TargetHiddenExtractor(target, LAYERS, max_batch_tokens=128, max_seq_len=64)
+    stats = build_target_cache(ext, _samples(target, n=2), cache, log=lambda *_: None)
+    assert stats["new_tokens"] == 0
+
+
+def test_read_prompts_refuses_eval_sets(tmp_path: Path) -> None:
+    d = tmp_path / "workloads" / "eval"
+    d.mkdir(parents=True)
+    (d / "x.jsonl").write_text('{"turns": ["hi"]}\n')
+    with pytest.raises(ValueError):
+        read_prompts([d / "x.jsonl"])
+    (tmp_path / "p.jsonl").write_text('{"turns": ["hi", "more"], "domain": "chat"}\n')
+    assert read_prompts([tmp_path / "p.jsonl"])[0].text == "hi"
+
+
+def test_training_steps_lower_the_loss(target: LlamaForCausalLM, cache: Path,
+                                       tmp_path: Path) -> None:
+    _, seqs = load_target_cache(cache)
+    drafter = _drafter(target)
+    cfg = TrainConfig(steps=25, batch_seqs=4, anchors_per_seq=6, lr=3e-3, warmup_steps=2,
+                      ckpt_every=10, log_every=5, export_dtype="float32")
+    rng = random.Random(5)
+    fixed = build_block_batch(seqs[:6], [sample_anchors(s, 6, rng) for s in seqs[:6]], GAMMA)
+    with torch.no_grad():
+        before = float(step_loss(drafter, target.lm_head, fixed, cfg, "cpu")[0])
+    train_drafter(drafter, target.lm_head, seqs, cfg, tmp_path, progress=False)
+    with torch.no_grad():
+        after = float(step_loss(drafter, target.lm_head, fixed, cfg, "cpu")[0])
+    assert after < 0.9 * before, (before, after)
+    assert (tmp_path / "latest" / "model.safetensors").exists()
+    # resume continues from the saved step instead of restarting
+    state = torch.load(tmp_path / "train_state.pt", weights_only=False)
+    assert state["step"] == 25
+    more = TrainConfig(**{**cfg.__dict__, "steps": 27})
+    last = train_drafter(drafter, target.lm_head, seqs, more, tmp_path, progress=False)
+    assert last["step"] == 27
+
+
+def test_export_load_round_trip_gives_identical_drafts(target: LlamaForCausalLM,
+                                                       tmp_path: Path) -> None:
+    drafter = _drafter(target, seed=3)
+    with torch.no_grad():
+        for p in drafter.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    drafter.set_sts([1.0, 1.5, 2.0, 0.5])
+    out = export_drafter(drafter, tmp_path / "ckpt", dtype="float32")
+    loaded = load_dspark_checkpoint(out, target.embed_tokens, target.lm_head)
+    assert loaded.sts_calibration().temperatures == [1.0, 1.5, 2.0, 0.5]
+    _, seqs = None, None
+    g = torch.Generator().manual_seed(0)
+    lmax, bs = 10, 3
+    h = torch.randn(bs, lmax, len(LAYERS) * target.config.hidden_size, generator=g)
+    pos = torch.arange(lmax).expand(bs, lmax)
+    anchors = torch.randint(3, 300, (bs,), generator=g)
+    valid = torch.arange(lmax)[None, :] < torch.tensor([4, 7, 10])[:, None]
+
+    def chain(d: DSparkDrafter) -> tuple[torch.Tensor, torch.Tensor]:
+        with torch.no_grad():
+            kv = d.context_kv(d.project_context(h), pos)
+            hid = d.forward_block(anchors, valid.sum(1), [k for k, _ in kv],
+                                  [v for _, v in kv], valid)
+            c = d.sample_chain(hid, d.base_logits(hid), anchors, torch.zeros(bs))
+        return c.tokens, c.confidences
+
+    t1, c1 = chain(drafter)
+    t2, c2 = chain(loaded)
+    assert torch.equal(t1, t2)
+    torch.testing.assert_close(c1, c2)
+    # bf16 export is what ships: same tensor names, half the bytes
+    small = export_drafter(drafter, tmp_path / "ckpt16")
+    assert (small / "model.safetensors").stat().st_size < 0.6 * (
+        out / "model.safetensors").stat().st_size
+
+
+def test_sts_lowers_ece_on_heldout(target: LlamaForCausalLM, cache: Path) -> None:
+    _, seqs = load_target_cache(cache)
+    _, held = split_heldout(seqs, 0.5, 0)
+    drafter = _drafter(target)
+    with torch.no_grad():  # a deliberately over-confident head
+        drafter.confidence_head.proj.bias.fill_(6.0)
+    cfg = TrainConfig(export_dtype="float32")
+    cal, ev = calibrate(drafter, target.lm_head, held, cfg)
+    assert cal is not None and ev["conf_logits"].shape[1] == GAMMA
+    z, acc = ev["conf_logits"], np.cumprod(ev["accepted"], axis=1)
+    before = expected_calibration_error(survival(z), acc)
+    after = expected_calibration_error(survival(z, np.asarray(cal.temperatures)), acc)
+    assert after < before
+    assert drafter.sts_calibration().temperatures == cal.temperatures
+
+
+def test_sts_lowers_ece_on_synthetic_overconfident_scores() -> None:
+    from dspark_sglang.training.calibration import fit_sts_calibration
+
+    rng = np.random.default_rng(0)
+    true_p = rng.uniform(0.2, 0.9, size=(4000, 3))
+    accepted = rng.uniform(size=true_p.shape) < true_p
+    z = 4.0 * np.log(true_p / (1 - true_p))  # logits 4x too sharp
+    cal = fit_sts_calibration(z, accepted)
+    assert all(a < b for a, b in zip(cal.ece_after, cal.ece_before))
+    assert cal.temperatures[0] > 2.0
+
+
+def _oracle_fn(ids: torch.Tensor, vocab: int, gamma: int):
+    def fn(anchors: torch.Tensor):
+        n = ids.shape[0]
+        idx = (anchors[:, None] + torch.arange(1, gamma + 1)[None, :]).clamp(max=n - 1)
+        logits = 50.0 * torch.nn.functional.one_hot(ids[idx], vocab).float()
+        return logits, logits, torch.full(idx.shape, 5.0)
+    return fn
+
+
+def test_simulation_with_oracle_drafter_gives_full_blocks() -> None:
+    gamma, vocab, prompt = 7, 50, 5
+    n = prompt + 1 + 4 * (gamma + 1)  # first token from prefill, then 4 full steps
+    ids = torch.randint(0, vocab, (n,), generator=torch.Generator().manual_seed(0))
+    tgt = torch.full((n, vocab), -30.0)
+    tgt[torch.arange(n - 1), ids[1:]] = 30.0  # row i predicts token i + 1
+    s = SimSummary(gamma)
+    tr = trace_sequence(_oracle_fn(ids, vocab, gamma), ids, prompt, tgt, gamma, chunk=5)
+    s.add(tr)
+    assert s.tau_greedy("dspark") == gamma + 1
+    assert s.tau_greedy("mtp1") == 2.0
+    assert s.tau_t1("mtp1") == pytest.approx(2.0, abs=1e-4)
+    assert s.conditional_acceptance()[0] == 1.0
+    # a drafter that is always wrong: tau is 1 (bonus only)
+    wrong = _oracle_fn((ids + 1) % vocab, vocab, gamma)
+    s2 = SimSummary(gamma)
+    s2.add(trace_sequence(wrong, ids, prompt, tgt, gamma))
+    assert s2.tau_greedy("dspark") == 1.0 and s2.tau_t1("dspark") == pytest.approx(1.0, abs=1e-4)

@@ -146,7 +146,6 @@ def test_export_load_round_trip_gives_identical_drafts(target: LlamaForCausalLM,
     out = export_drafter(drafter, tmp_path / "ckpt", dtype="float32")
     loaded = load_dspark_checkpoint(out, target.embed_tokens, target.lm_head)
     assert loaded.sts_calibration().temperatures == [1.0, 1.5, 2.0, 0.5]
-    _, seqs = None, None
     g = torch.Generator().manual_seed(0)
     lmax, bs = 10, 3
     h = torch.randn(bs, lmax, len(LAYERS) * target.config.hidden_size, generator=g)

@@ -122,7 +122,7 @@ def split_heldout(seqs: Sequence[CachedSequence], fraction: float, seed: int
     """Deterministic split by key: ``(train, heldout)``."""
     order = sorted(seqs, key=lambda s: s.key)
     random.Random(seed).shuffle(order)
-    n_held = max(1, int(round(fraction * len(order)))) if fraction > 0 else 0
+    n_held = max(1, round(fraction * len(order))) if fraction > 0 else 0
     return order[n_held:], order[:n_held]
 
 

@@ -146,3 +146,15 @@ def test_queueing_when_pool_full(make_engine, llama_dir):
     assert all(o["meta_info"]["completion_tokens"] == 20 for o in outs)
     info = e.check_integrity()
     assert info["in_use"] == 0
+
+
+def test_siblings_sent_together_share_prefix(make_engine, llama_dir):
+    """fork-style batches: requests with a common uncached prefix hit the cache after the first."""
+    e = make_engine(llama_dir)
+    base = "A shared system prompt that every branch of the fork repeats verbatim. " * 4
+    outs = e.generate([base + f"Branch {i}." for i in range(4)], greedy(6))
+    cached = sorted(o["meta_info"]["cached_tokens"] for o in outs)
+    assert cached[0] == 0 and all(c >= len(e.tokenize(base)) - 2 for c in cached[1:])
+    solo = make_engine(llama_dir, disable_radix_cache=True)
+    assert [o["output_ids"] for o in outs] == \
+        [solo.generate(base + f"Branch {i}.", greedy(6))["output_ids"] for i in range(4)]

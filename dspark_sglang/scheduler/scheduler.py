@@ -99,6 +99,8 @@ class Scheduler:
             if active + len(admitted) >= self.max_running:
                 break
             slots, node = self.cache.match(req, self._match_limit(req))
+            if self._shares_uncached_prefix(req, slots.numel(), admitted + self.prefilling):
+                continue  # admit after the sibling's prompt is in the tree: a cache hit then
             need = req.prefill_target_len() - slots.numel()
             first_chunk = min(need, self.chunk_size)
             reserve = headroom * (len(self.running) + len(self.prefilling) + len(admitted) + 1)
@@ -119,6 +121,24 @@ class Scheduler:
             self.waiting.remove(req)
             req.state = ReqState.PREFILL
             self.prefilling.append(req)
+
+    @staticmethod
+    def _shares_uncached_prefix(req: Req, matched: int, others: list[Req],
+                                min_shared: int = 32) -> bool:
+        """True if ``req`` shares >= ``min_shared`` not-yet-cached prompt tokens with a request
+        being prefilled now (e.g. the branches of an sgl ``fork`` sent at once)."""
+        ids = req.origin_input_ids
+        for o in others:
+            oid = o.origin_input_ids
+            n = min(len(ids), len(oid)) - 1
+            if n - matched < min_shared:
+                continue
+            k = 0
+            while k < n and ids[k] == oid[k]:
+                k += 1
+            if k - matched >= min_shared:
+                return True
+        return False
 
     def _locked_extra(self, slots: torch.Tensor, node: Any) -> int:
         # matching slots that are currently evictable stop being evictable once locked
@@ -184,6 +204,7 @@ class Scheduler:
                 self._collect_input_logprobs(req, rows, req.kv_len - n, req.kv_len)
             if req.kv_len >= req.prefill_target_len():
                 done.append(req)
+                self.cache.cache_unfinished(req)  # share the prompt at once (fork siblings)
                 self._finish_prefill(req, rows.get(req.kv_len - 1))
             else:
                 self.cache.cache_unfinished(req)

@@ -16,8 +16,9 @@ from dspark_sglang.entrypoints.engine import Engine
 from dspark_sglang.entrypoints.http_server import BackgroundServer
 from dspark_sglang.models.tiny import make_tiny_model
 from dspark_sglang.server_args import ServerArgs
+from dspark_sglang.speculative.dspark.random_init import write_random_dspark_checkpoint
 
-ALGORITHMS = ("NONE", "NGRAM")
+ALGORITHMS = ("NONE", "NGRAM", "DSPARK")
 PROMPTS = (
     "The quick brown fox jumps over the lazy dog. The quick brown fox jumps over the lazy",
     "def add(a, b):\n    return a + b\ndef add(a, b):\n",
@@ -35,13 +36,16 @@ def _free_port() -> int:
 def urls(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, str]]:
     torch.set_num_threads(1)
     d: Path = tmp_path_factory.mktemp("tiny_spec")
-    make_tiny_model(d, seed=11)
+    cfg = make_tiny_model(d, seed=11)
+    drafter = write_random_dspark_checkpoint(tmp_path_factory.mktemp("drafter"), cfg,
+                                             block_size=4)
     started: list[tuple[Engine, BackgroundServer]] = []
     out: dict[str, str] = {}
     for algo in ALGORITHMS:
         args = ServerArgs(model_path=str(d), port=_free_port(), max_total_tokens=4096,
                           num_threads=1, speculative_algorithm=algo, served_model_name="tiny",
-                          speculative_num_draft_tokens=4 if algo != "NONE" else None)
+                          speculative_num_draft_tokens=4 if algo == "NGRAM" else None,
+                          speculative_draft_model_path=str(drafter) if algo == "DSPARK" else None)
         engine = Engine(server_args=args)
         srv = BackgroundServer(engine, args)
         started.append((engine, srv))
@@ -86,4 +90,5 @@ def test_spec_equals_plain_native_and_openai(urls: dict[str, str]) -> None:
         assert _openai(urls[algo]) == ref_openai, algo
         info = requests.get(urls[algo] + "/server_info").json()
         assert info["speculative_algorithm"] == algo and info["avg_spec_accept_length"] >= 1.0
-        assert info["spec_stats"]["draft_acceptance_rate"] > 0  # drafts were really accepted
+        if algo == "NGRAM":  # a random DSpark drafter is rarely right; n-gram on repeats is
+            assert info["spec_stats"]["draft_acceptance_rate"] > 0

@@ -23,6 +23,18 @@ class RowSpec:
     grammar: Any = None  # matcher positioned at this row (a copy for speculative rows), or None
 
 
+def needs_adjust(rows: list[RowSpec], logits_vocab: int, vocab_size: int) -> bool:
+    """Whether ``adjust_logits_`` would change anything (skip the clone on the hot path)."""
+    if logits_vocab > vocab_size:
+        return True
+    for r in rows:
+        sp = r.req.sampling_params
+        if r.grammar is not None or sp.min_new_tokens or sp.frequency_penalty \
+                or sp.presence_penalty or sp.repetition_penalty != 1.0:
+            return True
+    return False
+
+
 def adjust_logits_(logits: torch.Tensor, rows: list[RowSpec], eos_ids: set[int],
                    vocab_size: int) -> None:
     """In place on ``logits [len(rows), V]``: penalties, min_new_tokens, grammar masks."""

@@ -24,7 +24,8 @@ from dspark_sglang.layers import sampler as smp
 from dspark_sglang.model_executor.model_runner import BatchRequestSpec, ModelRunner, \
     build_forward_batch
 from dspark_sglang.mem_cache.cache_manager import CacheManager
-from dspark_sglang.layers.logits_processing import RowSpec, adjust_logits_, sampling_info
+from dspark_sglang.layers.logits_processing import RowSpec, adjust_logits_, needs_adjust, \
+    sampling_info
 from dspark_sglang.speculative import verify as vfy
 from dspark_sglang.speculative.worker import Draft, DraftWorker
 
@@ -189,11 +190,14 @@ class SpecDecoder:
         for req, d in zip(reqs, drafts):
             rows.extend(self._rows(req, d))
         raw_logits = logits
-        logits = logits.clone()
-        adjust_logits_(logits, rows, self.eos_ids, self.vocab_size)
+        if needs_adjust(rows, logits.shape[-1], self.vocab_size):
+            logits = logits.clone()
+            adjust_logits_(logits, rows, self.eos_ids, self.vocab_size)
         rows_per_req = [1 + len(d) for d in drafts]
-        info = sampling_info(reqs).expand(rows_per_req)
-        probs = smp.logits_to_probs(logits, info)  # [rows, V]
+        probs = None
+        if any(not r.sampling_params.is_greedy for r in reqs):
+            info = sampling_info(reqs).expand(rows_per_req)
+            probs = smp.logits_to_probs(logits, info)  # [rows, V]
         greedy_tok = logits.argmax(dim=-1)
         want_lp = any(r.return_logprob for r in reqs)
         logp = smp.compute_logprobs(raw_logits) if want_lp else None
@@ -210,14 +214,16 @@ class SpecDecoder:
                     toks = d.tokens[:m] + [tgt[m]]
                     path_rows = list(range(m + 1))
                 else:
+                    assert probs is not None
                     q = d.probs if d.probs is not None else _one_hot(d.tokens, probs.shape[-1])
                     toks = vfy.rejection_verify(
                         [probs[off : off + n]], [q.to(probs.dtype)],
                         [torch.tensor(d.tokens, dtype=torch.int64)], [req.generator])[0]
                     path_rows = list(range(len(toks)))
             else:
-                toks, path_rows = self._accept_tree(req, d, greedy_tok[off : off + n],
-                                                    probs[off : off + n])
+                toks, path_rows = self._accept_tree(
+                    req, d, greedy_tok[off : off + n],
+                    probs[off : off + n] if probs is not None else None)
             lps = None
             if req.return_logprob and logp is not None:
                 lps = [_logprob_entry(logp[off + r], t, req.top_logprobs_num)
@@ -228,8 +234,8 @@ class SpecDecoder:
             off += n
         return results
 
-    def _accept_tree(self, req: Req, d: Draft, greedy_tok: torch.Tensor, probs: torch.Tensor
-                     ) -> tuple[list[int], list[int]]:
+    def _accept_tree(self, req: Req, d: Draft, greedy_tok: torch.Tensor,
+                     probs: torch.Tensor | None) -> tuple[list[int], list[int]]:
         """Greedy: follow the child whose token equals the target's choice at its parent.
 
         Sampling: walk the tree, at each node try children in order with rejection sampling over
@@ -252,6 +258,7 @@ class SpecDecoder:
                     toks.append(want)
                     return toks, rows
             else:
+                assert probs is not None
                 p = probs[row].clone()
                 nxt = None
                 for c in children.get(node, []):

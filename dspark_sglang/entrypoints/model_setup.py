@@ -4,17 +4,18 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any
 
 import torch
 
 from dspark_sglang.core.req import Req
 from dspark_sglang.entrypoints.metrics import EngineMetrics
+from dspark_sglang.mem_cache.cache_manager import CacheManager
 from dspark_sglang.model_executor.model_runner import ModelRunner
 from dspark_sglang.models.config import ModelConfig
 from dspark_sglang.models.llama import LlamaForCausalLM
-from dspark_sglang.mem_cache.cache_manager import CacheManager
 from dspark_sglang.scheduler.output_processor import OutputProcessor
 from dspark_sglang.scheduler.scheduler import Scheduler
 from dspark_sglang.server_args import ServerArgs

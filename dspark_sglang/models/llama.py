@@ -12,21 +12,10 @@ from torch import nn
 
 from dspark_sglang.core.forward_batch import ForwardBatch, ModelOutput
 from dspark_sglang.layers.attention.base import AttentionBackend
+from dspark_sglang.layers.layernorm import RMSNorm
 from dspark_sglang.layers.rotary import RotaryEmbedding
 from dspark_sglang.mem_cache.kv_pool import KVPool
 from dspark_sglang.models.config import ModelConfig
-
-
-class RMSNorm(nn.Module):
-    def __init__(self, dim: int, eps: float) -> None:
-        super().__init__()
-        self.weight = nn.Parameter(torch.ones(dim))
-        self.eps = eps
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        xf = x.float()
-        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * xf.to(x.dtype)
 
 
 class DecoderLayer(nn.Module):

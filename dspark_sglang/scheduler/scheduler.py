@@ -11,17 +11,21 @@ from __future__ import annotations
 
 import time
 from collections import deque
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import torch
 
 from dspark_sglang.core.forward_batch import ForwardMode
 from dspark_sglang.core.req import Req, ReqState
 from dspark_sglang.layers import sampler as smp
-from dspark_sglang.model_executor.model_runner import BatchRequestSpec, ModelRunner, \
-    build_forward_batch
-from dspark_sglang.mem_cache.cache_manager import CacheManager
 from dspark_sglang.layers.logits_processing import RowSpec, adjust_logits_, sampling_info
+from dspark_sglang.mem_cache.cache_manager import CacheManager
+from dspark_sglang.model_executor.model_runner import (
+    BatchRequestSpec,
+    ModelRunner,
+    build_forward_batch,
+)
 from dspark_sglang.scheduler.output_processor import OutputProcessor
 from dspark_sglang.speculative.spec_decoder import SpecDecoder
 

@@ -21,11 +21,18 @@ import torch
 from dspark_sglang.core.forward_batch import ForwardMode
 from dspark_sglang.core.req import Req
 from dspark_sglang.layers import sampler as smp
-from dspark_sglang.model_executor.model_runner import BatchRequestSpec, ModelRunner, \
-    build_forward_batch
+from dspark_sglang.layers.logits_processing import (
+    RowSpec,
+    adjust_logits_,
+    needs_adjust,
+    sampling_info,
+)
 from dspark_sglang.mem_cache.cache_manager import CacheManager
-from dspark_sglang.layers.logits_processing import RowSpec, adjust_logits_, needs_adjust, \
-    sampling_info
+from dspark_sglang.model_executor.model_runner import (
+    BatchRequestSpec,
+    ModelRunner,
+    build_forward_batch,
+)
 from dspark_sglang.speculative import verify as vfy
 from dspark_sglang.speculative.worker import Draft, DraftWorker
 

@@ -16,8 +16,11 @@ import torch
 
 from dspark_sglang.core.forward_batch import ForwardMode
 from dspark_sglang.mem_cache.cache_manager import CacheManager
-from dspark_sglang.model_executor.model_runner import BatchRequestSpec, ModelRunner, \
-    build_forward_batch
+from dspark_sglang.model_executor.model_runner import (
+    BatchRequestSpec,
+    ModelRunner,
+    build_forward_batch,
+)
 from dspark_sglang.speculative.sps_profile import SPSTable, profile_sps
 
 logger = logging.getLogger(__name__)

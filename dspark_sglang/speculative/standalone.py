@@ -14,8 +14,11 @@ import torch
 
 from dspark_sglang.core.forward_batch import ForwardBatch, ForwardMode, ModelOutput
 from dspark_sglang.core.req import Req
-from dspark_sglang.model_executor.model_runner import BatchRequestSpec, ModelRunner, \
-    build_forward_batch
+from dspark_sglang.model_executor.model_runner import (
+    BatchRequestSpec,
+    ModelRunner,
+    build_forward_batch,
+)
 from dspark_sglang.server_args import ServerArgs
 from dspark_sglang.speculative.worker import Draft, DraftWorker, _grammar_filter_prefix
 

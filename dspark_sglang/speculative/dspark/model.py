@@ -25,6 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from dspark_sglang.layers.layernorm import RMSNorm
 from dspark_sglang.layers.rotary import rope_inv_freq
 from dspark_sglang.layers.sampler import draw_uniforms, sample_with_uniforms
 from dspark_sglang.speculative.dspark.confidence import (
@@ -38,18 +39,6 @@ from dspark_sglang.speculative.dspark.markov import MarkovHead, build_markov_hea
 
 # mask_fn(k, prev_tokens [bs]) -> additive mask [bs, V] (0 = allowed, -inf = banned) or None
 MaskFn = Callable[[int, torch.Tensor], "torch.Tensor | None"]
-
-
-class RMSNorm(nn.Module):
-    def __init__(self, dim: int, eps: float) -> None:
-        super().__init__()
-        self.weight = nn.Parameter(torch.ones(dim))
-        self.eps = eps
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        xf = x.float()
-        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * xf.to(x.dtype)
 
 
 def apply_rope(x: torch.Tensor, positions: torch.Tensor, inv_freq: torch.Tensor) -> torch.Tensor:

@@ -1,8 +1,8 @@
 """Per-request results and their summary for one (mode, load level) cell of a benchmark.
 
 Accepted length ``tau`` is computed per request, as SGLang defines it: completion tokens over
-verify steps (``meta_info.spec_verify_ct``); the summary pools requests (sum over sum). Verify tokens
-per step come in two forms: per request (``1 + drafted tokens`` averaged over that request's
+verify steps (``meta_info.spec_verify_ct``); the summary pools requests (sum over sum). Verify
+tokens per step come in two forms: per request (``1 + drafted tokens`` averaged over that request's
 steps) and per batch step (all running requests' verify tokens in one target forward, from the
 engine's ``spec_stats``).
 """
@@ -104,9 +104,17 @@ def stats_delta(before: dict[str, Any] | None, after: dict[str, Any]) -> dict[st
     def total(snap: dict[str, Any] | None, key: str) -> float:
         return float(snap.get(key, 0.0)) * int(snap.get("steps", 0)) if snap else 0.0
 
-    emitted = total(after, "avg_spec_accept_length") - total(before, "avg_spec_accept_length")
-    verify = (total(after, "avg_verify_tokens_per_step")
-              - total(before, "avg_verify_tokens_per_step"))
+    def raw(snap: dict[str, Any] | None, key: str) -> float:
+        return float(snap.get(key, 0.0)) if snap else 0.0
+
+    if "emitted_tokens" in after:  # raw counters (engine >= this version)
+        emitted = raw(after, "emitted_tokens") - raw(before, "emitted_tokens")
+        verify = raw(after, "verify_tokens") - raw(before, "verify_tokens")
+    else:
+        emitted = (total(after, "avg_spec_accept_length")
+                   - total(before, "avg_spec_accept_length"))
+        verify = (total(after, "avg_verify_tokens_per_step")
+                  - total(before, "avg_verify_tokens_per_step"))
     return {
         "batch_steps": steps,
         "tokens_per_batch_step": emitted / steps if steps else None,

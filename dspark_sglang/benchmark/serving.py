@@ -133,6 +133,13 @@ def _run_peers(cfg: ServingConfig, texts: list[str], tokenizer: Any, log: Any
     return rows
 
 
+def _load_order(r: dict[str, Any]) -> tuple[int, float]:
+    """Closed-loop levels first (lowest concurrency first), then request rates."""
+    if r.get("conc") is not None:
+        return (0, float(r["conc"]))
+    return (1, float(r.get("rate") or 0.0))
+
+
 def peer_ratios(rows: list[dict[str, Any]], peers: list[dict[str, Any]]
                 ) -> list[dict[str, Any]]:
     """Per mode at its lowest load: per-user tokens/s of ours / each peer."""
@@ -142,7 +149,7 @@ def peer_ratios(rows: list[dict[str, Any]], peers: list[dict[str, Any]]
         if r.get("error") or r.get("per_user_tok_s") is None:
             continue
         cur = lowest.get(r["mode"])
-        if cur is None or r.get("conc", r.get("rate", 0)) < cur.get("conc", cur.get("rate", 0)):
+        if cur is None or _load_order(r) < _load_order(cur):
             lowest[r["mode"]] = r
     for mode, r in lowest.items():
         row: dict[str, Any] = {"mode": mode, "load": r["load"]}

@@ -311,6 +311,14 @@ class Engine:
             }
         return self.call_in_loop(_info)
 
+    def reset_spec_stats(self) -> None:
+        """Zero the engine-wide speculation counters (benchmarks call this between runs)."""
+        from dspark_sglang.speculative.spec_decoder import SpecStats
+
+        def _reset() -> None:
+            self.parts.decoder.stats = SpecStats()
+        self.call_in_loop(_reset)
+
     def shutdown(self) -> None:
         if self._stop.is_set():
             return

@@ -47,7 +47,8 @@ class StepResult:
 
 @dataclass
 class SpecStats:
-    steps: int = 0
+    steps: int = 0  # batched verify forwards
+    req_steps: int = 0  # (request, verify forward) pairs
     verify_tokens: int = 0
     drafted: int = 0
     accepted: int = 0
@@ -76,8 +77,16 @@ class SpecStats:
         tried, acc = self.per_pos_tried or [], self.per_pos_accepted or []
         return {
             "steps": self.steps,
-            "avg_spec_accept_length": self.emitted / self.steps if self.steps else 0.0,
+            "req_steps": self.req_steps,
+            "emitted_tokens": self.emitted,
+            "verify_tokens": self.verify_tokens,
+            "drafted_tokens": self.drafted,
+            "accepted_tokens": self.accepted,
+            # per request and step (what SGLang reports): tokens emitted per verify
+            "avg_spec_accept_length": self.emitted / self.req_steps if self.req_steps else 0.0,
             "avg_verify_tokens_per_step": self.verify_tokens / self.steps if self.steps else 0.0,
+            "avg_verify_tokens_per_req_step": (self.verify_tokens / self.req_steps
+                                               if self.req_steps else 0.0),
             "draft_acceptance_rate": self.accepted / self.drafted if self.drafted else 0.0,
             "per_position_acceptance": [a / t if t else 0.0 for a, t in zip(acc, tried)],
             "jump_forward_tokens": self.forced_tokens,
@@ -292,6 +301,7 @@ class SpecDecoder:
                 results: list[StepResult]) -> None:
         st = self.stats
         st.steps += 1
+        st.req_steps += len(reqs)
         st.verify_tokens += sum(len(s.input_ids) for s in specs)
         st.last_lengths = [len(d) for d in drafts]
         dec = getattr(self.worker, "last_decision", None)

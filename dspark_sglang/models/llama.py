@@ -13,7 +13,7 @@ from torch import nn
 from dspark_sglang.core.forward_batch import ForwardBatch, ModelOutput
 from dspark_sglang.layers.attention.base import AttentionBackend
 from dspark_sglang.layers.layernorm import RMSNorm
-from dspark_sglang.layers.rotary import RotaryEmbedding
+from dspark_sglang.layers.rotary import RotaryEmbedding, apply_rotary
 from dspark_sglang.mem_cache.kv_pool import KVPool
 from dspark_sglang.models.config import ModelConfig
 
@@ -37,8 +37,9 @@ class DecoderLayer(nn.Module):
         self.k_norm = RMSNorm(self.head_dim, cfg.rms_norm_eps) if cfg.qk_norm else None
         self.scale = self.head_dim ** -0.5
 
-    def forward(self, x: torch.Tensor, fb: ForwardBatch, rope: RotaryEmbedding,
-                attn: AttentionBackend, kv_pool: KVPool) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, fb: ForwardBatch,
+                rope_cs: tuple[torch.Tensor, torch.Tensor], attn: AttentionBackend,
+                kv_pool: KVPool) -> torch.Tensor:
         # x: [n, hidden] (residual stream)
         n = x.shape[0]
         h = self.input_layernorm(x)
@@ -48,7 +49,7 @@ class DecoderLayer(nn.Module):
         v = v.view(n, self.num_kv_heads, self.head_dim)
         if self.q_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
-        q, k = rope.apply(q, fb.positions), rope.apply(k, fb.positions)
+        q, k = apply_rotary(q, *rope_cs), apply_rotary(k, *rope_cs)
         o = attn.forward(q, k, v, self.layer_id, fb, kv_pool, self.scale)
         x = x + self.o_proj(o.reshape(n, self.q_size))
         gate, up = self.gate_up_proj(self.post_attention_layernorm(x)).chunk(2, dim=-1)
@@ -72,9 +73,10 @@ class LlamaForCausalLM(nn.Module):
     def forward(self, fb: ForwardBatch, attn: AttentionBackend, kv_pool: KVPool) -> ModelOutput:
         attn.init_forward_metadata(fb)
         x = self.embed_tokens(fb.input_ids)  # [n, hidden]
+        rope_cs = self.rope.cos_sin(fb.positions, x.dtype)  # gathered once, used by every layer
         captured: dict[int, torch.Tensor] = {}
         for layer in self.layers:
-            x = layer(x, fb, self.rope, attn, kv_pool)
+            x = layer(x, fb, rope_cs, attn, kv_pool)
             if layer.layer_id in fb.capture_layer_ids:
                 captured[layer.layer_id] = x
         h = self.norm(x)

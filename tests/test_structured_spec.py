@@ -154,3 +154,22 @@ def test_invalid_grammar_is_value_error(engines):
         e.generate("x", {"max_new_tokens": 4, "json_schema": "{not json"})
     assert e.generate("x", {"max_new_tokens": 2, "temperature": 0})["meta_info"][
         "completion_tokens"] == 2
+
+
+@pytest.mark.slow
+def test_real_model_constrained_outputs_validate_and_match():
+    """SmolLM2 (fp32): every task's constrained output validates, DSPARK == NONE token for token."""
+    from dspark_sglang import Engine
+
+    tasks = _tasks() + EXTRA
+    prompts = [t["prompt"] for t in tasks]
+    sps = [_sp(t, n=160) for t in tasks]
+    outs = {}
+    for algo in ("NONE", "DSPARK"):
+        with Engine(dtype="float32", max_total_tokens=16384, speculative_algorithm=algo) as e:
+            outs[algo] = e.generate(prompts, sps)
+            e.check_integrity()
+    for t, a, b in zip(tasks, outs["NONE"], outs["DSPARK"]):
+        assert b["output_ids"] == a["output_ids"], t["prompt"]
+        assert a["meta_info"]["finish_reason"]["type"] == "stop", (t["prompt"], a["text"])
+        _check_valid(t, a)

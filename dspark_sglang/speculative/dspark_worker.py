@@ -94,12 +94,14 @@ class DSparkWorker(DraftWorker):
         ctx_v = [self.ctx_pool.v_bufs[i][slots] for i in range(self.ctx_pool.num_layers)]
         anchors = torch.tensor([r.output_ids[-1] for r in reqs])
         hidden = self.drafter.forward_block(anchors, lens, ctx_k, ctx_v, valid)  # [bs, g, H]
-        base = self.drafter.base_logits(hidden)  # [bs, g, V]
         temps = torch.tensor([0.0 if r.sampling_params.is_greedy
                               else float(r.sampling_params.temperature) for r in reqs])
         if self.mode == "TREE":
+            base = self.drafter.base_logits(hidden)  # [bs, g, V]
             return self._propose_tree(reqs, hidden, base, anchors, temps, rooms)
         k = min(self.num_draft, max(rooms))
+        hidden = hidden[:, :k]  # only the positions we draft need the LM head
+        base = self.drafter.base_logits(hidden)  # [bs, k, V]
         grammar_walk = _GrammarWalk(reqs, base.shape[-1])
         chain = self.drafter.sample_chain(
             hidden, base, anchors, temps, [r.generator for r in reqs],

@@ -321,14 +321,16 @@ class DSparkDrafter(nn.Module):
             mask = mask_fn(k, prev) if mask_fn is not None else None
             masked = logits if mask is None else logits + mask.to(logits)
             argmax = masked.argmax(dim=-1)  # [bs]
-            q = torch.softmax(masked / safe_t, dim=-1)  # [bs, V]
             tok = argmax
+            one_hot = F.one_hot(argmax, masked.shape[-1]).to(torch.float32)
             if sampled_rows:
+                q = torch.softmax(masked / safe_t, dim=-1)  # [bs, V]
                 u = torch.stack(draw_uniforms(sampled_gens, [1] * len(sampled_rows), device))
                 tok = argmax.clone()
                 tok[sampled_idx] = sample_with_uniforms(q[sampled_idx], u.squeeze(1))
-            one_hot = F.one_hot(argmax, q.shape[-1]).to(q.dtype)
-            q = torch.where(greedy.unsqueeze(1), one_hot, q)
+                q = torch.where(greedy.unsqueeze(1), one_hot, q)
+            else:  # all greedy: the draft distribution is one-hot, skip the softmax
+                q = one_hot
 
             z = self.confidence_logits(h_k, prev)
             if z is None:

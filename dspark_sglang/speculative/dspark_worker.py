@@ -60,6 +60,10 @@ class DSparkWorker(DraftWorker):
         self.ctx_pool = KVPool(cfg.num_hidden_layers, num_slots, cfg.num_key_value_heads,
                                cfg.head_dim, dtype, device)
         self.last_decision: Any = None
+        self.probe_every = 16
+        self._step_no = 0
+        self._draft_time: float | None = None  # EMA of seconds per propose call
+        self._last_batch = 1
 
     def max_draft_len(self) -> int:
         return self.tree_nodes if self.mode == "TREE" else self.num_draft
@@ -78,12 +82,57 @@ class DSparkWorker(DraftWorker):
         ctx_left = self.context_len - req.kv_len - 1
         return max(0, min(left, ctx_left))
 
+    # ---- draft budget (DSPARK only) ---------------------------------------------------------
+    def _draft_budget(self, reqs: list[Req], rooms: list[int]) -> list[int]:
+        """How many positions to draft per request this step, from *past* steps only.
+
+        The prefix scheduler decides what is verified; this only avoids paying for draft
+        positions it would not admit. Per request an EMA of accepted drafts per step sets the
+        depth (accepted + 2). Drafting is skipped for the whole batch when the expected accepted
+        tokens (sum of EMAs) are worth less than the drafter's measured cost in target steps;
+        every ``probe_every`` steps the batch drafts anyway to refresh the estimates.
+        Depends on no token of the current step, so verification stays lossless.
+        """
+        if self.mode != "DSPARK":
+            return rooms
+        self._step_no += 1
+        emas = []
+        for r in reqs:
+            st = r.draft_state
+            ema = st.get("acc_ema", float(self.gamma))
+            if "last_drafted" in st and st["last_drafted"] > 0:
+                ema = 0.6 * ema + 0.4 * st["last_accepted"]
+            st.pop("last_drafted", None)
+            st["acc_ema"] = ema
+            emas.append(ema)
+        probe = self._step_no % self.probe_every == 0
+        cost = self._draft_cost_in_steps()
+        if not probe and sum(emas) < cost:
+            return [0] * len(reqs)
+        return [min(room, max(1, int(ema) + 2)) for ema, room in zip(emas, rooms)]
+
+    def _draft_cost_in_steps(self) -> float:
+        if self.sps_table is None or self._draft_time is None:
+            return 0.0
+        return self._draft_time * self.sps_table.sps(max(1, self._last_batch))
+
     @torch.inference_mode()
     def propose(self, reqs: list[Req]) -> list[Draft]:
+        import time
+
         bs = len(reqs)
-        rooms = [self._room(r) for r in reqs]
+        self._last_batch = bs
+        rooms = self._draft_budget(reqs, [self._room(r) for r in reqs])
         if max(rooms) == 0:
             return [Draft() for _ in reqs]
+        t0 = time.perf_counter()
+        drafts = self._propose(reqs, rooms)
+        dt = time.perf_counter() - t0
+        self._draft_time = dt if self._draft_time is None else 0.8 * self._draft_time + 0.2 * dt
+        return drafts
+
+    def _propose(self, reqs: list[Req], rooms: list[int]) -> list[Draft]:
+        bs = len(reqs)
         lens = torch.tensor([r.kv_len for r in reqs])
         max_len = int(lens.max())
         rows = torch.tensor([r.req_pool_idx for r in reqs])

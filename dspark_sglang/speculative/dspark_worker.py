@@ -100,9 +100,8 @@ class DSparkWorker(DraftWorker):
         for r in reqs:
             st = r.draft_state
             ema = st.get("acc_ema", float(self.gamma))
-            if "last_drafted" in st and st["last_drafted"] > 0:
-                ema = 0.6 * ema + 0.4 * st["last_accepted"]
-            st.pop("last_drafted", None)
+            if st.pop("proposed", 0) > 0:  # drafted last step (verified or not)
+                ema = 0.6 * ema + 0.4 * st.get("last_accepted", 0)
             st["acc_ema"] = ema
             emas.append(ema)
         probe = self._step_no % self.probe_every == 0
@@ -166,6 +165,7 @@ class DSparkWorker(DraftWorker):
         toks = chain.tokens.tolist()
         out = []
         for i in range(bs):
+            reqs[i].draft_state["proposed"] = limits[i]
             n = lengths[i]
             sampled = not reqs[i].sampling_params.is_greedy
             out.append(Draft(tokens=toks[i][:n],

@@ -316,7 +316,6 @@ class SpecDecoder:
             self.cache.req_to_token_pool.write(req.req_pool_idx, req.kv_len, keep)
             req.kv_len += len(keep_rows)
             accepted = len(res.tokens) - 1
-            req.draft_state["last_drafted"] = len(d)
             req.draft_state["last_accepted"] = accepted
             req.spec_verify_ct += 1
             req.spec_accepted_drafts += accepted

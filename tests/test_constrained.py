@@ -36,6 +36,8 @@ tokenizers = pytest.importorskip("tokenizers")
 jsonschema = pytest.importorskip("jsonschema")
 
 WORKLOADS = Path(os.environ.get("DSPARK_SHARED", "/work/shared")) / "workloads"
+if not (WORKLOADS / "json_tasks.jsonl").exists():  # CI checkouts carry a copy of the task files
+    WORKLOADS = Path(__file__).resolve().parent / "data" / "workloads"
 EOS = 2  # <|im_end|>
 MODEL_VOCAB = 49_184  # wider than the 49,152-token tokenizer: ids past it must never be allowed
 BACKENDS = grammar_backend_names()

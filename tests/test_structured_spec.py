@@ -138,7 +138,8 @@ def test_jump_forward_counts_forced_tokens(engines):
     schema = {"type": "object", "properties": {"answer": {"enum": ["forty-two"]}},
               "required": ["answer"], "additionalProperties": False}
     before = e.get_server_info()["spec_stats"]["jump_forward_tokens"]
-    o = e.generate("Q:", {"max_new_tokens": 40, "temperature": 0, "json_schema": json.dumps(schema)})
+    sp = {"max_new_tokens": 40, "temperature": 0, "json_schema": json.dumps(schema)}
+    o = e.generate("Q:", sp)
     assert json.loads(o["text"]) == {"answer": "forty-two"}
     assert e.get_server_info()["spec_stats"]["jump_forward_tokens"] > before
     ref = engines["NONE"].generate("Q:", {"max_new_tokens": 40, "temperature": 0,

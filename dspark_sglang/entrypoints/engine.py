@@ -128,7 +128,10 @@ class Engine:
         logprob_start_len: int | list | None = None, top_logprobs_num: int | list = 0,
         rid: str | list[str] | None = None, stream: bool = False,
     ) -> tuple[list[Req], bool]:
-        """Validate and tokenize; raises ValueError naming the bad field. Returns (reqs, batched)."""
+        """Validate and tokenize; raises ValueError naming the bad field.
+
+        Returns (reqs, batched).
+        """
         if (prompt is None) == (input_ids is None):
             raise ValueError("exactly one of text/prompt and input_ids must be given")
         if prompt is not None:

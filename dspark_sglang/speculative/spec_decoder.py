@@ -186,7 +186,7 @@ class SpecDecoder:
         rows = [RowSpec(req, [], req.grammar)]
         states = [req.grammar]
         paths: list[list[int]] = [[]]
-        for i, (tok, p) in enumerate(zip(d.tokens, parents)):
+        for tok, p in zip(d.tokens, parents):
             parent_row = p + 1
             path = paths[parent_row] + [tok]
             g = None

@@ -27,7 +27,7 @@ class AttentionBackend(ABC):
         self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layer_id: int,
         fb: ForwardBatch, kv_pool: KVPool, sm_scale: float,
     ) -> torch.Tensor:
-        """q [num_tokens, num_heads, d]; k, v [num_tokens, kv_heads, d] -> [num_tokens, heads, d]."""
+        """q [num_tokens, heads, d]; k, v [num_tokens, kv_heads, d] -> [num_tokens, heads, d]."""
 
 
 _BACKENDS = {

@@ -1,0 +1,31 @@
+"""The kernels folder installs as ``dspark_kernels``: it cannot collide with PyPI's ``kernels``."""
+
+from __future__ import annotations
+
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def test_no_code_imports_top_level_kernels():
+    pat = re.compile(r"^\s*(from|import)\s+kernels(\.|\s|$)", re.M)
+    offenders = [str(p) for p in (ROOT / "dspark_sglang").rglob("*.py") if pat.search(p.read_text())]
+    assert offenders == []
+
+
+def test_pyproject_maps_kernels_to_unique_name():
+    text = (ROOT / "pyproject.toml").read_text()
+    assert '"dspark_kernels" = "kernels"' in text
+    assert '"dspark_kernels"' in text.split("packages = [", 1)[1]
+
+
+def test_import_package_without_gpu_libraries(tmp_path):
+    code = ("import sys; sys.modules['triton'] = None; sys.modules['flashinfer'] = None; "
+            "import dspark_sglang, dspark_sglang.entrypoints.engine; "
+            "assert 'triton' not in [m for m in sys.modules if sys.modules[m] is not None]")
+    r = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True,
+                       text=True, env={"PYTHONPATH": str(ROOT), "PATH": "/usr/bin:/bin"})
+    assert r.returncode == 0, r.stderr

@@ -28,8 +28,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import gc
-import importlib
-import importlib.util
 import json
 import os
 import sys
@@ -64,17 +62,9 @@ class CheckRow:
 
 def load_kernels() -> ModuleType:
     """``dspark_kernels`` as installed, else the repository's ``kernels`` folder under that name."""
-    try:
-        return importlib.import_module("dspark_kernels")
-    except ImportError:
-        spec = importlib.util.spec_from_file_location(
-            "dspark_kernels", REPO / "kernels" / "__init__.py",
-            submodule_search_locations=[str(REPO / "kernels")])
-        assert spec is not None and spec.loader is not None
-        module = importlib.util.module_from_spec(spec)
-        sys.modules["dspark_kernels"] = module
-        spec.loader.exec_module(module)
-        return module
+    from dspark_sglang.layers.attention.triton_backend import load_dspark_kernels
+
+    return load_dspark_kernels()
 
 
 def dtype_name(dtype: torch.dtype) -> str:

@@ -42,17 +42,9 @@ _LOADER = textwrap.dedent(
 
 
 def _load_package() -> ModuleType:
-    try:
-        return importlib.import_module("dspark_kernels")
-    except ImportError:
-        spec = importlib.util.spec_from_file_location(
-            "dspark_kernels", REPO / "kernels" / "__init__.py",
-            submodule_search_locations=[str(REPO / "kernels")])
-        assert spec is not None and spec.loader is not None
-        module = importlib.util.module_from_spec(spec)
-        sys.modules["dspark_kernels"] = module
-        spec.loader.exec_module(module)
-        return module
+    from dspark_sglang.layers.attention.triton_backend import load_dspark_kernels
+
+    return load_dspark_kernels()
 
 
 dspark_kernels = _load_package()

@@ -354,10 +354,6 @@ def test_gpu_check_without_gpu_says_so_and_exits_zero() -> None:
 def test_triton_kernels_in_fresh_process() -> None:
     """Only when triton was imported (without the interpreter) before this module: rerun the
     Triton tests in a process where TRITON_INTERPRET=1 is set first."""
-    env = dict(os.environ, TRITON_INTERPRET="1")
-    result = subprocess.run(
-        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", __file__,
-         "-k", "not fresh_process"],
-        capture_output=True, text=True, check=False, env=env, cwd=str(REPO), timeout=600)
-    assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-2000:]
-    assert " passed" in result.stdout and "skipped" not in result.stdout, result.stdout[-2000:]
+    from tests.conftest import rerun_with_triton_interpreter
+
+    rerun_with_triton_interpreter(__file__, allow_skips=False)

@@ -2,21 +2,12 @@
 
 from __future__ import annotations
 
-import json
 import random
 
 import pytest
 
 from dspark_sglang.core.req import Req
 from dspark_sglang.core.sampling_params import SamplingParams
-from dspark_sglang.models.config import ModelConfig
-from dspark_sglang.speculative.dspark.random_init import write_random_dspark_checkpoint
-
-
-@pytest.fixture(scope="module")
-def drafter_dir(llama_dir, tmp_path_factory):
-    cfg = ModelConfig.from_hf_dict(json.load(open(f"{llama_dir}/config.json")))
-    return str(write_random_dspark_checkpoint(tmp_path_factory.mktemp("d"), cfg, block_size=4))
 
 
 @pytest.mark.parametrize("algo", ["DSPARK", pytest.param("NGRAM", marks=pytest.mark.slow),

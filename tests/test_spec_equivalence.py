@@ -2,22 +2,11 @@
 
 from __future__ import annotations
 
-import json
-
 import pytest
 
-from dspark_sglang.models.config import ModelConfig
-from dspark_sglang.speculative.dspark.random_init import write_random_dspark_checkpoint
 from tests.conftest import PROMPTS, greedy
 
 ALGOS = ["DSPARK", "CHAIN", "MTP1", "TREE", "NGRAM", "STANDALONE"]
-
-
-@pytest.fixture(scope="module")
-def drafter_dir(llama_dir, tmp_path_factory):
-    cfg = ModelConfig.from_hf_dict(json.load(open(f"{llama_dir}/config.json")))
-    return str(write_random_dspark_checkpoint(tmp_path_factory.mktemp("drafter"), cfg,
-                                              block_size=4))
 
 
 @pytest.fixture(scope="module")

@@ -8,9 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from dspark_sglang.models.config import ModelConfig
-from dspark_sglang.speculative.dspark.random_init import write_random_dspark_checkpoint
-from tests.conftest import has_default_model
+from tests.conftest import has_default_model, random_drafter_for
 
 WORKLOADS = Path("/work/shared/workloads")
 if not WORKLOADS.exists():  # CI checkouts carry a copy
@@ -60,9 +58,7 @@ def smol_tiny(tiny_model_dir):
 
 @pytest.fixture(scope="module")
 def smol_drafter(smol_tiny, tmp_path_factory):
-    cfg = ModelConfig.from_hf_dict(json.load(open(f"{smol_tiny}/config.json")))
-    return str(write_random_dspark_checkpoint(tmp_path_factory.mktemp("drafter49k"), cfg,
-                                              block_size=4))
+    return random_drafter_for(smol_tiny, tmp_path_factory.mktemp("drafter49k"))
 
 
 @pytest.fixture(scope="module")

@@ -31,6 +31,13 @@ def _legend(ax: Any) -> None:
         ax.legend(fontsize=7)
 
 
+def _save(plt: Any, fig: Any, path: Path) -> Path:
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
 def _ok(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return [r for r in rows if not r.get("error") and r.get("output_tok_s") is not None]
 
@@ -79,10 +86,7 @@ def plot_pareto(rows: list[dict[str, Any]], path: Path, load_key: str,
     ax.set_title(f"throughput vs per-user speed (labels: {load_key})")
     ax.grid(alpha=0.3)
     _legend(ax)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return _save(plt, fig, path)
 
 
 def plot_tau_by_domain(rows: list[dict[str, Any]], path: Path) -> Path:
@@ -103,10 +107,7 @@ def plot_tau_by_domain(rows: list[dict[str, Any]], path: Path) -> Path:
     ax.set_ylabel("accepted tokens per verify step (tau)")
     ax.set_title("tau by domain")
     _legend(ax)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return _save(plt, fig, path)
 
 
 def plot_per_position(rows: list[dict[str, Any]], path: Path) -> Path:
@@ -123,10 +124,7 @@ def plot_per_position(rows: list[dict[str, Any]], path: Path) -> Path:
     ax.set_title("per-position conditional acceptance (lowest load)")
     ax.grid(alpha=0.3)
     _legend(ax)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return _save(plt, fig, path)
 
 
 def plot_verify_vs_load(rows: list[dict[str, Any]], path: Path, load_key: str) -> Path:
@@ -145,10 +143,7 @@ def plot_verify_vs_load(rows: list[dict[str, Any]], path: Path, load_key: str) -
     ax.set_title("verify length vs load")
     ax.grid(alpha=0.3)
     _legend(ax)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return _save(plt, fig, path)
 
 
 def write_plots(rows: list[dict[str, Any]], out_dir: str | Path, load_key: str = "conc",

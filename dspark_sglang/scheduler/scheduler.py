@@ -92,17 +92,17 @@ class Scheduler:
             return
         self._admission_paused = False
         # radix-aware order: longest cached prefix first (FCFS among equals)
+        # (a match stays valid through this loop: admission only locks, it never inserts/evicts)
         scored = []
         for i, req in enumerate(self.waiting):
-            slots, _ = self.cache.match(req, self._match_limit(req))
-            scored.append((-slots.numel(), i, req))
+            slots, node = self.cache.match(req, self._match_limit(req))
+            scored.append((-slots.numel(), i, req, slots, node))
         scored.sort(key=lambda x: (x[0], x[1]))
         headroom = 1 + self.decoder.worker.max_draft_len()
         admitted: list[Req] = []
-        for _, _, req in scored:
+        for _, _, req, slots, node in scored:
             if active + len(admitted) >= self.max_running:
                 break
-            slots, node = self.cache.match(req, self._match_limit(req))
             if self._shares_uncached_prefix(req, slots.numel(), admitted + self.prefilling):
                 continue  # admit after the sibling's prompt is in the tree: a cache hit then
             need = req.prefill_target_len() - slots.numel()

@@ -164,3 +164,28 @@ def test_bench_serving_url_native_openai_and_peers(
         row = json.loads(out2.read_text())["results"][0]
         assert row["num_errors"] == 0, row
         assert row["completion_tokens"] > 0
+
+
+@pytest.mark.skipif(importlib.util.find_spec("cyllama") is None, reason="cyllama not installed")
+def test_llamacpp_peer_prompt_lookup_is_lossless() -> None:
+    """llama.cpp peer on the embedded GGUF: n-gram drafting returns exactly the plain greedy
+    tokens, in fewer target decode steps on a prompt that repeats itself."""
+    from dspark_sglang.benchmark.peers import LlamaCppPeer
+    from dspark_sglang.models.default_model import has_default_model
+
+    if not has_default_model():
+        pytest.skip("embedded default model not installed")
+    plain = LlamaCppPeer(None, prompt_lookup=False, num_threads=1, n_ctx=512)
+    lookup = LlamaCppPeer(None, prompt_lookup=True, num_threads=1, n_ctx=512)
+    text = ("<|im_start|>user\nRepeat exactly: red, green, blue, red, green, blue, red, green, "
+            "blue<|im_end|>\n<|im_start|>assistant\n")
+    ids = plain.tokenize(text)
+    want, plain_steps = plain.generate_ids(ids, 40, ignore_eos=True)
+    got, lookup_steps = lookup.generate_ids(ids, 40, ignore_eos=True)
+    assert got == want and len(want) == 40
+    assert plain_steps == 39 and lookup_steps < plain_steps
+    a, _ = plain.generate_ids(ids, 16, temperature=1.0, seed=7)
+    b, _ = lookup.generate_ids(ids, 16, temperature=1.0, seed=7)
+    assert len(a) >= 1 and len(b) >= 1
+    with pytest.raises(ValueError, match="exceeds the llama.cpp context"):
+        plain.generate_ids(ids, 600)

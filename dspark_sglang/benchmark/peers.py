@@ -6,8 +6,11 @@ request at a time (concurrency 1), which is how both are normally used on a CPU.
 
 transformers variants: ``hf`` (plain greedy/sampled ``generate``), ``hf-prompt-lookup``
 (``prompt_lookup_num_tokens``), ``hf-assisted`` (``assistant_model``, a same-tokenizer small LM).
-llama.cpp variants (``llama-cpp-python`` on the GGUF itself): ``llamacpp`` and
-``llamacpp-prompt-lookup`` (``LlamaPromptLookupDecoding``).
+llama.cpp variants (llama.cpp through ``cyllama``, whose PyPI wheel bundles a CPU build; PyPI's
+``llama-cpp-python`` is a source-only package that compiles llama.cpp for about an hour on two
+cores) on the GGUF itself: ``llamacpp`` (plain decoding) and ``llamacpp-prompt-lookup``
+(llama.cpp's own n-gram cache, ``common/ngram-cache``, drafting from the request's context and
+verified in one batched ``llama_decode``).
 """
 
 from __future__ import annotations
@@ -72,9 +75,9 @@ def peer_unavailable(name: str, model_path: str | None = None,
                     "LM; none ships for SmolLM2-135M)")
         return None
     if name.startswith("llamacpp"):
-        if importlib.util.find_spec("llama_cpp") is None:
-            return ("skipped: llama-cpp-python is not installed (pip install llama-cpp-python; "
-                    "PyPI has only a source build, which compiles llama.cpp)")
+        if importlib.util.find_spec("cyllama") is None:
+            return ("skipped: llama.cpp bindings are not installed (pip install cyllama, or "
+                    "pip install -e '.[bench]')")
         if gguf_file(model_path) is None:
             return "skipped: llama.cpp needs a single .gguf file as the model"
         return None
@@ -148,34 +151,119 @@ class HFPeer:
 
 
 class LlamaCppPeer:
-    """llama.cpp (``llama-cpp-python``) on the GGUF, plain or with prompt-lookup drafting."""
+    """llama.cpp on the GGUF file, one request at a time, plain or with n-gram drafting.
+
+    Greedy (``temperature == 0``) takes the argmax; sampling uses llama.cpp's temperature + dist
+    sampler. With ``prompt_lookup`` each step drafts up to ``num_draft`` tokens from llama.cpp's
+    n-gram cache over the request's tokens, decodes the last token and the draft in one batch
+    with logits at every position, keeps the longest prefix where the sampled token equals the
+    draft (lossless: with a deterministic draft, "sample, then compare" accepts token d with
+    probability p(d)), and removes the rejected positions from llama.cpp's KV memory.
+    """
 
     def __init__(self, model_path: str | None, prompt_lookup: bool = False,
-                 num_threads: int | None = None, n_ctx: int = 4096,
-                 prompt_lookup_tokens: int = 10) -> None:
-        from llama_cpp import Llama
+                 num_threads: int | None = None, n_ctx: int = 4096, num_draft: int = 10,
+                 ngram_min: int = 1, ngram_max: int = 4) -> None:
+        import os
+
+        import cyllama.llama.llama_cpp as cp
 
         path = gguf_file(model_path)
         if path is None:
             raise ValueError("llama.cpp needs a single .gguf file")
-        draft = None
-        if prompt_lookup:
-            from llama_cpp.llama_speculative import LlamaPromptLookupDecoding
+        cp.disable_logging()
+        self.cp = cp
+        mparams = cp.LlamaModelParams()
+        mparams.n_gpu_layers = 0
+        self.model = cp.LlamaModel(str(path), mparams)
+        self.vocab = self.model.get_vocab()
+        cparams = cp.LlamaContextParams()
+        cparams.n_ctx = n_ctx
+        cparams.n_batch = 512
+        threads = num_threads or len(os.sched_getaffinity(0))
+        cparams.n_threads = threads
+        cparams.n_threads_batch = threads
+        self.ctx = cp.LlamaContext(self.model, cparams)
+        self.n_ctx = n_ctx
+        self.prompt_lookup = prompt_lookup
+        self.num_draft = num_draft
+        self.ngram = (ngram_min, ngram_max)
 
-            draft = LlamaPromptLookupDecoding(num_pred_tokens=prompt_lookup_tokens)
-        self.llm = Llama(model_path=str(path), n_ctx=n_ctx, n_threads=num_threads,
-                         draft_model=draft, verbose=False, seed=0)
+    def _sampler(self, temperature: float, seed: int | None) -> Any:
+        smp = self.cp.LlamaSampler(self.cp.LlamaSamplerChainParams())
+        if temperature > 0:
+            smp.add_temp(temperature)
+            smp.add_dist(0 if seed is None else seed & 0xFFFFFFFF)
+        else:
+            smp.add_greedy()
+        return smp
 
-    def complete(self, prompt: str, max_new_tokens: int, temperature: float = 0.0,
-                 seed: int | None = None) -> dict[str, Any]:
-        """An SGLang-shaped output dict for one completion."""
-        kw: dict[str, Any] = {"max_tokens": max_new_tokens, "temperature": temperature}
-        if seed is not None:
-            kw["seed"] = seed
-        out = self.llm.create_completion(prompt, **kw)
-        usage = out.get("usage") or {}
-        return {"text": out["choices"][0]["text"],
-                "meta_info": {"completion_tokens": int(usage.get("completion_tokens", 0))}}
+    def _decode(self, tokens: list[int], pos: int, all_logits: bool) -> None:
+        """Append ``tokens`` at positions ``pos..``; logits at every one or only the last."""
+        for off in range(0, len(tokens), 512):
+            chunk = tokens[off:off + 512]
+            batch = self.cp.LlamaBatch(n_tokens=len(chunk), embd=0, n_seq_max=1)
+            last = off + len(chunk) == len(tokens)
+            for i, t in enumerate(chunk):
+                batch.add(t, pos + off + i, [0], all_logits or (last and i == len(chunk) - 1))
+            self.ctx.decode(batch)
+
+    def tokenize(self, text: str) -> list[int]:
+        return list(self.vocab.tokenize(text, add_special=True, parse_special=True))
+
+    def generate_ids(self, prompt_ids: list[int], max_new_tokens: int, temperature: float = 0.0,
+                     ignore_eos: bool = False, seed: int | None = None
+                     ) -> tuple[list[int], int]:
+        """(new token ids, number of target ``llama_decode`` steps after the prompt)."""
+        if len(prompt_ids) + max_new_tokens + self.num_draft >= self.n_ctx:
+            raise ValueError(f"prompt of {len(prompt_ids)} tokens + {max_new_tokens} new tokens "
+                             f"exceeds the llama.cpp context ({self.n_ctx})")
+        smp = self._sampler(temperature, seed)
+        self.ctx.kv_cache_clear()
+        self._decode(prompt_ids, 0, all_logits=False)
+        pos = len(prompt_ids)
+        out: list[int] = []
+        steps = 0
+        tok = smp.sample(self.ctx, -1)
+        cache = self.cp.NgramCache() if self.prompt_lookup else None
+        if cache is not None:
+            cache.update(list(prompt_ids), ngram_min=self.ngram[0], ngram_max=self.ngram[1])
+        n_cached = len(prompt_ids)
+
+        def done(t: int) -> bool:
+            return len(out) >= max_new_tokens or (not ignore_eos and self.vocab.is_eog(t))
+
+        while True:
+            out.append(tok)
+            if done(tok):
+                break
+            draft: list[int] = []
+            if cache is not None:
+                hist = list(prompt_ids) + out
+                cache.update(hist, ngram_min=self.ngram[0], ngram_max=self.ngram[1],
+                             nnew=len(hist) - n_cached)
+                n_cached = len(hist)
+                k = min(self.num_draft, max_new_tokens - len(out))
+                draft = list(cache.draft(hist, n_draft=k, ngram_min=self.ngram[0],
+                                         ngram_max=self.ngram[1]))[:k] if k > 0 else []
+            self._decode([tok, *draft], pos, all_logits=bool(draft))
+            steps += 1
+            n_acc = 0
+            nxt = smp.sample(self.ctx, 0 if draft else -1)
+            while n_acc < len(draft) and nxt == draft[n_acc]:
+                out.append(nxt)
+                n_acc += 1
+                if done(nxt):
+                    return out, steps
+                nxt = smp.sample(self.ctx, n_acc)
+            pos += 1 + n_acc
+            if n_acc < len(draft):
+                self.ctx.memory_seq_rm(0, pos, -1)
+            tok = nxt
+        return out, steps
+
+    def detokenize(self, ids: list[int]) -> str:
+        return str(self.vocab.detokenize(ids))
 
 
 def run_peer(name: str, prompts: list[str], domains: list[str], tokenizer: Any,
@@ -211,7 +299,10 @@ def run_peer(name: str, prompts: list[str], domains: list[str], tokenizer: Any,
                 out: dict[str, Any] = {"output_ids": ids,
                                        "meta_info": {"completion_tokens": len(ids)}}
             else:
-                out = runner.complete(text, max_new_tokens, temperature, seed + i)
+                ids, steps = runner.generate_ids(runner.tokenize(text), max_new_tokens,
+                                                 temperature, seed=seed + i)
+                out = {"output_ids": ids, "meta_info": {"completion_tokens": len(ids),
+                                                        "spec_verify_ct": steps}}
             results.append(RequestResult.from_output(i, dom, time.perf_counter() - t0, out))
         except Exception as e:  # noqa: BLE001 - reported in the table, the run goes on
             results.append(RequestResult(i, dom, time.perf_counter() - t0, error=error_text(e)))

@@ -47,6 +47,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--stream", action="store_true", help="native API over SSE (records TTFT)")
     p.add_argument("--peers", nargs="*", default=[], choices=list(PEERS))
     p.add_argument("--peer-prompts", type=int, default=None, help="prompts per peer")
+    p.add_argument("--install-peers", action="store_true",
+                   help="pip-install missing peer packages (transformers, cyllama) first")
     p.add_argument("--assistant-model-path", default=None, help="hf-assisted draft model")
     p.add_argument("--draft-model-path", default=None, help="STANDALONE draft model")
     p.add_argument("--num-draft-tokens", type=int, default=None)
@@ -73,6 +75,7 @@ def main(argv: list[str] | None = None) -> None:
         levels=levels, url=a.url, model_path=a.model_path, dtype=a.dtype, api=a.api,
         max_new_tokens=a.max_new_tokens, temperature=a.temperature, seed=a.seed,
         stream=a.stream, progress=not a.no_progress, peers=a.peers, peer_prompts=a.peer_prompts,
+        install_peers=a.install_peers,
         assistant_model_path=a.assistant_model_path, draft_model_path=a.draft_model_path,
         num_draft_tokens=a.num_draft_tokens, num_threads=a.num_threads,
         max_total_tokens=a.max_total_tokens, max_running_requests=a.max_running_requests,

@@ -90,6 +90,23 @@ def peer_unavailable(name: str, model_path: str | None = None,
     return "skipped: launching upstream SGLang is not automated; pass its --url to bench_serving"
 
 
+PEER_PACKAGES = {"hf": ["transformers", "accelerate"], "llamacpp": ["cyllama"]}
+
+
+def install_peer(name: str, log: Any = print) -> bool:
+    """pip-install what peer ``name`` needs into this interpreter; True when it succeeded."""
+    import subprocess
+    import sys
+
+    pkgs = next((v for k, v in PEER_PACKAGES.items() if name.startswith(k)), None)
+    if not pkgs:
+        return False
+    log(f"[bench] installing {' '.join(pkgs)} for peer {name} ...")
+    rc = subprocess.call([sys.executable, "-m", "pip", "install", "-q", *pkgs])
+    importlib.invalidate_caches()
+    return rc == 0
+
+
 class HFPeer:
     """transformers ``AutoModelForCausalLM`` on the same weights, one request at a time."""
 

@@ -15,7 +15,7 @@ from typing import Any
 from dspark_sglang.benchmark.engine_runner import engine_kwargs_for_mode
 from dspark_sglang.benchmark.http_load import LoadLevel, get_json, run_load
 from dspark_sglang.benchmark.metrics import stats_delta, summarize
-from dspark_sglang.benchmark.peers import peer_unavailable, run_peer
+from dspark_sglang.benchmark.peers import install_peer, peer_unavailable, run_peer
 from dspark_sglang.benchmark.report import error_text, format_table, machine_info, ratio
 from dspark_sglang.benchmark.workloads import PromptItem, chat_prompt, sampling_for
 
@@ -36,6 +36,7 @@ class ServingConfig:
     progress: bool = True
     peers: list[str] = field(default_factory=list)
     peer_prompts: int | None = None
+    install_peers: bool = False
     assistant_model_path: str | None = None
     draft_model_path: str | None = None
     num_draft_tokens: int | None = None
@@ -114,6 +115,8 @@ def _run_peers(cfg: ServingConfig, texts: list[str], tokenizer: Any, log: Any
     n = cfg.peer_prompts or len(texts)
     for name in cfg.peers:
         why = peer_unavailable(name, cfg.model_path, cfg.assistant_model_path)
+        if why and "not installed" in why and cfg.install_peers and install_peer(name, log):
+            why = peer_unavailable(name, cfg.model_path, cfg.assistant_model_path)
         if why:
             log(f"[bench_serving] peer {name}: {why}")
             rows.append({"peer": name, "error": why})

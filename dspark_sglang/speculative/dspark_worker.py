@@ -60,8 +60,12 @@ class DSparkWorker(DraftWorker):
         self.ctx_pool = KVPool(cfg.num_hidden_layers, num_slots, cfg.num_key_value_heads,
                                cfg.head_dim, dtype, device)
         self.last_decision: Any = None
-        self.probe_every = 16
-        self._step_no = 0
+        self.min_probe_every = 16
+        self.max_probe_every = 256
+        self.probe_every = self.min_probe_every
+        self._skipped_in_row = 0
+        self._probing = False
+        self._acc_prior: float | None = None  # engine-wide EMA of accepted drafts per step
         self._draft_time: float | None = None  # EMA of seconds per propose call
         self._last_batch = 1
 
@@ -88,26 +92,42 @@ class DSparkWorker(DraftWorker):
 
         The prefix scheduler decides what is verified; this only avoids paying for draft
         positions it would not admit. Per request an EMA of accepted drafts per step sets the
-        depth (accepted + 2). Drafting is skipped for the whole batch when the expected accepted
-        tokens (sum of EMAs) are worth less than the drafter's measured cost in target steps;
-        every ``probe_every`` steps the batch drafts anyway to refresh the estimates.
-        Depends on no token of the current step, so verification stays lossless.
+        depth (accepted + 2); a new request starts from the engine-wide EMA (the block size
+        before anything was measured). Drafting is skipped for the whole batch when the expected
+        accepted tokens (sum of EMAs) are worth less than the drafter's measured cost in target
+        steps. After ``probe_every`` skipped steps the batch drafts once to refresh the
+        estimates; a probe that does not pay doubles the interval (up to ``max_probe_every``),
+        drafting that pays resets it. Depends on no token of the current step, so verification
+        stays lossless.
         """
         if self.mode != "DSPARK":
             return rooms
-        self._step_no += 1
         emas = []
         for r in reqs:
             st = r.draft_state
-            ema = st.get("acc_ema", float(self.gamma))
+            ema = st.get("acc_ema")
+            if ema is None:
+                ema = float(self.gamma) if self._acc_prior is None else self._acc_prior
             if st.pop("proposed", 0) > 0:  # drafted last step (verified or not)
-                ema = 0.6 * ema + 0.4 * st.get("last_accepted", 0)
+                acc = st.get("last_accepted", 0)
+                ema = 0.6 * ema + 0.4 * acc
+                self._acc_prior = (float(acc) if self._acc_prior is None
+                                   else 0.9 * self._acc_prior + 0.1 * acc)
             st["acc_ema"] = ema
             emas.append(ema)
-        probe = self._step_no % self.probe_every == 0
-        cost = self._draft_cost_in_steps()
-        if not probe and sum(emas) < cost:
-            return [0] * len(reqs)
+        worth = sum(emas) >= self._draft_cost_in_steps()
+        if self._probing:  # this step sees the probe's outcome
+            self._probing = False
+            self.probe_every = (self.min_probe_every if worth
+                                else min(2 * self.probe_every, self.max_probe_every))
+        elif worth:
+            self.probe_every = self.min_probe_every
+        if not worth:
+            self._skipped_in_row += 1
+            if self._skipped_in_row < self.probe_every:
+                return [0] * len(reqs)
+            self._probing = True
+        self._skipped_in_row = 0
         return [min(room, max(1, int(ema) + 2)) for ema, room in zip(emas, rooms)]
 
     def _draft_cost_in_steps(self) -> float:

@@ -42,6 +42,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-chat-template", action="store_true")
     p.add_argument("--output", default="bench_speculative.json", help="JSON report path")
     p.add_argument("--plot", default=None, metavar="DIR", help="write PNG charts into DIR")
+    p.add_argument("--profile-steps", action="store_true",
+                   help="time each decode step's parts (draft, target, context update, accept)")
     return p
 
 
@@ -53,7 +55,8 @@ def main(argv: list[str] | None = None) -> None:
         model_path=args.model_path, dtype=args.dtype, max_new_tokens=args.max_new_tokens,
         temperature=args.temperature, seed=args.seed, num_draft_tokens=args.num_draft_tokens,
         draft_model_path=args.draft_model_path, max_total_tokens=args.max_total_tokens,
-        num_threads=args.num_threads, chat_template=not args.no_chat_template)
+        num_threads=args.num_threads, chat_template=not args.no_chat_template,
+        profile_steps=args.profile_steps)
     report = run_spec_bench(cfg)
     print(f"wrote {write_json(args.output, report)}")
     if args.plot:

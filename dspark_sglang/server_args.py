@@ -45,6 +45,10 @@ class ServerArgs:
     speculative_dspark_sps_table_path: str | None = _f(None, "SPS(B) table json; profiled and "
                                                              "cached at start when absent")
     speculative_dspark_confidence_sts_path: str | None = _f(None, "STS calibration json")
+    speculative_dspark_disable_draft_budget: bool = _f(
+        False, "draft every step instead of skipping drafts that past acceptance and the "
+               "measured draft cost say will not pay (the budget depends on timing, so seeded "
+               "sampling is reproducible run to run only with it disabled)")
     speculative_ngram_max_match: int = _f(4, "NGRAM: longest suffix n-gram to look up")
     # structured generation
     grammar_backend: str = _f("llguidance", "grammar backend (llguidance compiles in ~1 ms; see "

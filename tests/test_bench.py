@@ -109,10 +109,17 @@ def test_bench_speculative_runs_and_compares_with_none(
     main(["--model-path", str(tiny_dir), "--dtype", "float32", "--modes", "NONE", "NGRAM",
           "MTP1", "--concurrency", "1", "2", "--prompt-file", str(prompt_files[0]),
           "--prompts-per-file", "3",
-          "--max-new-tokens", "12", "--num-threads", "1", "--output", str(out)])
+          "--max-new-tokens", "12", "--num-threads", "1", "--output", str(out),
+          "--profile-steps"])
     rep = json.loads(out.read_text())
     rows = {(r["mode"], r["conc"]): r for r in rep["results"]}
     assert set(rows) == {(m, c) for m in ("NONE", "NGRAM", "MTP1") for c in (1, 2)}
+    for mode in ("NONE", "NGRAM"):
+        prof = rows[(mode, 1)]["step_profile"]
+        # 3 requests x 11 decode steps each at concurrency 1 (n-gram steps may emit more)
+        assert (prof["steps"] == 33) if mode == "NONE" else (1 <= prof["steps"] <= 33)
+        assert 0 < prof["target_ms"] <= prof["step_ms"] and prof["other_ms"] > -0.5
+        assert 0 < prof["steps_share"] <= 1 and prof["prefill_s"] > 0
     for c in (1, 2):
         none, ngram = rows[("NONE", c)], rows[("NGRAM", c)]
         assert "error" not in none and "error" not in ngram
@@ -123,7 +130,7 @@ def test_bench_speculative_runs_and_compares_with_none(
     mtp = rows[("MTP1", 1)]
     assert ("error" in mtp and mtp["error"].startswith("error:")) or mtp["output_tok_s"] > 0
     printed = capsys.readouterr().out
-    assert "NGRAM" in printed and "same_as_NONE" in printed
+    assert "NGRAM" in printed and "same_as_NONE" in printed and "where a decode step" in printed
 
 
 @pytest.mark.slow

@@ -15,7 +15,7 @@ class _SPS:
 
 def _worker(draft_time: float = 0.1) -> DSparkWorker:
     w = object.__new__(DSparkWorker)
-    w.mode, w.gamma = "DSPARK", 7
+    w.mode, w.gamma, w.draft_budget = "DSPARK", 7, True
     w.sps_table, w._draft_time, w._last_batch = _SPS(), draft_time, 1  # draft = 1 step
     w.min_probe_every, w.max_probe_every = 4, 16
     w.probe_every, w._skipped_in_row, w._probing, w._acc_prior = 4, 0, False, None
@@ -66,7 +66,7 @@ def test_paying_drafts_every_step_and_resets_probe_interval() -> None:
     assert w._draft_budget(reqs, [10, 1]) == [7, 1]  # depth = int(ema) + 2, capped by room
 
 
-def test_non_dspark_modes_draft_full_rooms() -> None:
+def test_disabled_budget_drafts_full_rooms() -> None:
     w = _worker()
-    w.mode = "CHAIN"
+    w.draft_budget = False
     assert w._draft_budget([_req(), _req()], [7, 2]) == [7, 2]

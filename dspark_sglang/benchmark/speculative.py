@@ -19,6 +19,7 @@ from dspark_sglang.benchmark.engine_runner import (
 )
 from dspark_sglang.benchmark.metrics import stats_delta, summarize
 from dspark_sglang.benchmark.report import error_text, format_table, machine_info, ratio
+from dspark_sglang.benchmark.step_timer import STEP_PARTS, StepTimer
 from dspark_sglang.benchmark.workloads import PromptItem, chat_prompt, sampling_for
 
 
@@ -39,6 +40,7 @@ class SpecBenchConfig:
     max_total_tokens: int = 32768
     num_threads: int | None = None
     chat_template: bool = True
+    profile_steps: bool = False
     engine_extra: dict[str, Any] = field(default_factory=dict)
 
 
@@ -66,13 +68,18 @@ def _run_mode(cfg: SpecBenchConfig, mode: str) -> tuple[list[dict[str, Any]], di
                for i, p in enumerate(cfg.prompts)]
         domains = [p.domain for p in cfg.prompts]
         engine.generate(texts[0], {**sps[0], "max_new_tokens": 4})  # warm-up
+        timer = StepTimer(engine.parts) if cfg.profile_steps else None
         for c in cfg.concurrency:
             try:
                 engine.flush_cache()
                 reset_engine_stats(engine)
+                if timer is not None:
+                    timer.reset()
                 results, wall = run_closed_loop(engine, texts, sps, domains, c)
                 row = {"mode": mode, "conc": c, **summarize(results, wall),
                        **stats_delta(None, spec_stats(engine))}
+                if timer is not None:
+                    row["step_profile"] = timer.summary(wall)
                 if row["num_errors"]:
                     row["error"] = row["first_error"]
                 outputs[c] = [r.output_ids for r in results]
@@ -138,6 +145,13 @@ def run_spec_bench(cfg: SpecBenchConfig, log: Any = print) -> dict[str, Any]:
     title = (f"speculative modes: {len(cfg.prompts)} prompts, max_new_tokens="
              f"{cfg.max_new_tokens}, T={cfg.temperature}, dtype={cfg.dtype}")
     log(format_table(table_rows(rows), TABLE_COLUMNS, title))
+    prof = [{"mode": r["mode"], "conc": r["conc"], **r["step_profile"]}
+            for r in rows if r.get("step_profile")]
+    if prof:
+        log(format_table(prof, ["mode", "conc", "steps", "step_ms",
+                                *[f"{p}_ms" for p in STEP_PARTS], "other_ms", "prefill_s",
+                                "steps_share", "prefill_share"],
+                         "where a decode step's time goes (ms per step; shares of wall time)"))
     return {
         "benchmark": "bench_speculative",
         "machine": machine_info(),

@@ -40,7 +40,8 @@ DEFAULT_DRAFTER_DIR = Path(__file__).resolve().parent.parent / "assets" / "draft
 class DSparkWorker(DraftWorker):
     def __init__(self, drafter: DSparkDrafter, num_slots: int, req_to_token: torch.Tensor,
                  mode: str, sps_table: SPSTable | None, num_draft_tokens: int | None,
-                 tree_topk: int, context_len: int, dtype: torch.dtype, device: str) -> None:
+                 tree_topk: int, context_len: int, dtype: torch.dtype, device: str,
+                 draft_budget: bool = True) -> None:
         cfg = drafter.config
         if any(i < 0 for i in cfg.target_layer_ids):
             raise ValueError("target_layer_ids < 0 (embedding output) are not supported")
@@ -60,6 +61,7 @@ class DSparkWorker(DraftWorker):
         self.ctx_pool = KVPool(cfg.num_hidden_layers, num_slots, cfg.num_key_value_heads,
                                cfg.head_dim, dtype, device)
         self.last_decision: Any = None
+        self.draft_budget = draft_budget and mode == "DSPARK"
         self.min_probe_every = 16
         self.max_probe_every = 256
         self.probe_every = self.min_probe_every
@@ -100,7 +102,7 @@ class DSparkWorker(DraftWorker):
         drafting that pays resets it. Depends on no token of the current step, so verification
         stays lossless.
         """
-        if self.mode != "DSPARK":
+        if not self.draft_budget:
             return rooms
         emas = []
         for r in reqs:
@@ -290,4 +292,5 @@ def create_dspark_worker(args: ServerArgs, parts: Any) -> DSparkWorker:
     return DSparkWorker(drafter, args.max_total_tokens, parts.cache.req_to_token,
                         args.speculative_algorithm, sps, args.speculative_num_draft_tokens,
                         args.speculative_eagle_topk, parts.context_len, runner.dtype,
-                        runner.device)
+                        runner.device,
+                        draft_budget=not args.speculative_dspark_disable_draft_budget)

@@ -136,8 +136,9 @@ class SpecDecoder:
             room = req.sampling_params.max_new_tokens - len(req.output_ids) - 1
             forced = g.find_jump_forward_tokens()[: max(0, min(limit, room))]
             if forced:
-                drafts[i] = Draft(tokens=list(forced))
+                drafts[i] = Draft(tokens=list(forced), forced=True)
                 req.draft_state["forced"] = len(forced)
+                req.draft_state.pop("proposed", None)  # the drafter's proposal was replaced
                 self.stats.forced_tokens += len(forced)
 
     def slots_needed(self, reqs: list[Req]) -> int:
@@ -323,7 +324,7 @@ class SpecDecoder:
             st.drafted += len(d)
             st.accepted += accepted
             st.emitted += len(res.tokens)
-            if d.parents is None:
+            if d.parents is None and not d.forced:  # the drafter's per-position acceptance
                 st.record_position(len(d), accepted)
 
 

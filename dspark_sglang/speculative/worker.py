@@ -31,6 +31,7 @@ class Draft:
     probs: torch.Tensor | None = None
     parents: list[int] | None = None
     confidences: list[float] | None = None  # calibrated conditional survival per position
+    forced: bool = False  # grammar jump-forward tokens, not the drafter's proposal
 
     def __len__(self) -> int:
         return len(self.tokens)

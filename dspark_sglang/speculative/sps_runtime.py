@@ -31,9 +31,8 @@ _TOKENS_PER_REQ = 8  # a verify batch is many short chains: bs = ceil(B / 8)
 
 
 def _sps_cache_path(model_path: str, runner: ModelRunner) -> Path:
-    from dspark_sglang.models.loader import default_cache_root
-
     from dspark_sglang.layers import linear
+    from dspark_sglang.models.loader import default_cache_root
 
     # the forward's cost depends on the matmul path too: a change there invalidates the profile
     key = json.dumps([model_path, str(runner.dtype), runner.device, torch.get_num_threads(),

@@ -70,3 +70,16 @@ def test_disabled_budget_drafts_full_rooms() -> None:
     w = _worker()
     w.draft_budget = False
     assert w._draft_budget([_req(), _req()], [7, 2]) == [7, 2]
+
+
+def test_large_batch_weighs_mean_acceptance_against_batch_step_cost() -> None:
+    """32 requests each expecting 0.5 accepted drafts save half a step each; a draft costing a
+    whole batch step does not pay, however many requests share it."""
+    w = _worker()
+    reqs = [_req() for _ in range(32)]
+    for r in reqs:
+        r.draft_state["acc_ema"] = 0.5
+    assert w._draft_budget(reqs, [10] * 32) == [0] * 32
+    for r in reqs:
+        r.draft_state["acc_ema"] = 1.5
+    assert w._draft_budget(reqs, [10] * 32) == [3] * 32

@@ -96,10 +96,10 @@ class DSparkWorker(DraftWorker):
         positions it would not admit. Per request an EMA of accepted drafts per step sets the
         depth (accepted + 2); a new request starts from the engine-wide EMA (the block size
         before anything was measured). Drafting is skipped for the whole batch when the expected
-        accepted tokens (sum of EMAs) are worth less than the drafter's measured cost in target
-        steps. After ``probe_every`` skipped steps the batch drafts once to refresh the
-        estimates; a probe that does not pay doubles the interval (up to ``max_probe_every``),
-        drafting that pays resets it. Depends on no token of the current step, so verification
+        accepted tokens per request (mean of EMAs: target steps saved) are worth less than the
+        drafter's measured cost in batch target steps. After ``probe_every`` skipped steps the
+        batch drafts once to refresh the estimates; a probe that does not pay doubles the
+        interval (up to ``max_probe_every``), drafting that pays resets it. Depends on no token of the current step, so verification
         stays lossless.
         """
         if not self.draft_budget:
@@ -117,7 +117,9 @@ class DSparkWorker(DraftWorker):
                                    else 0.9 * self._acc_prior + 0.1 * acc)
             st["acc_ema"] = ema
             emas.append(ema)
-        worth = sum(emas) >= self._draft_cost_in_steps()
+        # a batch step yields one token per request; drafting pays when the expected accepted
+        # drafts per request (mean EMA, in steps saved) exceed the draft's cost in batch steps
+        worth = sum(emas) / len(emas) >= self._draft_cost_in_steps()
         if self._probing:  # this step sees the probe's outcome
             self._probing = False
             self.probe_every = (self.min_probe_every if worth

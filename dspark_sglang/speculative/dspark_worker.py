@@ -99,8 +99,8 @@ class DSparkWorker(DraftWorker):
         accepted tokens per request (mean of EMAs: target steps saved) are worth less than the
         drafter's measured cost in batch target steps. After ``probe_every`` skipped steps the
         batch drafts once to refresh the estimates; a probe that does not pay doubles the
-        interval (up to ``max_probe_every``), drafting that pays resets it. Depends on no token of the current step, so verification
-        stays lossless.
+        interval (up to ``max_probe_every``), drafting that pays resets it. Depends on no token
+        of the current step, so verification stays lossless.
         """
         if not self.draft_budget:
             return rooms

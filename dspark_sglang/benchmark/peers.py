@@ -72,7 +72,8 @@ def peer_unavailable(name: str, model_path: str | None = None,
             return "skipped: transformers is not installed (pip install transformers)"
         if name == "hf-assisted" and not assistant_path:
             return ("skipped: hf-assisted needs --assistant-model-path (a same-tokenizer small "
-                    "LM; none ships for SmolLM2-135M)")
+                    "LM; none exists for SmolLM2-135M; scripts/get_qwen_pair.sh fetches a "
+                    "Qwen2.5-Coder 1.5B target with a 0.5B assistant)")
         return None
     if name.startswith("llamacpp"):
         if importlib.util.find_spec("cyllama") is None:

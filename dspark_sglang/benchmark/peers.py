@@ -91,15 +91,17 @@ def peer_unavailable(name: str, model_path: str | None = None,
     return "skipped: launching upstream SGLang is not automated; pass its --url to bench_serving"
 
 
-PEER_PACKAGES = {"hf": ["transformers", "accelerate"], "llamacpp": ["cyllama"]}
+PEER_PACKAGES = {"hf": ["transformers", "accelerate"], "llamacpp": ["cyllama"]}  # = module names
 
 
 def install_peer(name: str, log: Any = print) -> bool:
-    """pip-install what peer ``name`` needs into this interpreter; True when it succeeded."""
+    """pip-install the packages peer ``name`` needs that are missing from this interpreter;
+    True when something was installed successfully."""
     import subprocess
     import sys
 
-    pkgs = next((v for k, v in PEER_PACKAGES.items() if name.startswith(k)), None)
+    pkgs = next((v for k, v in PEER_PACKAGES.items() if name.startswith(k)), [])
+    pkgs = [p for p in pkgs if importlib.util.find_spec(p) is None]
     if not pkgs:
         return False
     log(f"[bench] installing {' '.join(pkgs)} for peer {name} ...")
@@ -279,9 +281,6 @@ class LlamaCppPeer:
                 self.ctx.memory_seq_rm(0, pos, -1)
             tok = nxt
         return out, steps
-
-    def detokenize(self, ids: list[int]) -> str:
-        return str(self.vocab.detokenize(ids))
 
 
 def run_peer(name: str, prompts: list[str], domains: list[str], tokenizer: Any,

@@ -115,7 +115,7 @@ def _run_peers(cfg: ServingConfig, texts: list[str], tokenizer: Any, log: Any
     n = cfg.peer_prompts or len(texts)
     for name in cfg.peers:
         why = peer_unavailable(name, cfg.model_path, cfg.assistant_model_path)
-        if why and "not installed" in why and cfg.install_peers and install_peer(name, log):
+        if why and cfg.install_peers and install_peer(name, log):
             why = peer_unavailable(name, cfg.model_path, cfg.assistant_model_path)
         if why:
             log(f"[bench_serving] peer {name}: {why}")

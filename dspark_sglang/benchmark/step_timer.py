@@ -82,7 +82,7 @@ class StepTimer:
         for p in STEP_PARTS:
             out[f"{p}_ms"] = 1e3 * self.totals[p] / n
         out["other_ms"] = out["step_ms"] - sum(out[f"{p}_ms"] for p in STEP_PARTS)
-        prefill = (self.totals["prefill"] + self.totals["prefill_ctx_update"])
+        prefill = self.totals["prefill"] + self.totals["prefill_ctx_update"]
         out["prefill_s"] = prefill
         out["steps_share"] = self.totals["step"] / wall_s if wall_s > 0 else None
         out["prefill_share"] = prefill / wall_s if wall_s > 0 else None

@@ -137,7 +137,6 @@ class SpecDecoder:
             forced = g.find_jump_forward_tokens()[: max(0, min(limit, room))]
             if forced:
                 drafts[i] = Draft(tokens=list(forced), forced=True)
-                req.draft_state["forced"] = len(forced)
                 req.draft_state.pop("proposed", None)  # the drafter's proposal was replaced
                 self.stats.forced_tokens += len(forced)
 
@@ -247,7 +246,6 @@ class SpecDecoder:
                        for r, t in zip(path_rows, toks)]
             results.append(StepResult(req, toks, lps, len(d)))
             req.draft_state["accepted_rows"] = path_rows
-            req.draft_state.pop("forced", None)
             off += n
         return results
 

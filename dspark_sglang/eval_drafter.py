@@ -33,6 +33,8 @@ from dspark_sglang.training.calibration import (
 )
 from dspark_sglang.training.simulate import SimSummary, leading_true, trace_sequence
 from dspark_sglang.training.target_cache import CachedSequence, TargetHiddenExtractor
+from dspark_sglang.utils.jsonl import read_jsonl
+from dspark_sglang.utils.paths import workloads_dir
 
 EVAL_SETS = ("gsm8k", "math500", "humaneval", "mbpp", "mt-bench")
 
@@ -123,7 +125,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     ap = argparse.ArgumentParser(prog="python -m dspark_sglang.eval_drafter")
     ap.add_argument("--drafter", default=None, help="checkpoint dir (default: shipped SmolLM2)")
     ap.add_argument("--model-path", default=None)
-    ap.add_argument("--eval-dir", default="/work/shared/workloads/eval")
+    ap.add_argument("--eval-dir", default=str(workloads_dir() / "eval"),
+                    help="eval prompt sets (default: $DSPARK_SHARED_DIR or ../shared)")
     ap.add_argument("--sets", default=",".join(EVAL_SETS))
     ap.add_argument("--num", type=int, default=10, help="prompts per set")
     ap.add_argument("--max-new-tokens", type=int, default=128)
@@ -149,8 +152,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     try:
         for name in [s.strip() for s in args.sets.split(",") if s.strip()]:
             t0 = time.monotonic()
-            lines = Path(args.eval_dir, f"{name}.jsonl").read_text().splitlines()
-            prompts = [json.loads(x)["turns"][0] for x in lines if x.strip()][: args.num]
+            rows_in = read_jsonl(Path(args.eval_dir, f"{name}.jsonl"))
+            prompts = [r["turns"][0] for r in rows_in][: args.num]
             s = evaluate_set(engine, extractor, drafter, target.lm_head, prompts,
                              args.max_new_tokens)
             rows.append({

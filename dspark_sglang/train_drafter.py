@@ -55,6 +55,9 @@ def _parse(argv: Sequence[str] | None) -> argparse.Namespace:
     ap.add_argument("--init-layer", type=int, default=-1,
                     help="init draft layers from this target layer (-1 = last, -2 = random)")
     ap.add_argument("--sps-table", default=None, help="SPS table json to ship with the export")
+    ap.add_argument("--cache-dtype", default="float32", choices=["float32", "bfloat16"],
+                    help="dtype of the target forward that fills the cache (stored as bf16 "
+                         "either way; bfloat16 is ~3x faster on CPUs with AVX512-BF16)")
     # training
     for name, val in vars(d).items():
         flag = "--" + name.replace("_", "-")
@@ -66,12 +69,13 @@ def _parse(argv: Sequence[str] | None) -> argparse.Namespace:
     return ap.parse_args(argv)
 
 
-def _load_target(model_path: str | None, device: str) -> torch.nn.Module:
+def _load_target(model_path: str | None, device: str,
+                 dtype: torch.dtype = torch.float32) -> torch.nn.Module:
     from dspark_sglang.entrypoints.model_setup import build_target_model
     from dspark_sglang.models.loader import load_model_files
 
     loaded = load_model_files(model_path)
-    return build_target_model(loaded.config, loaded.state_dict, torch.float32, device,
+    return build_target_model(loaded.config, loaded.state_dict, dtype, device,
                               loaded.config.max_position_embeddings)
 
 
@@ -99,7 +103,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         try:
             report["data"] = data_mod.generate_dataset(
                 engine, prompts, data_path, args.max_new_tokens, args.gen_batch_size,
-                args.sample_fraction, args.seed)
+                args.sample_fraction, args.seed, domain_max_new_tokens={"chat": 512})
         finally:
             engine.shutdown()
 
@@ -108,7 +112,9 @@ def main(argv: Sequence[str] | None = None) -> None:
         from dspark_sglang.training.target_cache import TargetHiddenExtractor, build_target_cache
 
         samples = data_mod.read_samples(data_path)
-        ext = TargetHiddenExtractor(target, layer_ids, max_batch_tokens=4096,
+        cache_target = (target if args.cache_dtype == "float32"
+                        else _load_target(args.model_path, args.device, torch.bfloat16))
+        ext = TargetHiddenExtractor(cache_target, layer_ids, max_batch_tokens=4096,
                                     max_seq_len=args.max_seq_len)
         report["cache"] = build_target_cache(ext, samples, cache_dir)
 

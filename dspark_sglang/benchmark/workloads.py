@@ -9,12 +9,14 @@ files hold ``{"prompt": ..., "schema": {...}}`` lines. The domain of a prompt is
 from __future__ import annotations
 
 import json
-import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-WORKLOADS_ENV_VAR = "DSPARK_WORKLOADS_DIR"
+from dspark_sglang.utils.jsonl import iter_jsonl
+from dspark_sglang.utils.paths import WORKLOADS_ENV_VAR, workloads_dir
+
+__all__ = ["WORKLOADS_ENV_VAR", "PromptItem", "default_workloads_dir", "load_prompt_file"]
 
 # Used only when no workloads folder exists (a fresh machine without shared/).
 _FALLBACK_PROMPTS = (
@@ -36,21 +38,12 @@ class PromptItem:
 
 
 def default_workloads_dir() -> Path:
-    env = os.environ.get(WORKLOADS_ENV_VAR)
-    if env:
-        return Path(env)
-    return Path(__file__).resolve().parents[3] / "shared" / "workloads"
+    return workloads_dir()
 
 
 def _read_jsonl(path: Path) -> list[dict[str, Any]]:
     rows: list[dict[str, Any]] = []
-    for i, line in enumerate(path.read_text(encoding="utf-8").splitlines()):
-        if not line.strip():
-            continue
-        try:
-            obj = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise ValueError(f"{path}:{i + 1}: not JSON ({e})") from e
+    for i, obj in iter_jsonl(path):
         if not isinstance(obj, dict):
             raise ValueError(f"{path}:{i + 1}: expected a JSON object")  # noqa: TRY004
         rows.append(obj)

@@ -18,15 +18,21 @@ from __future__ import annotations
 
 import json
 import random
+import threading
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from dspark_sglang.utils.jsonl import iter_jsonl, read_jsonl
+from dspark_sglang.utils.paths import workloads_dir
+
 DEFAULT_PROMPT_FILES = (
-    "/work/shared/workloads/train_prompts.jsonl",
+    str(workloads_dir() / "train_prompts.jsonl"),
     str(Path(__file__).with_name("chat_json_prompts.jsonl")),
+    str(Path(__file__).with_name("chat_json_synth.jsonl")),
 )
 
 
@@ -59,10 +65,7 @@ def read_prompts(paths: Sequence[str | Path]) -> list[Prompt]:
         p = Path(path)
         if "workloads/eval" in p.resolve().as_posix():
             raise ValueError(f"refusing to train on evaluation prompts: {p}")
-        for i, line in enumerate(p.read_text().splitlines()):
-            if not line.strip():
-                continue
-            row = json.loads(line)
+        for i, row in iter_jsonl(p):
             turns = row.get("turns") or [row.get("prompt", "")]
             out.append(Prompt(f"{p.stem}:{i}", str(row.get("domain", p.stem)), str(turns[0])))
     return out
@@ -73,14 +76,9 @@ def read_samples(path: str | Path) -> list[Sample]:
     p = Path(path)
     if not p.exists():
         return []
-    rows = [json.loads(x) for x in p.read_text().splitlines() if x.strip()]
+    rows = read_jsonl(p)
     return [Sample(r["key"], r["prompt_ids"], r["output_ids"], r.get("domain", ""),
                    float(r.get("temperature", 0.0))) for r in rows]
-
-
-def _batches(items: Sequence[Prompt], size: int) -> Iterator[list[Prompt]]:
-    for i in range(0, len(items), size):
-        yield list(items[i : i + size])
 
 
 def generate_dataset(
@@ -93,46 +91,58 @@ def generate_dataset(
     seed: int = 0,
     max_prompt_tokens: int = 512,
     log: Any = print,
+    domain_max_new_tokens: dict[str, int] | None = None,
+    log_every: int = 8,
 ) -> dict[str, float]:
     """Answer every prompt not yet in ``out_path`` with ``engine`` and append the results.
 
     ``engine`` is an :class:`dspark_sglang.entrypoints.engine.Engine` (or anything with the same
     ``generate(input_ids=[[...]], sampling_params=[...])`` and ``tokenizer``). Returns
     ``{"new_samples", "new_tokens", "seconds", "tokens_per_s"}`` for this call.
+
+    ``batch_size`` requests run at once (continuously); ``domain_max_new_tokens`` overrides
+    ``max_new_tokens`` per prompt domain (e.g. longer chat answers). A prompt's temperature and
+    seed depend only on its position in ``prompts`` and ``seed``, so a resumed run makes the same
+    answers.
     """
     out = Path(out_path)
     out.parent.mkdir(parents=True, exist_ok=True)
     done = {s.key for s in read_samples(out)}
-    todo = [p for p in prompts if p.key not in done]
     rng = random.Random(seed)
     temps = {p.key: (1.0 if rng.random() < sample_fraction else 0.0) for p in prompts}
+    seeds = {p.key: seed + i for i, p in enumerate(prompts)}
+    todo = [p for p in prompts if p.key not in done]
     tok = engine.tokenizer
+    limits = dict(domain_max_new_tokens or {})
     t0 = time.monotonic()
-    n_tokens = n_samples = 0
-    for batch in _batches(todo, batch_size):
-        ids, params, kept = [], [], []
-        for p in batch:
-            text = tok.apply_chat_template([{"role": "user", "content": p.text}])
-            pid = tok.encode(text)
-            if len(pid) > max_prompt_tokens:
-                continue
-            ids.append(pid)
-            params.append({"max_new_tokens": max_new_tokens, "temperature": temps[p.key],
-                           "seed": seed + len(done) + n_samples + len(kept)})
-            kept.append(p)
-        if not kept:
-            continue
-        outs = engine.generate(input_ids=ids, sampling_params=params)
-        with out.open("a") as f:
-            for p, pid, sp, o in zip(kept, ids, params, outs):
-                f.write(json.dumps({"key": p.key, "domain": p.domain,
-                                    "temperature": sp["temperature"], "prompt_ids": pid,
-                                    "output_ids": list(o["output_ids"])}) + "\n")
-                n_tokens += len(o["output_ids"])
-        n_samples += len(kept)
-        dt = time.monotonic() - t0
-        log(f"[data] {len(done) + n_samples}/{len(prompts)} prompts, {n_tokens} new tokens, "
-            f"{n_tokens / max(dt, 1e-9):.1f} tok/s")
+    lock = threading.Lock()
+    counts = {"tokens": 0, "samples": 0}
+
+    def answer(p: Prompt) -> None:
+        pid = tok.encode(tok.apply_chat_template([{"role": "user", "content": p.text}]))
+        if len(pid) > max_prompt_tokens:
+            return
+        sp = {"max_new_tokens": limits.get(p.domain, max_new_tokens),
+              "temperature": temps[p.key], "seed": seeds[p.key]}
+        o = engine.generate(input_ids=[pid], sampling_params=[sp])[0]
+        row = {"key": p.key, "domain": p.domain, "temperature": sp["temperature"],
+               "prompt_ids": pid, "output_ids": list(o["output_ids"])}
+        with lock:
+            with out.open("a") as f:
+                f.write(json.dumps(row) + "\n")
+            counts["tokens"] += len(row["output_ids"])
+            counts["samples"] += 1
+            if counts["samples"] % log_every == 0:
+                dt = time.monotonic() - t0
+                log(f"[data] {len(done) + counts['samples']}/{len(prompts)} prompts, "
+                    f"{counts['tokens']} new tokens, {counts['tokens'] / max(dt, 1e-9):.1f} tok/s")
+
+    # One thread per in-flight request keeps ``batch_size`` requests running continuously (no
+    # batch barrier waiting for the longest answer); each answer is appended when it finishes.
+    with ThreadPoolExecutor(max_workers=batch_size) as pool:
+        for fut in [pool.submit(answer, p) for p in todo]:
+            fut.result()
+    n_tokens, n_samples = counts["tokens"], counts["samples"]
     dt = time.monotonic() - t0
     return {"new_samples": float(n_samples), "new_tokens": float(n_tokens), "seconds": dt,
             "tokens_per_s": n_tokens / max(dt, 1e-9)}
@@ -152,6 +162,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     ap.add_argument("--sample-fraction", type=float, default=0.25)
     ap.add_argument("--limit", type=int, default=0, help="use the first N prompts after shuffle")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--domain-max-new-tokens", nargs="*", default=["chat=512"],
+                    help="per-domain overrides of --max-new-tokens, e.g. chat=512")
     ap.add_argument("--num-threads", type=int, default=None)
     args = ap.parse_args(argv)
 
@@ -161,12 +173,15 @@ def main(argv: Sequence[str] | None = None) -> None:
     random.Random(args.seed).shuffle(prompts)
     if args.limit:
         prompts = prompts[: args.limit]
+    limits = {k: int(v) for k, v in (x.split("=", 1) for x in args.domain_max_new_tokens)}
+    longest = max([args.max_new_tokens, *limits.values()])
     engine = Engine(model_path=args.model_path, dtype=args.dtype,
-                    max_total_tokens=max(8192, args.batch_size * (512 + args.max_new_tokens)),
+                    max_total_tokens=max(8192, args.batch_size * (512 + longest)),
                     max_running_requests=args.batch_size, num_threads=args.num_threads)
     try:
         stats = generate_dataset(engine, prompts, args.out, args.max_new_tokens,
-                                 args.batch_size, args.sample_fraction, args.seed)
+                                 args.batch_size, args.sample_fraction, args.seed,
+                                 domain_max_new_tokens=limits)
     finally:
         engine.shutdown()
     print(json.dumps(stats))

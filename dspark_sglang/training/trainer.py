@@ -24,6 +24,7 @@ from typing import Any
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from dspark_sglang.models.config import ModelConfig
@@ -40,7 +41,8 @@ from dspark_sglang.training.blocks import (
 )
 from dspark_sglang.training.calibration import fit_sts_calibration
 from dspark_sglang.training.export import export_drafter
-from dspark_sglang.training.losses import dspark_loss
+from dspark_sglang.training.fused_loss import fused_head_losses
+from dspark_sglang.training.losses import dspark_loss, position_weights
 from dspark_sglang.training.target_cache import CachedSequence
 
 STATE_FILE = "train_state.pt"
@@ -68,6 +70,9 @@ class TrainConfig:
     seed: int = 0
     export_dtype: str = "bfloat16"
     max_minutes: float = 0.0  # stop (and checkpoint) after this wall time; 0 = no limit
+    fused_loss: bool = True  # chunked LM head + loss (training/fused_loss.py); False = reference
+    compute_dtype: str = "auto"  # matmul dtype: auto = bf16 where the hardware has it, else fp32
+    loss_chunk: int = 128  # rows per chunk of the fused head
 
 
 def make_drafter_config(
@@ -127,7 +132,77 @@ def split_heldout(seqs: Sequence[CachedSequence], fraction: float, seed: int
     return order[n_held:], order[:n_held]
 
 
+def resolve_compute_dtype(name: str, device: torch.device | str) -> torch.dtype:
+    """``auto``: bf16 on CUDA and on CPUs with native bf16 dot products (AVX512-BF16 / AMX),
+    where it runs several times faster than fp32; fp32 elsewhere (AVX2 emulates bf16)."""
+    if name != "auto":
+        return {"bfloat16": torch.bfloat16, "float32": torch.float32}[name]
+    if torch.device(device).type == "cuda":
+        return torch.bfloat16
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return torch.float32
+    return torch.bfloat16 if ("avx512_bf16" in flags or "amx_bf16" in flags) else torch.float32
+
+
 def step_loss(
+    drafter: DSparkDrafter, lm_head: Callable[[torch.Tensor], torch.Tensor], batch: BlockBatch,
+    cfg: TrainConfig, device: torch.device | str,
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """The training loss of one block batch: the fused chunked head (``cfg.fused_loss``) or the
+    reference :func:`dspark_loss` over materialised logits; both give the same values."""
+    dtype = resolve_compute_dtype(cfg.compute_dtype, device)
+    dev_type = torch.device(device).type
+    with torch.autocast(dev_type, dtype=dtype, enabled=dtype != torch.float32):
+        if cfg.fused_loss:
+            return _fused_step_loss(drafter, lm_head, batch, cfg, device, dtype)
+        return _reference_step_loss(drafter, lm_head, batch, cfg, device)
+
+
+def _fused_step_loss(
+    drafter: DSparkDrafter, lm_head: Callable[[torch.Tensor], torch.Tensor], batch: BlockBatch,
+    cfg: TrainConfig, device: torch.device | str, dtype: torch.dtype,
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    g = drafter.gamma
+    hidden = block_forward(drafter, batch, device)  # [N, g, H]
+    prev = prev_tokens(batch).to(device)  # [N, g]
+    valid = batch.valid.to(device)  # [N, g]
+    conf = drafter.confidence_logits(hidden, prev)  # [N, g] or None
+    u = w2 = None
+    if drafter.markov_head is not None:
+        u = drafter.markov_head.block_rank_input(prev, hidden)[valid]  # [M, r]
+        w2 = drafter.markov_head.markov_w2.weight  # [V, r]
+    lmax = batch.final_hidden.shape[1]
+    idx = (batch.anchor_pos[:, None] + torch.arange(g)[None, :]).clamp(max=lmax - 1)
+    tgt_h = batch.final_hidden[batch.seq_index[:, None], idx].to(device)  # [N, g, H]
+    head_w = lm_head.weight  # type: ignore[attr-defined]  # [V, H], frozen
+    with torch.autocast(torch.device(device).type, enabled=False):
+        l1_tok, ce_tok = fused_head_losses(
+            hidden[valid], u, head_w, w2, tgt_h[valid], batch.labels.to(device)[valid],
+            chunk=cfg.loss_chunk, matmul_dtype=dtype)  # [M] each
+    w = position_weights(valid, cfg.loss_decay_gamma)[valid]  # [M]
+    den = w.sum() + 1e-6
+    ce = (ce_tok * w).sum() / den
+    l1 = (l1_tok * w).sum() / den
+    accept_v = (1.0 - 0.5 * l1_tok.detach()).clamp(0.0, 1.0)  # [M]
+    loss_conf = ce.new_zeros(())
+    if conf is not None:
+        bce = F.binary_cross_entropy_with_logits(conf[valid].float(), accept_v, reduction="none")
+        loss_conf = (bce * w).sum() / den
+    total = cfg.alpha_ce * ce + cfg.alpha_tv * l1 + cfg.alpha_conf * loss_conf
+    with torch.no_grad():
+        accept = torch.zeros(valid.shape, device=accept_v.device)
+        accept[valid] = accept_v
+        blocks = valid.any(dim=-1)
+        tau = 1.0 + accept.cumprod(dim=-1).sum(dim=-1)
+        parts = {"ce": ce, "l1": l1, "tv": (0.5 * l1).detach(), "conf": loss_conf,
+                 "accept_rate": accept_v.mean() if accept_v.numel() else ce.new_zeros(()),
+                 "expected_tau": (tau * blocks).sum() / blocks.sum().clamp(min=1)}
+    return total, parts
+
+
+def _reference_step_loss(
     drafter: DSparkDrafter, lm_head: Callable[[torch.Tensor], torch.Tensor], batch: BlockBatch,
     cfg: TrainConfig, device: torch.device | str,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:

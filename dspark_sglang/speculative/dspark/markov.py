@@ -44,30 +44,39 @@ class MarkovHead(nn.Module):
         """Recurrent state before block row 0 (None for memoryless heads)."""
         return None
 
+    def rank_step(
+        self, prev_tokens: torch.Tensor, hidden: torch.Tensor, state: torch.Tensor | None
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """One block row's input to ``markov_w2``: (``u [..., r]``, state); bias = ``W2 · u``."""
+        del hidden
+        return self.prev_embedding(prev_tokens), state
+
     def step(
         self, prev_tokens: torch.Tensor, hidden: torch.Tensor, state: torch.Tensor | None
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """One block row: ``prev_tokens [...]``, ``hidden [..., H]`` -> (``bias [..., V]``, state)."""
-        del hidden
-        return self.bias(prev_tokens), state
+        """One block row: ``prev_tokens [...]``, ``hidden [..., H]`` -> (``bias [..., V]``,
+        state)."""
+        u, state = self.rank_step(prev_tokens, hidden, state)
+        return self.markov_w2(u), state
 
-    def block_bias(self, prev_tokens: torch.Tensor, hidden: torch.Tensor) -> torch.Tensor:
-        """Teacher-forced bias for whole blocks (training).
-
-        ``prev_tokens``: ``[..., k]`` (row ``j`` holds ``x_{j-1}``, row 0 the anchor);
-        ``hidden``: ``[..., k, H]``. Returns ``[..., k, V]``.
-        """
+    def block_rank_input(self, prev_tokens: torch.Tensor, hidden: torch.Tensor) -> torch.Tensor:
+        """Teacher-forced ``u`` for whole blocks (training): ``[..., k]``, ``[..., k, H]`` ->
+        ``[..., k, r]``; row ``j`` of ``prev_tokens`` holds ``x_{j-1}`` (row 0 the anchor)."""
         state = self.init_state(tuple(prev_tokens.shape[:-1]), hidden)
         out = []
         for j in range(prev_tokens.shape[-1]):
-            b, state = self.step(prev_tokens[..., j], hidden[..., j, :], state)
-            out.append(b)
+            u, state = self.rank_step(prev_tokens[..., j], hidden[..., j, :], state)
+            out.append(u)
         return torch.stack(out, dim=-2)
+
+    def block_bias(self, prev_tokens: torch.Tensor, hidden: torch.Tensor) -> torch.Tensor:
+        """Teacher-forced bias for whole blocks (training): ``[..., k, V]``."""
+        return self.markov_w2(self.block_rank_input(prev_tokens, hidden))
 
 
 class VanillaMarkovHead(MarkovHead):
-    def block_bias(self, prev_tokens: torch.Tensor, hidden: torch.Tensor) -> torch.Tensor:
-        return self.bias(prev_tokens)  # memoryless: one batched call
+    def block_rank_input(self, prev_tokens: torch.Tensor, hidden: torch.Tensor) -> torch.Tensor:
+        return self.prev_embedding(prev_tokens)  # memoryless: one batched call
 
 
 class GatedMarkovHead(MarkovHead):
@@ -77,15 +86,15 @@ class GatedMarkovHead(MarkovHead):
         super().__init__(vocab_size, rank, hidden_size)
         self.gate_proj = nn.Linear(hidden_size + rank, rank)
 
-    def step(
+    def rank_step(
         self, prev_tokens: torch.Tensor, hidden: torch.Tensor, state: torch.Tensor | None
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         e = self.prev_embedding(prev_tokens)  # [..., r]
         gate = torch.sigmoid(self.gate_proj(torch.cat([hidden.to(e.dtype), e], dim=-1)))
-        return self.markov_w2(gate * e), state
+        return gate * e, state
 
-    def block_bias(self, prev_tokens: torch.Tensor, hidden: torch.Tensor) -> torch.Tensor:
-        return self.step(prev_tokens, hidden, None)[0]  # memoryless: one batched call
+    def block_rank_input(self, prev_tokens: torch.Tensor, hidden: torch.Tensor) -> torch.Tensor:
+        return self.rank_step(prev_tokens, hidden, None)[0]  # memoryless: one batched call
 
 
 class RNNMarkovHead(MarkovHead):
@@ -99,7 +108,7 @@ class RNNMarkovHead(MarkovHead):
         return torch.zeros(*batch_shape, self.rank, dtype=self.markov_w1.weight.dtype,
                            device=ref.device)
 
-    def step(
+    def rank_step(
         self, prev_tokens: torch.Tensor, hidden: torch.Tensor, state: torch.Tensor | None
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         e = self.prev_embedding(prev_tokens)  # [..., r]
@@ -108,7 +117,7 @@ class RNNMarkovHead(MarkovHead):
         a, c, o = self.joint_proj(torch.cat([state, e, hidden.to(e.dtype)], dim=-1)).chunk(3, -1)
         g = torch.sigmoid(a)
         new_state = g * state + (1.0 - g) * torch.tanh(c)
-        return self.markov_w2(torch.tanh(o)), new_state
+        return torch.tanh(o), new_state
 
 
 def build_markov_head(

@@ -1,0 +1,1 @@
+"""Small helpers every layer may import (nothing from the rest of the package)."""

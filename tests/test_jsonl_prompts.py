@@ -1,0 +1,45 @@
+"""JSON Lines reading (U+2028 inside strings) and the synthesised chat / JSON training prompts."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from dspark_sglang.benchmark.workloads import load_prompt_file
+from dspark_sglang.training.data import read_prompts
+from dspark_sglang.training.synth_prompts import synthesize
+from dspark_sglang.utils.jsonl import iter_jsonl, read_jsonl
+
+
+def test_line_separator_inside_a_string_stays_one_record(tmp_path: Path) -> None:
+    p = tmp_path / "p.jsonl"
+    rows = [{"turns": ["first\u2028line"]}, {"turns": ["x\u2029y\x85z"]}, {"turns": ["plain"]}]
+    p.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows) + "\n",
+                 encoding="utf-8")
+    assert "first\u2028line" in p.read_text(encoding="utf-8")  # raw, not escaped
+    assert len(p.read_text(encoding="utf-8").splitlines()) > 4  # what str.splitlines() does
+    assert read_jsonl(p) == rows
+    assert [i for i, _ in iter_jsonl(p)] == [0, 1, 2]
+    assert [x.text for x in read_prompts([p])] == ["first\u2028line", "x\u2029y\x85z", "plain"]
+    assert [x.text for x in load_prompt_file(p)][0] == "first\u2028line"
+
+
+def test_malformed_line_names_file_and_line(tmp_path: Path) -> None:
+    p = tmp_path / "bad.jsonl"
+    p.write_text('{"a": 1}\n{not json\n')
+    with pytest.raises(ValueError, match="bad.jsonl:2"):
+        read_jsonl(p)
+
+
+def test_synthesized_prompts_are_unique_and_exclude_eval_prompts() -> None:
+    rows = synthesize(300, 50, seed=1)
+    texts = [r["turns"][0] for r in rows]
+    assert len(texts) == 350 and len({t.lower() for t in texts}) == 350
+    assert sum(r["domain"] == "chat" for r in rows) == 300
+    banned = texts[:10]
+    again = synthesize(300, 50, exclude=banned, seed=1)
+    assert not {r["turns"][0] for r in again} & set(banned)
+    with pytest.raises(ValueError, match="distinct json"):
+        synthesize(10, 10_000)

@@ -20,11 +20,21 @@ from dspark_sglang.core.req import Req
 from dspark_sglang.entrypoints.protocol import (
     ApiError,
     ChatCompletionRequest,
+    ChatMessage,
     CompletionRequest,
     _SamplingFields,
     parse_body,
 )
 from dspark_sglang.entrypoints.server_state import ServerState, stop_holdback
+from dspark_sglang.entrypoints.tool_calls import (
+    ToolCallParser,
+    ToolMode,
+    call_schema,
+    parse_auto,
+    parse_constrained,
+    prepare_messages,
+    resolve_tool_choice,
+)
 
 _FINISH = {"length": "length", "stop": "stop", "abort": "abort"}
 
@@ -157,27 +167,22 @@ def build_openai_router(state: ServerState) -> APIRouter:
     @router.post("/chat/completions")
     async def chat_completions(request: Request) -> Response:
         body = parse_body(await request.body(), ChatCompletionRequest)
-        if body.tools:
-            raise ApiError(400, "tools are not supported by this server", param="tools")
         if body.top_logprobs is not None and not 0 <= body.top_logprobs <= 20:
             raise ApiError(400, "top_logprobs must be in [0, 20]", param="top_logprobs")
         if body.top_logprobs and not body.logprobs:
             raise ApiError(400, "top_logprobs needs logprobs=true", param="top_logprobs")
+        mode = resolve_tool_choice(body.tool_choice, body.tools)
         max_tokens = body.max_completion_tokens if body.max_completion_tokens is not None \
             else body.max_tokens
         sp = sampling_params_from(body, max_tokens)
-        messages = []
-        for m in body.messages:
-            content = m.content
-            if isinstance(content, list):
-                content = "".join(p.text for p in content)
-            messages.append({"role": m.role, "content": content or ""})
-        try:
-            text = engine.tokenizer.apply_chat_template(
-                messages, add_generation_prompt=not body.continue_final_message,
-                **(body.chat_template_kwargs or {}))
-        except (ValueError, TypeError, TemplateError) as e:  # the caller's messages or template
-            raise ApiError(400, f"chat template failed: {e}", param="messages") from None
+        if mode.constrained:
+            if any(sp[k] is not None for k in ("regex", "ebnf", "json_schema")):
+                raise ApiError(400, "tool_choice 'required' or a named function cannot be "
+                               "combined with response_format/regex/ebnf/json_schema",
+                               param="tool_choice")
+            sp["json_schema"] = json.dumps(call_schema(body.tools or [], mode,
+                                                       body.parallel_tool_calls))
+        text = render_chat(engine.tokenizer, body, mode)
         ids = _encode_rendered(engine.tokenizer, text)
         if "max_new_tokens" not in sp:
             sp["max_new_tokens"] = max(1, engine.context_len - len(ids))
@@ -188,14 +193,27 @@ def build_openai_router(state: ServerState) -> APIRouter:
         cid = f"chatcmpl-{uuid.uuid4().hex}"
         if body.stream:
             return StreamingResponse(
-                _stream(state, reqs, body, cid, chat=True), media_type="text/event-stream")
+                _stream(state, reqs, body, cid, chat=True, tools=(mode, body.tools or [])),
+                media_type="text/event-stream")
         outs = await state.run(reqs, request)
         choices = []
         for k, out in enumerate(outs):
             meta = out["meta_info"]
+            message: dict[str, Any] = {"role": "assistant", "content": out["text"]}
+            fr = _finish_reason(meta)
+            calls: list[dict[str, Any]] = []
+            if mode.kind == "auto":
+                message["content"], calls = parse_auto(out["text"], body.tools or [])
+            elif mode.constrained:
+                calls = parse_constrained(out["text"], body.tools or [])
+                if calls:
+                    message["content"] = None
+            if calls:
+                message["tool_calls"] = [{k2: v for k2, v in c.items() if k2 != "index"}
+                                         for c in calls]
+                fr = "tool_calls" if fr == "stop" else fr
             choices.append({
-                "index": k, "message": {"role": "assistant", "content": out["text"]},
-                "finish_reason": _finish_reason(meta),
+                "index": k, "message": message, "finish_reason": fr,
                 "matched_stop": (meta["finish_reason"] or {}).get("matched"),
                 "logprobs": _chat_logprobs(state, meta) if body.logprobs else None})
         return JSONResponse({"id": cid, "object": "chat.completion", "created": int(time.time()),
@@ -203,6 +221,49 @@ def build_openai_router(state: ServerState) -> APIRouter:
                              "usage": _usage(reqs, dict(enumerate(outs)), body.n)})
 
     return router
+
+
+def _message_dict(m: ChatMessage) -> dict[str, Any]:
+    content = m.content
+    if isinstance(content, list):
+        content = "".join(p.text for p in content)
+    d: dict[str, Any] = {**(m.model_extra or {}), "role": m.role, "content": content}
+    if m.name is not None:
+        d["name"] = m.name
+    return d
+
+
+_CONTINUE_MARK = "\u2060dspark-continue\u2060"
+
+
+def render_chat(tokenizer: Any, body: ChatCompletionRequest, mode: ToolMode) -> str:
+    """The prompt text of a chat request (tools rendered as ``tool_calls.py`` describes).
+
+    ``continue_final_message``: the last (assistant) message is left open, so generation
+    continues it; the template renders a marker in its place and the text is cut there."""
+    tools = body.tools if mode.kind != "none" else None
+    reads_tools = tokenizer.template_reads("tools")
+    messages = prepare_messages([_message_dict(m) for m in body.messages], tools, reads_tools)
+    final = None
+    if body.continue_final_message:
+        if messages[-1]["role"] != "assistant":
+            raise ApiError(400, "continue_final_message needs the last message to be from the "
+                           "assistant", param="continue_final_message")
+        final = messages[-1]["content"]
+        messages[-1] = {**messages[-1], "content": _CONTINUE_MARK}
+    try:
+        text = tokenizer.apply_chat_template(
+            messages, add_generation_prompt=not body.continue_final_message,
+            tools=tools if reads_tools else None, **(body.chat_template_kwargs or {}))
+    except (ValueError, TypeError, TemplateError) as e:  # the caller's messages or template
+        raise ApiError(400, f"chat template failed: {e}", param="messages") from None
+    if final is not None:
+        cut = text.rfind(_CONTINUE_MARK)
+        if cut == -1:
+            raise ApiError(400, "continue_final_message: the chat template does not render the "
+                           "final message", param="continue_final_message")
+        text = text[:cut] + final
+    return text
 
 
 def _encode_rendered(tokenizer: Any, text: str) -> list[int]:
@@ -214,9 +275,51 @@ def _encode_rendered(tokenizer: Any, text: str) -> list[int]:
     return ids
 
 
+class _ChoiceText:
+    """Turns one chat choice's text deltas into OpenAI ``delta`` objects (tool calls parsed)."""
+
+    def __init__(self, tools: tuple[ToolMode, list[Any]] | None) -> None:
+        self.mode = tools[0] if tools else ToolMode("none")
+        self.tools = tools[1] if tools else []
+        self.parser = ToolCallParser(self.tools) if self.mode.kind == "auto" else None
+        self.buffer = ""
+        self.num_calls = 0
+
+    def deltas(self, text: str, fin: bool) -> list[dict[str, Any]]:
+        if self.mode.kind == "none":
+            return [{"content": text}] if text else []
+        if self.parser is not None:
+            events = self.parser.feed(text) + (self.parser.finish() if fin else [])
+        else:  # constrained: the whole answer is one JSON value, parsed at the end
+            self.buffer += text
+            if not fin:
+                return []
+            calls = parse_constrained(self.buffer, self.tools)
+            events = [("call", {**c, "index": i}) for i, c in enumerate(calls)] if calls else (
+                [("content", self.buffer)] if self.buffer else [])
+        out: list[dict[str, Any]] = []
+        for kind, value in events:
+            if kind == "content":
+                out.append({"content": value})
+                continue
+            self.num_calls += 1
+            fn = value["function"]
+            out.append({"tool_calls": [{"index": value["index"], "id": value["id"],
+                                        "type": "function",
+                                        "function": {"name": fn["name"], "arguments": ""}}]})
+            out.append({"tool_calls": [{"index": value["index"],
+                                        "function": {"arguments": fn["arguments"]}}]})
+        return out
+
+
 async def _stream(state: ServerState, reqs: list[Req], body: _SamplingFields, cid: str,
-                  chat: bool) -> AsyncIterator[bytes]:
-    """Delta chunks per choice, a finish chunk per choice, optional usage chunk, ``[DONE]``."""
+                  chat: bool, tools: tuple[ToolMode, list[Any]] | None = None,
+                  ) -> AsyncIterator[bytes]:
+    """Delta chunks per choice, a finish chunk per choice, optional usage chunk, ``[DONE]``.
+
+    Chat choices with tools stream content as it is decided and each tool call as two deltas
+    (id + name with empty arguments, then the arguments), as OpenAI sends them; logprobs ride on
+    the next chunk a choice sends."""
     created = int(time.time())
     obj_type = "chat.completion.chunk" if chat else "text_completion"
     sent = [0] * len(reqs)
@@ -225,6 +328,7 @@ async def _stream(state: ServerState, reqs: list[Req], body: _SamplingFields, ci
     include_usage = bool(body.stream_options and body.stream_options.include_usage)
     lp_field = getattr(body, "logprobs", None)
     want_lp = bool(lp_field) if chat else lp_field is not None
+    texts = [_ChoiceText(tools) for _ in reqs]
 
     def chunk(choices: list[dict[str, Any]], usage: Any = None) -> bytes:
         obj: dict[str, Any] = {"id": cid, "object": obj_type, "created": created,
@@ -245,7 +349,8 @@ async def _stream(state: ServerState, reqs: list[Req], body: _SamplingFields, ci
             delta = text[sent[k]:] if len(text) > sent[k] else ""
             sent[k] = max(sent[k], len(text))
             fr = _finish_reason(meta) if fin else None
-            if not delta and not fin:
+            pieces = texts[k].deltas(delta, fin) if chat else ([delta] if delta else [])
+            if not pieces and not fin:
                 continue
             lp = None
             if want_lp:
@@ -255,15 +360,22 @@ async def _stream(state: ServerState, reqs: list[Req], body: _SamplingFields, ci
                           "output_top_logprobs": (meta.get("output_top_logprobs")
                                                   or [])[lp_sent[k]:]}, sent[k] - len(delta)))
                 lp_sent[k] = len(meta.get("output_token_logprobs", []))
-            if chat:
-                choice = {"index": k, "delta": {"content": delta} if delta else {},
-                          "logprobs": lp, "finish_reason": fr}
-            else:
-                choice = {"index": k, "text": delta, "logprobs": lp, "finish_reason": fr}
-            if fin:
-                finals[k] = out
-                choice["matched_stop"] = (meta["finish_reason"] or {}).get("matched")
-            yield chunk([choice])
+            if fin and chat and texts[k].num_calls and fr == "stop":
+                fr = "tool_calls"
+            if not pieces:
+                pieces = [{} if chat else ""]
+            for j, piece in enumerate(pieces):
+                last = j == len(pieces) - 1
+                if chat:
+                    choice = {"index": k, "delta": piece, "logprobs": lp if j == 0 else None,
+                              "finish_reason": fr if last else None}
+                else:
+                    choice = {"index": k, "text": piece, "logprobs": lp if j == 0 else None,
+                              "finish_reason": fr if last else None}
+                if fin and last:
+                    finals[k] = out
+                    choice["matched_stop"] = (meta["finish_reason"] or {}).get("matched")
+                yield chunk([choice])
         if include_usage:
             yield chunk([], _usage(reqs, finals, body.n))
         yield b"data: [DONE]\n\n"

@@ -240,6 +240,18 @@ class Tokenizer:
             **context,
         )
 
+    @cached_property
+    def _template_variables(self) -> frozenset[str]:
+        from jinja2 import meta
+
+        ast = self._compiled_template.environment.parse(self.chat_template or "")
+        return frozenset(meta.find_undeclared_variables(ast))
+
+    def template_reads(self, name: str) -> bool:
+        """Whether the chat template reads the variable ``name`` (``tools``: it renders tool
+        signatures itself)."""
+        return name in self._template_variables
+
     def incremental_decoder(self, skip_special_tokens: bool = True) -> IncrementalDecoder:
         return IncrementalDecoder(self, skip_special_tokens=skip_special_tokens)
 

@@ -31,11 +31,12 @@ from dspark_sglang.constrained import (
     grammar_backend_names,
 )
 from dspark_sglang.constrained.tokenizer_info import decode_token
+from dspark_sglang.utils.paths import workloads_dir
 
 tokenizers = pytest.importorskip("tokenizers")
 jsonschema = pytest.importorskip("jsonschema")
 
-WORKLOADS = Path(os.environ.get("DSPARK_SHARED", "/work/shared")) / "workloads"
+WORKLOADS = workloads_dir()
 if not (WORKLOADS / "json_tasks.jsonl").exists():  # CI checkouts carry a copy of the task files
     WORKLOADS = Path(__file__).resolve().parent / "data" / "workloads"
 EOS = 2  # <|im_end|>

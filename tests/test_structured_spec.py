@@ -8,9 +8,10 @@ from pathlib import Path
 
 import pytest
 
+from dspark_sglang.utils.paths import workloads_dir
 from tests.conftest import has_default_model, random_drafter_for
 
-WORKLOADS = Path("/work/shared/workloads")
+WORKLOADS = workloads_dir()
 if not WORKLOADS.exists():  # CI checkouts carry a copy
     WORKLOADS = Path(__file__).resolve().parent / "data" / "workloads"
 

@@ -109,6 +109,8 @@ def mask_adjusted_confidence(
     ``c' >= c`` always. When ``q(x) = 1`` there is no alternative mass and ``c' = c``.
 
     Shapes: ``confidence [bs]``, ``logits``/``masked_logits`` ``[bs, V]``, ``tokens [bs]``.
+    Under sampling ``tokens`` must not be the drawn draft token (the verify decision would then
+    anticipate it and bias the output): the sampler passes the masked distribution's mode.
     """
     idx = tokens.long().unsqueeze(-1)
     q = torch.softmax(logits.float(), dim=-1).gather(-1, idx).squeeze(-1)  # [bs]

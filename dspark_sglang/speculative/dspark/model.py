@@ -128,8 +128,9 @@ class DraftChain:
     the row's temperature applied; one-hot for greedy rows): the ``q`` of rejection sampling.
     ``confidences[r, k]``: calibrated (STS, then mask-corrected) probability that draft ``k`` is
     accepted given drafts ``< k`` were; ``confidence_logits`` are the raw head logits (None
-    without a head, in which case ``confidences`` is the draft's own temperature-1 masked
-    probability of its token).
+    without a head, in which case ``confidences`` is the largest temperature-1 masked draft
+    probability). Confidences never depend on the token drawn at ``k`` (non-anticipating), so a
+    verify length chosen from them keeps rejection sampling lossless.
     """
 
     tokens: torch.Tensor  # [bs, k] int64
@@ -332,13 +333,16 @@ class DSparkDrafter(nn.Module):
             else:  # all greedy: the draft distribution is one-hot, skip the softmax
                 q = one_hot
 
+            # The confidence decides whether draft k is verified, so it may use only what is
+            # known before x_k is drawn (DSpark App. A): the distribution, never the sampled
+            # token. Both fallbacks read the draft's mode, which for greedy rows is x_k itself.
             z = self.confidence_logits(h_k, prev)
             if z is None:
-                c = torch.softmax(masked, dim=-1).gather(1, tok.unsqueeze(1)).squeeze(1)
+                c = torch.softmax(masked, dim=-1).max(dim=-1).values
             else:
                 c = apply_sts_torch(z, self.sts_temperatures[k : k + 1])
                 if mask is not None:
-                    c = mask_adjusted_confidence(c, logits, masked, tok)
+                    c = mask_adjusted_confidence(c, logits, masked, argmax)
                 conf_logits.append(z.float())
             tokens.append(tok)
             probs.append(q)

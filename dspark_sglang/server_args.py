@@ -29,8 +29,9 @@ class ServerArgs:
     max_running_requests: int = _f(64, "max concurrently running requests")
     chunked_prefill_size: int = _f(2048, "max prefill tokens per forward (-1 = no chunking)")
     disable_radix_cache: bool = _f(False, "disable the radix prefix cache")
-    attention_backend: str = _f("torch_native", "attention kernels",
-                                ("torch_native", "triton", "flashinfer"))
+    attention_backend: str = _f("torch_native", "attention kernels (cpu: C++ paged kernel for "
+                                                "decode/verify, SDPA for prefill)",
+                                ("torch_native", "cpu", "triton", "flashinfer"))
     disable_cuda_graph: bool = _f(False, "never capture CUDA graphs (always off on CPU)")
     num_threads: int | None = _f(None, "torch intra-op threads on CPU (default: torch's)")
     random_seed: int = _f(0, "seed for requests without their own seed")
@@ -39,7 +40,9 @@ class ServerArgs:
     speculative_draft_model_path: str | None = _f(None, "drafter checkpoint (DeepSpec layout for "
                                                         "DSPARK, an LM for STANDALONE)")
     speculative_num_draft_tokens: int | None = _f(None, "fixed draft length per step (CHAIN, "
-                                                        "NGRAM, STANDALONE; tree node budget)")
+                                                        "NGRAM, STANDALONE; tree node budget); "
+                                                        "DSPARK: verify window gamma + 1, as "
+                                                        "upstream (caps gamma at the block)")
     speculative_eagle_topk: int = _f(4, "TREE: branching factor per position")
     speculative_dspark_block_size: int | None = _f(None, "DSPARK block size (default: drafter's)")
     speculative_dspark_sps_table_path: str | None = _f(None, "SPS(B) table json; profiled and "
@@ -81,6 +84,8 @@ class ServerArgs:
         n = self.speculative_num_draft_tokens
         if n is not None and not 1 <= n <= 64:
             raise ValueError("speculative_num_draft_tokens must be in [1, 64]")
+        if n is not None and n < 2 and self.speculative_algorithm == "DSPARK":
+            raise ValueError("for DSPARK speculative_num_draft_tokens is gamma + 1 (>= 2)")
         b = self.speculative_dspark_block_size
         if b is not None and not 1 <= b <= 32:
             raise ValueError("speculative_dspark_block_size must be in [1, 32]")

@@ -27,6 +27,7 @@ from dspark_sglang.core.req import Req
 from dspark_sglang.mem_cache.kv_pool import KVPool
 from dspark_sglang.server_args import ServerArgs
 from dspark_sglang.speculative.dspark import DSparkDrafter, load_dspark_checkpoint
+from dspark_sglang.speculative.dspark.config import dspark_num_draft_from_num_draft_tokens
 from dspark_sglang.speculative.prefix_scheduler import schedule_prefix
 from dspark_sglang.speculative.sps_profile import SPSTable
 from dspark_sglang.speculative.worker import Draft, DraftWorker
@@ -288,11 +289,15 @@ def create_dspark_worker(args: ServerArgs, parts: Any) -> DSparkWorker:
         raise ValueError(f"speculative_dspark_block_size={block} but the drafter was trained "
                          f"with block_size={drafter.config.block_size}")
     sps = None
+    num_draft_tokens = args.speculative_num_draft_tokens
     if args.speculative_algorithm == "DSPARK":
         sps = load_or_profile_sps(args.speculative_dspark_sps_table_path, parts.model_path,
                                   runner, parts.cache)
+        # upstream meaning: the verify window gamma + 1 (dspark/config.py)
+        num_draft_tokens = dspark_num_draft_from_num_draft_tokens(num_draft_tokens,
+                                                                  drafter.config.block_size)
     return DSparkWorker(drafter, args.max_total_tokens, parts.cache.req_to_token,
-                        args.speculative_algorithm, sps, args.speculative_num_draft_tokens,
+                        args.speculative_algorithm, sps, num_draft_tokens,
                         args.speculative_eagle_topk, parts.context_len, runner.dtype,
                         runner.device,
                         draft_budget=not args.speculative_dspark_disable_draft_budget)

@@ -1,0 +1,185 @@
+"""DSpark interop: published config layouts load, and upstream SGLang's own parsers read ours."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from dspark_sglang.speculative.dspark.config import (
+    DSparkConfig,
+    dspark_num_draft_from_num_draft_tokens,
+)
+
+sys.path.insert(0, str(Path(__file__).parent))
+from upstream_sglang import load_upstream_parsers  # noqa: E402
+
+V, H = 100, 32
+
+
+def make_config(**kw: Any) -> DSparkConfig:
+    base: dict[str, Any] = {
+        "vocab_size": V, "hidden_size": H, "intermediate_size": 64, "num_hidden_layers": 2,
+        "num_attention_heads": 4, "num_key_value_heads": 2, "head_dim": 8, "block_size": 5,
+        "target_layer_ids": (0, 2), "mask_token_id": V - 1, "markov_rank": 8,
+        "markov_head_type": "gated", "enable_confidence_head": True,
+        "confidence_head_with_markov": True, "rope_theta": 10000.0, "num_target_layers": 4}
+    base.update(kw)
+    return DSparkConfig(**base)
+
+
+@pytest.fixture(scope="module")
+def upstream() -> Any:
+    return load_upstream_parsers()
+
+
+# ---- loading published layouts ------------------------------------------------------------
+
+
+def test_rope_base_from_transformers5_rope_parameters() -> None:
+    d = make_config().to_dict()
+    del d["rope_theta"], d["rope_scaling"]
+    d["rope_parameters"] = {"rope_type": "default", "rope_theta": 10000.0}
+    assert DSparkConfig.from_dict(d).rope_theta == 10000.0
+    d["rope_parameters"] = {"full_attention": {"rope_type": "default", "rope_theta": 5e5},
+                            "sliding_attention": {"rope_type": "default", "rope_theta": 1e4}}
+    assert DSparkConfig.from_dict(d).rope_theta == 5e5
+    del d["rope_parameters"]  # nothing at all: transformers' default, not 1e6
+    assert DSparkConfig.from_dict(d).rope_theta == 10000.0
+    d["rope_parameters"] = {"rope_type": "llama3", "rope_theta": 5e5, "factor": 8.0,
+                            "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                            "original_max_position_embeddings": 64}
+    cfg = DSparkConfig.from_dict(d)
+    assert cfg.rope_scaling is not None and cfg.rope_scaling["rope_type"] == "llama3"
+    assert cfg.rope_parameters()["factor"] == 8.0
+
+
+def test_written_rope_reads_back_in_transformers_and_upstream(upstream: Any) -> None:
+    from transformers import Qwen3Config
+
+    d = make_config(rope_theta=123456.0).to_dict()
+    hf = Qwen3Config.from_dict(d)
+    assert hf.rope_parameters["rope_theta"] == 123456.0
+    theta, _ = upstream.get_rope_config(hf)
+    assert theta == 123456.0
+    assert DSparkConfig.from_dict(hf.to_dict()).rope_theta == 123456.0
+
+
+def test_nested_dflash_and_dspark_config(upstream: Any) -> None:
+    d = make_config().to_dict()
+    for k in ("block_size", "target_layer_ids", "mask_token_id", "markov_rank",
+              "markov_head_type"):
+        d.pop(k)
+    d["dflash_config"] = {"block_size": 6, "target_layer_ids": [1, 3], "mask_token_id": 7}
+    d["dspark_config"] = {"markov_rank": 4, "markov_head_type": "RNN", "mask_token_id": 9}
+    cfg = DSparkConfig.from_dict(d)
+    assert (cfg.block_size, cfg.target_layer_ids, cfg.mask_token_id) == (6, (1, 3), 9)
+    assert (cfg.markov_rank, cfg.markov_head_type) == (4, "rnn")
+    up = upstream.parse_dspark_draft_config(draft_hf_config=d)
+    assert (up.gamma, up.target_layer_ids, up.mask_token_id) == (6, [1, 3], 9)
+    assert (up.markov_rank, up.markov_head_type) == (4, "rnn")
+    # nested keys win over stale top-level ones, as upstream
+    d["block_size"] = 99
+    assert DSparkConfig.from_dict(d).block_size == 6
+    # text_config wrapper
+    assert DSparkConfig.from_dict({"text_config": d}).block_size == 6
+
+
+def test_bundled_target_config_is_refused_with_a_clear_error() -> None:
+    target = {"architectures": ["DeepseekV4ForCausalLM"], "model_type": "deepseek_v4",
+              "hidden_size": 4096, "dspark_block_size": 5, "dspark_markov_rank": 256,
+              "dspark_noise_token_id": 128799, "dspark_target_layer_ids": [40, 41, 42]}
+    with pytest.raises(ValueError, match=r"bundles a DSpark drafter.*mtp\.N"):
+        DSparkConfig.from_dict(target)
+
+
+@pytest.mark.parametrize(("change", "message"), [
+    ({"markov_head_type": None}, "markov_head_type is required"),
+    ({"sample_from_anchor": False}, "sample_from_anchor"),
+    ({"layer_types": ["full_attention", "sliding_attention"]}, "full_attention"),
+    ({"layer_types": ["full_attention"]}, "entries"),
+    ({"hidden_act": "gelu_pytorch_tanh"}, "silu"),
+    ({"architectures": ["DeepseekV4DSparkModel"]}, "unsupported DSpark drafter architecture"),
+])
+def test_unsupported_fields_raise(change: dict[str, Any], message: str) -> None:
+    d = make_config().to_dict()
+    for k, v in change.items():
+        if v is None:
+            d.pop(k)
+        else:
+            d[k] = v
+    with pytest.raises(ValueError, match=message):
+        DSparkConfig.from_dict(d)
+
+
+def test_defaults_follow_upstream(upstream: Any) -> None:
+    d = make_config().to_dict()
+    d.pop("confidence_head_with_markov")
+    assert DSparkConfig.from_dict(d).confidence_head_with_markov is True
+    d.pop("enable_confidence_head")  # upstream SGLang builds the head when the key is absent
+    cfg = DSparkConfig.from_dict(d)
+    assert cfg.enable_confidence_head and cfg.confidence_head_with_markov
+    for arch in ("Qwen3DSparkModel", "LingDSparkModel", "DSparkDraftModel"):
+        d["architectures"] = [arch]
+        assert DSparkConfig.from_dict(d).qk_norm is True
+    assert upstream.get_dspark_sample_from_anchor(make_config().to_dict()) is True
+    # upstream refuses the same missing head type we refuse
+    bad = make_config().to_dict()
+    bad.pop("markov_head_type")
+    with pytest.raises(ValueError, match="markov_head_type"):
+        upstream.parse_dspark_draft_config(draft_hf_config=bad)
+
+
+def test_shipped_drafter_config_parses_in_both() -> None:
+    root = Path(__file__).resolve().parent.parent
+    d = json.loads((root / "dspark_sglang/assets/drafters/smollm2_135m/config.json").read_text())
+    cfg = DSparkConfig.from_dict(d)
+    assert cfg.rope_theta == d["rope_theta"]
+    up = load_upstream_parsers().parse_dspark_draft_config(draft_hf_config=d)
+    assert up.gamma == cfg.block_size and up.markov_rank == cfg.markov_rank
+
+
+# ---- --speculative-num-draft-tokens --------------------------------------------------------
+
+
+def test_num_draft_tokens_means_gamma_plus_one_like_upstream(upstream: Any) -> None:
+    d = make_config(block_size=7).to_dict()
+    for n in (2, 4, 8):
+        ours = dspark_num_draft_from_num_draft_tokens(n, 7)
+        up = upstream.resolve_runtime_config(draft_hf_config=d, speculative_num_draft_tokens=n,
+                                             target_vocab_size=V)
+        assert ours == up.gamma == n - 1 and up.verify_num_draft_tokens == n
+    assert dspark_num_draft_from_num_draft_tokens(None, 7) == 7
+    assert dspark_num_draft_from_num_draft_tokens(20, 7) == 7  # capped at the trained block
+    with pytest.raises(ValueError, match="gamma \\+ 1"):
+        dspark_num_draft_from_num_draft_tokens(1, 7)
+    up = upstream.resolve_runtime_config(draft_hf_config=d, speculative_num_draft_tokens=None,
+                                         target_vocab_size=V)
+    assert up.gamma == 7
+
+
+def test_server_args_reject_dspark_window_below_two() -> None:
+    from dspark_sglang.server_args import ServerArgs
+
+    with pytest.raises(ValueError, match="gamma \\+ 1"):
+        ServerArgs(speculative_algorithm="DSPARK", speculative_num_draft_tokens=1)
+    assert ServerArgs(speculative_algorithm="CHAIN", speculative_num_draft_tokens=1)
+
+
+def test_engine_dspark_draft_length_from_num_draft_tokens(
+        llama_dir: str, drafter_dir: str, make_engine: Any, tmp_path: Path) -> None:
+    from dspark_sglang.speculative.sps_profile import SPSTable
+
+    sps = tmp_path / "sps.json"
+    SPSTable.from_measurements({1: 100.0, 8: 90.0, 64: 20.0}).save(sps)
+    eng = make_engine(llama_dir, speculative_algorithm="DSPARK",
+                      speculative_draft_model_path=drafter_dir,
+                      speculative_dspark_sps_table_path=str(sps),
+                      speculative_num_draft_tokens=3)
+    worker = eng.parts.decoder.worker
+    assert worker.gamma == 4 and worker.num_draft == 2
+
+

@@ -183,3 +183,68 @@ def test_engine_dspark_draft_length_from_num_draft_tokens(
     assert worker.gamma == 4 and worker.num_draft == 2
 
 
+
+
+# ---- SPS tables and STS files in upstream's formats ----------------------------------------
+
+
+def test_sps_table_round_trips_through_upstream_decoder(tmp_path: Path) -> None:
+    from sglang.srt.speculative.dspark_components import dspark_sps as up
+
+    from dspark_sglang.speculative.sps_profile import SPSTable
+
+    ours = SPSTable.from_measurements({1: 50.0, 4: 48.0, 16: 30.0, 64: 9.0})
+    path = tmp_path / "sps.json"
+    ours.save(path)
+    table = up.load_sps_table_from_path(str(path))
+    assert isinstance(table, up.SpsCostTable)
+    assert table.sample_batch_tokens == [1, 4, 16, 64] and table.max_batch_tokens == 64
+    assert table.lookup(16) == pytest.approx(ours.sps(16))
+    # upstream-written table -> ours
+    probes = [(1, 40.0), (8, 35.0), (32, 12.0)]
+    upstream_json = up.profile_sps_table(probes=probes, max_batch_tokens=128).to_json()
+    path.write_text(upstream_json)
+    back = SPSTable.load(path)
+    assert back.token_counts == [1, 8, 32] and back.sps(8) == pytest.approx(35.0)
+    assert back.to_json()["max_batch_tokens"] == 128
+    # our earlier format still reads
+    path.write_text(json.dumps({"token_counts": [1, 2], "sps": [9.0, 8.0], "meta": {}}))
+    assert SPSTable.load(path).sps(2) == pytest.approx(8.0)
+
+
+def test_additive_sps_table_reads_and_writes_back(tmp_path: Path) -> None:
+    from sglang.srt.speculative.dspark_components import dspark_sps as up
+
+    from dspark_sglang.speculative.sps_profile import SPSTable
+
+    add = up.SpsAdditiveCostTable(bias_seconds=0.01, bs_probes=[1, 8], alpha_seconds=[0.0, 0.004],
+                                  m_probes=[1, 64], theta_seconds=[0.0, 0.03])
+    path = tmp_path / "add.json"
+    path.write_text(add.to_json())
+    ours = SPSTable.load(path)
+    for b in (1, 8, 64):
+        expected = 1.0 / add.step_time(num_reqs=-(-b // 8), budget=b - (-(-b // 8)))
+        assert ours.sps(b) == pytest.approx(expected, rel=1e-9)
+    ours.save(path)
+    again = up.load_sps_table_from_path(str(path))
+    assert isinstance(again, up.SpsAdditiveCostTable) and again == add
+
+
+def test_sts_file_never_contains_nan_and_upstream_reads_it(tmp_path: Path) -> None:
+    from sglang.srt.speculative.dspark_components.dspark_sts import load_sts_calibration_from_path
+
+    from dspark_sglang.speculative.dspark.confidence import StsCalibration
+
+    cal = StsCalibration(temperatures=[1.0, 1.5, 0.5], dataset="d", num_samples=3,
+                         ece_before=[0.1, float("nan"), 0.2], ece_after=[0.05, 0.01, 0.02])
+    path = tmp_path / "sts.json"
+    cal.save(path)
+    text = path.read_text()
+    assert "NaN" not in text and "Infinity" not in text
+    up = load_sts_calibration_from_path(str(path))
+    assert up.temperatures == [1.0, 1.5, 0.5] and up.ece_after == [0.05, 0.01, 0.02]
+    assert up.ece_before == []  # the list with a gap is omitted, not written with NaN
+    path.write_text(up.to_json())  # upstream-written file reads back here
+    assert StsCalibration.load(path).temperatures == [1.0, 1.5, 0.5]
+    with pytest.raises(ValueError):
+        StsCalibration(temperatures=[float("inf")])

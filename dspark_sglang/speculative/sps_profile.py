@@ -1,8 +1,17 @@
 """SPS table: target forward steps per second as a function of verify tokens in the batch.
 
-Profiled once at engine start (:func:`profile_sps`) and read by the prefix scheduler. JSON format::
+Profiled once at engine start (:func:`profile_sps`) and read by the prefix scheduler. Written in
+upstream SGLang's ``SpsCostTable`` JSON (``--speculative-dspark-sps-table-path`` there)::
 
-    {"token_counts": [1, 2, 4, ...], "sps": [41.2, 40.9, ...], "meta": {...}}
+    {"sample_batch_tokens": [1, 2, 4, ...], "sample_steps_per_sec": [41.2, 40.9, ...],
+     "max_batch_tokens": 256, "meta": {...}}
+
+(upstream ignores ``meta``). Read: that format, our earlier ``{"token_counts": [...], "sps":
+[...], "meta": {...}}``, and upstream's additive cost table ``{"bias_seconds", "bs_probes",
+"alpha_seconds", "m_probes", "theta_seconds"}`` (step time ``bias + alpha(num_reqs) +
+theta(num_reqs + budget)``, both interpolated and clamped). An additive table is turned into a
+curve over total verify tokens ``B`` assuming one request per ``meta["tokens_per_request"]``
+tokens (default 8, a typical chain), and written back unchanged (its fields kept in ``meta``).
 
 Contract of :meth:`SPSTable.sps`: linear interpolation between profiled points; below the first
 point the first value; above the last point, constant token throughput
@@ -75,14 +84,54 @@ class SPSTable:
         return float(self.sps_many(np.array([num_tokens]))[0])
 
     def to_json(self) -> dict[str, Any]:
-        return {"token_counts": self.token_counts, "sps": self.sps_values, "meta": self.meta}
+        """Upstream ``SpsCostTable`` fields plus ``meta`` (an additive source is re-emitted)."""
+        additive = self.meta.get("additive")
+        if isinstance(additive, dict):
+            return {**additive, "meta": self.meta}
+        return {"sample_batch_tokens": self.token_counts,
+                "sample_steps_per_sec": self.sps_values,
+                "max_batch_tokens": int(self.meta.get("max_batch_tokens", self.token_counts[-1])),
+                "meta": self.meta}
 
     @classmethod
     def from_json(cls, obj: Mapping[str, Any]) -> SPSTable:
-        return cls(list(obj["token_counts"]), list(obj["sps"]), dict(obj.get("meta", {})))
+        meta = dict(obj.get("meta") or {})
+        if "bias_seconds" in obj:
+            return cls.from_additive(obj, meta)
+        if "sample_batch_tokens" in obj:
+            counts, sps = list(obj["sample_batch_tokens"]), list(obj["sample_steps_per_sec"])
+            if list(counts) != sorted(set(counts)):
+                raise ValueError("sample_batch_tokens must be strictly increasing")
+            if "max_batch_tokens" in obj:
+                meta["max_batch_tokens"] = int(obj["max_batch_tokens"])
+            return cls(counts, sps, meta)
+        return cls(list(obj["token_counts"]), list(obj["sps"]), meta)
+
+    @classmethod
+    def from_additive(cls, obj: Mapping[str, Any], meta: dict[str, Any] | None = None
+                      ) -> SPSTable:
+        """Curve over total verify tokens from upstream's ``SpsAdditiveCostTable`` JSON."""
+        fields_ = ("bias_seconds", "bs_probes", "alpha_seconds", "m_probes", "theta_seconds")
+        additive = {k: obj[k] for k in fields_}
+        meta = {k: v for k, v in (meta or {}).items() if k != "additive"}
+        per_req = max(1, int(meta.get("tokens_per_request", 8)))
+        bs = np.asarray(additive["bs_probes"], dtype=np.float64)
+        ms = np.asarray(additive["m_probes"], dtype=np.float64)
+        if float(additive["bias_seconds"]) <= 0 or len(bs) != len(additive["alpha_seconds"]) \
+                or len(ms) != len(additive["theta_seconds"]) or not len(bs) or not len(ms):
+            raise ValueError("malformed additive SPS table")
+        top = int(max(ms[-1], 1))
+        counts = sorted({1, top, *(2**i for i in range(top.bit_length())
+                                   if 2**i <= top)})
+        b = np.asarray(counts, dtype=np.float64)
+        reqs = np.ceil(b / per_req)
+        step = (float(additive["bias_seconds"]) + np.interp(reqs, bs, additive["alpha_seconds"])
+                + np.interp(b, ms, additive["theta_seconds"]))  # interp clamps like upstream
+        meta.update(additive=additive, tokens_per_request=per_req, kind="additive")
+        return cls(counts, (1.0 / step).tolist(), meta)
 
     def save(self, path: str | Path) -> None:
-        Path(path).write_text(json.dumps(self.to_json(), indent=2))
+        Path(path).write_text(json.dumps(self.to_json(), indent=2, allow_nan=False))
 
     @classmethod
     def load(cls, path: str | Path) -> SPSTable:

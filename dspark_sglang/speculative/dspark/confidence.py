@@ -10,12 +10,13 @@ per block position, ``calibrated_k = sigmoid(z_k / T_k)``. The file that
 ``--speculative-dspark-confidence-sts-path`` reads is JSON
 ``{"temperatures": [T_0..T_{gamma-1}], "dataset": str, "num_samples": int, "ece_before": [...],
 "ece_after": [...]}`` (only ``temperatures`` is required, all ``> 0``). Some runtimes write the
-key ``sts_temperatures``; we read either.
+key ``sts_temperatures``; we read either. We never write NaN (see :meth:`StsCalibration.to_dict`).
 """
 
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -48,7 +49,7 @@ class StsCalibration:
     def __post_init__(self) -> None:
         if not self.temperatures:
             raise ValueError("STS calibration needs at least one temperature")
-        if any(not t > 0 for t in self.temperatures):
+        if any(not (t > 0 and math.isfinite(t)) for t in self.temperatures):
             raise ValueError(f"STS temperatures must all be > 0, got {self.temperatures}")
 
     @staticmethod
@@ -56,13 +57,21 @@ class StsCalibration:
         return StsCalibration(temperatures=[1.0] * gamma)
 
     def to_dict(self) -> dict[str, Any]:
-        return {
+        """JSON-safe dict: never NaN/inf (upstream's msgspec parser rejects them).
+
+        An ECE list with a non-finite entry (a position without samples) is omitted as a whole,
+        since upstream types it ``list[float]`` (no nulls) and dropping single entries would
+        shift positions."""
+        d: dict[str, Any] = {
             "temperatures": [float(t) for t in self.temperatures],
             "dataset": self.dataset,
             "num_samples": int(self.num_samples),
-            "ece_before": [float(e) for e in self.ece_before],
-            "ece_after": [float(e) for e in self.ece_after],
         }
+        for key in ("ece_before", "ece_after"):
+            values = [float(e) for e in getattr(self, key)]
+            if all(math.isfinite(e) for e in values):
+                d[key] = values
+        return d
 
     @staticmethod
     def from_dict(d: dict[str, Any]) -> StsCalibration:
@@ -73,12 +82,12 @@ class StsCalibration:
             temperatures=[float(t) for t in temps],
             dataset=str(d.get("dataset", "")),
             num_samples=int(d.get("num_samples", 0)),
-            ece_before=[float(e) for e in d.get("ece_before", [])],
-            ece_after=[float(e) for e in d.get("ece_after", [])],
+            ece_before=[math.nan if e is None else float(e) for e in d.get("ece_before", [])],
+            ece_after=[math.nan if e is None else float(e) for e in d.get("ece_after", [])],
         )
 
     def save(self, path: str | Path) -> None:
-        Path(path).write_text(json.dumps(self.to_dict(), indent=2) + "\n")
+        Path(path).write_text(json.dumps(self.to_dict(), indent=2, allow_nan=False) + "\n")
 
     @staticmethod
     def load(path: str | Path) -> StsCalibration:

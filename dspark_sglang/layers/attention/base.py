@@ -32,6 +32,7 @@ class AttentionBackend(ABC):
 
 _BACKENDS = {
     "torch_native": "dspark_sglang.layers.attention.torch_native:TorchNativeAttnBackend",
+    "cpu": "dspark_sglang.layers.attention.cpu_paged:CpuPagedAttnBackend",
     "triton": "dspark_sglang.layers.attention.triton_backend:TritonAttnBackend",
     "flashinfer": "dspark_sglang.layers.attention.flashinfer_backend:FlashInferAttnBackend",
 }

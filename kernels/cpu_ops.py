@@ -1,0 +1,161 @@
+"""CPU kernels in C++ (``csrc/``): paged decode/verify attention and few-row GGUF matmuls.
+
+The extension is compiled with ``torch.utils.cpp_extension`` on first use, for the instruction
+set of the machine it runs on (AVX-512 when the CPU has avx512f/bw/vl, else AVX2+FMA, else plain
+C++), and cached under ``$DSPARK_CACHE_DIR`` (default ``~/.cache/dspark_sglang``) in a folder
+named after that instruction set and the torch version, so a cache shared between machines never
+loads code built for another CPU. When it cannot be built (no compiler, no headers) or
+``DSPARK_CPU_KERNELS=0`` is set, :func:`load_cpu_ops` returns None and callers keep their torch
+paths. Each wrapper here has a torch reference with the same signature (``*_ref``).
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import logging
+import os
+from pathlib import Path
+from types import ModuleType
+
+import torch
+
+logger = logging.getLogger(__name__)
+
+CSRC = Path(__file__).resolve().parent / "csrc"
+SOURCES = ("cpu_ops.cpp", "gguf_matmul.h", "paged_attention.h", "simd.h")
+GGML_TYPES = {"Q4_0": 2, "Q4_1": 3, "Q8_0": 8, "Q4_K": 12, "Q6_K": 14}
+# ggml type id -> (weights per block, bytes per block)
+GGML_BLOCKS = {2: (32, 18), 3: (32, 20), 8: (32, 34), 12: (256, 144), 14: (256, 210)}
+MAX_MATMUL_ROWS = 64
+
+
+def cpu_isa() -> str:
+    """``avx512``, ``avx2`` or ``scalar``: the widest instruction set the kernels use here."""
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return "scalar"
+    flags: set[str] = set()
+    for line in text.splitlines():
+        if line.startswith("flags"):
+            flags = set(line.split(":", 1)[1].split())
+            break
+    if {"avx512f", "avx512bw", "avx512vl", "avx512dq", "fma", "f16c"} <= flags:
+        return "avx512"
+    if {"avx2", "fma", "f16c"} <= flags:
+        return "avx2"
+    return "scalar"
+
+
+_ISA_FLAGS = {
+    "avx512": ["-mavx2", "-mfma", "-mf16c", "-mavx512f", "-mavx512bw", "-mavx512vl",
+               "-mavx512dq"],
+    "avx2": ["-mavx2", "-mfma", "-mf16c"],
+    "scalar": [],
+}
+
+
+def _cache_root() -> Path:
+    env = os.environ.get("DSPARK_CACHE_DIR")
+    return Path(env) if env else Path.home() / ".cache" / "dspark_sglang"
+
+
+def kernels_enabled() -> bool:
+    return os.environ.get("DSPARK_CPU_KERNELS", "1").strip().lower() not in ("0", "false", "off")
+
+
+@functools.cache
+def _build(isa: str) -> ModuleType | None:
+    from torch.utils import cpp_extension
+
+    digest = hashlib.sha256()
+    for name in SOURCES:
+        digest.update((CSRC / name).read_bytes())
+    tag = f"{isa}_{torch.__version__.replace('+', '_').replace('.', '_')}"
+    name = f"dspark_cpu_ops_{tag}_{digest.hexdigest()[:10]}"
+    build_dir = _cache_root() / "torch_extensions" / name
+    build_dir.mkdir(parents=True, exist_ok=True)
+    try:
+        return cpp_extension.load(
+            name=name, sources=[str(CSRC / "cpu_ops.cpp")], build_directory=str(build_dir),
+            extra_cflags=["-O3", "-fopenmp", *_ISA_FLAGS[isa]], extra_ldflags=["-fopenmp"],
+            extra_include_paths=[str(CSRC)], verbose=False)
+    except Exception as e:  # any build failure means: use the torch paths
+        logger.warning("CPU kernels could not be built (%s: %s); using torch paths",
+                       type(e).__name__, str(e).splitlines()[0][:200] if str(e) else "")
+        return None
+
+
+def load_cpu_ops() -> ModuleType | None:
+    """The compiled extension (built on first call, then cached), or None when unavailable."""
+    if not kernels_enabled():
+        return None
+    return _build(cpu_isa())
+
+
+# ------------------------------------------------------------------------------ GGUF matmul
+
+
+def gguf_row_bytes(ggml_type: int, k: int) -> int:
+    elems, nbytes = GGML_BLOCKS[ggml_type]
+    if k % elems:
+        raise ValueError(f"K={k} is not a multiple of the block size {elems}")
+    return k // elems * nbytes
+
+
+def gguf_dequantize_ref(w: torch.Tensor, ggml_type: int, k: int) -> torch.Tensor:
+    """w [N, row_bytes] uint8 -> [N, k] float32, with the ``gguf`` package's reference code."""
+    import numpy as np
+    from gguf import GGMLQuantizationType
+    from gguf.quants import dequantize
+
+    out = dequantize(w.numpy(), GGMLQuantizationType(ggml_type)).reshape(w.shape[0], k)
+    return torch.from_numpy(np.array(out, dtype=np.float32))
+
+
+def gguf_matmul(x: torch.Tensor, w: torch.Tensor, ggml_type: int, out: torch.Tensor | None = None,
+                col0: int = 0) -> torch.Tensor:
+    """``x @ dequant(w).T`` written to ``out[:, col0:col0 + N]`` (a new [M, N] when out is None).
+
+    x [M, K] float32 (M <= 64), w [N, row_bytes] uint8 in GGUF ``ggml_type`` layout. Needs the
+    extension (raise RuntimeError when it is missing; callers check :func:`load_cpu_ops`).
+    """
+    ops = load_cpu_ops()
+    if ops is None:
+        raise RuntimeError("dspark CPU kernels are unavailable")
+    x = x.contiguous()
+    if out is None:
+        out = torch.empty(x.shape[0], w.shape[0], dtype=torch.float32)
+        col0 = 0
+    ops.gguf_matmul(x, w, ggml_type, out, col0)
+    return out
+
+
+def gguf_matmul_ref(x: torch.Tensor, w: torch.Tensor, ggml_type: int) -> torch.Tensor:
+    return x @ gguf_dequantize_ref(w, ggml_type, x.shape[1]).t()
+
+
+# ------------------------------------------------------------------------- paged attention
+
+
+def paged_attention(
+    q: torch.Tensor, k_buf: torch.Tensor, v_buf: torch.Tensor, req_to_token: torch.Tensor,
+    req_pool_indices: torch.Tensor, seq_lens: torch.Tensor, ext_lens: torch.Tensor,
+    q_start: torch.Tensor, mask_flat: torch.Tensor, mask_offsets: torch.Tensor, sm_scale: float,
+) -> torch.Tensor:
+    """Attention of each request's new tokens over its slots, read in place from the pool.
+
+    q [T, H, D]; k_buf, v_buf [S, KVH, D]; req_to_token [R, C] int64; per request (int64 [bs]):
+    req_pool_indices, seq_lens (prefix + new), ext_lens (new), q_start (first row in q);
+    mask_flat uint8: row-major ``[e, e]`` visibility among the new tokens for requests whose
+    mask_offsets entry is >= 0 (an offset into mask_flat), causal for -1. All float32 on CPU.
+    Returns [T, H, D].
+    """
+    ops = load_cpu_ops()
+    if ops is None:
+        raise RuntimeError("dspark CPU kernels are unavailable")
+    out = torch.empty_like(q)
+    ops.paged_attention(q.contiguous(), k_buf, v_buf, req_to_token, req_pool_indices, seq_lens,
+                        ext_lens, q_start, mask_flat, mask_offsets, float(sm_scale), out)
+    return out

@@ -1,0 +1,26 @@
+// Python bindings of the CPU kernels (built by kernels/cpu_ops.py with torch.utils.cpp_extension).
+#include <torch/extension.h>
+
+#include "gguf_matmul.h"
+#include "paged_attention.h"
+
+namespace {
+
+std::string isa() {
+#if defined(__AVX512F__)
+  return "avx512";
+#elif defined(__AVX2__) && defined(__FMA__)
+  return "avx2";
+#else
+  return "scalar";
+#endif
+}
+
+}  // namespace
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.def("paged_attention", &dspark::paged_attention, "paged decode/verify attention (in place)");
+  m.def("gguf_matmul", &dspark::gguf_matmul, "few-row matmul on GGUF block weights");
+  m.def("gguf_dequantize", &dspark::gguf_dequantize, "dequantise GGUF block rows to float32");
+  m.def("isa", &isa, "instruction set the extension was compiled for");
+}

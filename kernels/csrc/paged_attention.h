@@ -1,0 +1,167 @@
+// Paged attention of a few new tokens per request over a KV pool read in place through the
+// request -> slot table (decode: 1 token; verify: a short chain or tree with a custom mask).
+//
+// Work item = (request, kv head): its query rows are the request's new tokens x the query heads
+// that share the kv head (GQA), so each K/V row is loaded once for all of them. Keys are visited
+// in tiles with an online softmax (running max and sum per query row); nothing is gathered or
+// padded.
+#pragma once
+#include <ATen/Parallel.h>
+#include <torch/extension.h>
+
+#include <algorithm>
+#include <limits>
+#include <vector>
+
+#include "simd.h"
+
+namespace dspark {
+
+inline float dot(const float* a, const float* b, int64_t d) {
+  VecF acc;
+  int64_t i = 0;
+  for (; i + VecF::kWidth <= d; i += VecF::kWidth) acc = fma(VecF::load(a + i), VecF::load(b + i), acc);
+  float s = acc.sum();
+  for (; i < d; ++i) s += a[i] * b[i];
+  return s;
+}
+
+inline void axpy(float alpha, const float* x, float* y, int64_t d) {
+  const VecF a = VecF::set1(alpha);
+  int64_t i = 0;
+  for (; i + VecF::kWidth <= d; i += VecF::kWidth) fma(a, VecF::load(x + i), VecF::load(y + i)).store(y + i);
+  for (; i < d; ++i) y[i] += alpha * x[i];
+}
+
+inline void scale_inplace(float alpha, float* y, int64_t d) {
+  const VecF a = VecF::set1(alpha);
+  int64_t i = 0;
+  for (; i + VecF::kWidth <= d; i += VecF::kWidth) (a * VecF::load(y + i)).store(y + i);
+  for (; i < d; ++i) y[i] *= alpha;
+}
+
+// p[0:n] = exp(s[0:n] - m) in place; returns their sum. Masked entries hold -inf (-> 0).
+inline float exp_shift_sum(float* s, int n, float m) {
+  const VecF mv = VecF::set1(m);
+  VecF acc;
+  int i = 0;
+  for (; i + VecF::kWidth <= n; i += VecF::kWidth) {
+    VecF p = vexp(VecF::load(s + i) - mv);
+    p.store(s + i);
+    acc = acc + p;
+  }
+  float sum = acc.sum();
+  for (; i < n; ++i) {
+    s[i] = std::isinf(s[i]) ? 0.f : std::exp(s[i] - m);
+    sum += s[i];
+  }
+  return sum;
+}
+
+constexpr int kKeyTile = 64;
+
+/// q [T, H, D], k_buf/v_buf [S, KVH, D], req_to_token [R, C], per-request int64 vectors
+/// req_pool_indices/seq_lens/ext_lens/q_start [bs], mask_flat uint8 (row-major e x e blocks),
+/// mask_offsets [bs] (-1 = causal among the new tokens). Writes out [T, H, D].
+inline void paged_attention(const at::Tensor& q, const at::Tensor& k_buf, const at::Tensor& v_buf,
+                            const at::Tensor& req_to_token, const at::Tensor& req_pool_indices,
+                            const at::Tensor& seq_lens, const at::Tensor& ext_lens,
+                            const at::Tensor& q_start, const at::Tensor& mask_flat,
+                            const at::Tensor& mask_offsets, double sm_scale, at::Tensor& out) {
+  TORCH_CHECK(q.dim() == 3 && k_buf.dim() == 3 && v_buf.dim() == 3, "q, k_buf, v_buf must be 3-D");
+  TORCH_CHECK(q.scalar_type() == at::kFloat && k_buf.scalar_type() == at::kFloat &&
+                  v_buf.scalar_type() == at::kFloat && out.scalar_type() == at::kFloat,
+              "paged_attention: float32 only");
+  TORCH_CHECK(q.is_contiguous() && k_buf.is_contiguous() && v_buf.is_contiguous() &&
+                  out.is_contiguous() && req_to_token.is_contiguous(),
+              "paged_attention: contiguous tensors only");
+  TORCH_CHECK(req_to_token.scalar_type() == at::kLong, "req_to_token must be int64");
+  const int64_t H = q.size(1), D = q.size(2), KVH = k_buf.size(1);
+  TORCH_CHECK(k_buf.size(2) == D && H % KVH == 0, "head shapes do not match");
+  const int64_t G = H / KVH, bs = seq_lens.size(0), C = req_to_token.size(1);
+  const int64_t* rpi = req_pool_indices.data_ptr<int64_t>();
+  const int64_t* seq = seq_lens.data_ptr<int64_t>();
+  const int64_t* ext = ext_lens.data_ptr<int64_t>();
+  const int64_t* qst = q_start.data_ptr<int64_t>();
+  const int64_t* moff = mask_offsets.data_ptr<int64_t>();
+  const uint8_t* mflat = mask_flat.numel() ? mask_flat.data_ptr<uint8_t>() : nullptr;
+  const int64_t* table = req_to_token.data_ptr<int64_t>();
+  const float* qp = q.data_ptr<float>();
+  const float* kp = k_buf.data_ptr<float>();
+  const float* vp = v_buf.data_ptr<float>();
+  float* op = out.data_ptr<float>();
+  const float scale = static_cast<float>(sm_scale);
+  const float neg_inf = -std::numeric_limits<float>::infinity();
+
+  at::parallel_for(0, bs * KVH, 1, [&](int64_t begin, int64_t end) {
+    std::vector<float> qs, acc, m, l, s;
+    for (int64_t item = begin; item < end; ++item) {
+      const int64_t b = item / KVH, h = item % KVH;
+      const int64_t e = ext[b], len = seq[b], prefix = len - e, rows = e * G;
+      TORCH_CHECK(len <= C && e >= 1, "bad sequence length");
+      const int64_t* slots = table + rpi[b] * C;
+      const uint8_t* mask = moff[b] >= 0 ? mflat + moff[b] : nullptr;
+      qs.assign(rows * D, 0.f);
+      acc.assign(rows * D, 0.f);
+      m.assign(rows, neg_inf);
+      l.assign(rows, 0.f);
+      s.resize(rows * kKeyTile);
+      for (int64_t i = 0; i < e; ++i)  // row r = i * G + g
+        for (int64_t g = 0; g < G; ++g) {
+          const float* src = qp + ((qst[b] + i) * H + h * G + g) * D;
+          float* dst = qs.data() + (i * G + g) * D;
+          for (int64_t t = 0; t < D; ++t) dst[t] = src[t] * scale;
+        }
+      for (int64_t j0 = 0; j0 < len; j0 += kKeyTile) {
+        const int n = static_cast<int>(std::min<int64_t>(kKeyTile, len - j0));
+        for (int t = 0; t < n; ++t) {
+          const int64_t j = j0 + t;
+          const float* krow = kp + (slots[j] * KVH + h) * D;
+          const int64_t jj = j - prefix;  // index among the new tokens (< 0: prefix)
+          for (int64_t i = 0; i < e; ++i) {
+            const bool visible =
+                jj < 0 || (mask ? mask[i * e + jj] != 0 : jj <= i);
+            for (int64_t g = 0; g < G; ++g) {
+              const int64_t r = i * G + g;
+              s[r * kKeyTile + t] = visible ? dot(qs.data() + r * D, krow, D) : neg_inf;
+            }
+          }
+        }
+        for (int64_t r = 0; r < rows; ++r) {
+          float* sr = s.data() + r * kKeyTile;
+          float tmax = neg_inf;
+          for (int t = 0; t < n; ++t) tmax = std::max(tmax, sr[t]);
+          if (tmax == neg_inf) {  // nothing visible in this tile
+            for (int t = 0; t < n; ++t) sr[t] = 0.f;
+            continue;
+          }
+          const float m_new = std::max(m[r], tmax);
+          if (m_new > m[r]) {
+            const float c = m[r] == neg_inf ? 0.f : std::exp(m[r] - m_new);
+            scale_inplace(c, acc.data() + r * D, D);
+            l[r] *= c;
+            m[r] = m_new;
+          }
+          l[r] += exp_shift_sum(sr, n, m_new);
+        }
+        for (int t = 0; t < n; ++t) {
+          const float* vrow = vp + (slots[j0 + t] * KVH + h) * D;
+          for (int64_t r = 0; r < rows; ++r) {
+            const float p = s[r * kKeyTile + t];
+            if (p != 0.f) axpy(p, vrow, acc.data() + r * D, D);
+          }
+        }
+      }
+      for (int64_t i = 0; i < e; ++i)
+        for (int64_t g = 0; g < G; ++g) {
+          const int64_t r = i * G + g;
+          const float inv = l[r] > 0.f ? 1.f / l[r] : 0.f;
+          float* dst = op + ((qst[b] + i) * H + h * G + g) * D;
+          const float* a = acc.data() + r * D;
+          for (int64_t t = 0; t < D; ++t) dst[t] = a[t] * inv;
+        }
+    }
+  });
+}
+
+}  // namespace dspark

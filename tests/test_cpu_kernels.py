@@ -1,0 +1,268 @@
+"""C++ CPU kernels (``dspark_kernels.cpu_ops``) against their torch references.
+
+- GGUF few-row matmul on Q4_0 / Q4_1 / Q8_0 / Q4_K / Q6_K blocks vs a float32 matmul on the
+  weights dequantised by the ``gguf`` package, for every row count 1..32;
+- paged decode/verify attention vs the torch-native SDPA backend on random pools (shuffled slots,
+  GQA, chains, trees, causal);
+- engines on the ``cpu`` attention backend and on GGUF-quantised linears give the same greedy
+  tokens as the reference paths.
+
+The extension is compiled once per machine (about a minute, cached under the cache dir); the
+tests skip when it cannot be built.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from dspark_kernels.cpu_ops import (
+    GGML_BLOCKS,
+    GGML_TYPES,
+    gguf_dequantize_ref,
+    gguf_matmul,
+    gguf_matmul_ref,
+    load_cpu_ops,
+)
+
+ops = load_cpu_ops()
+needs_ops = pytest.mark.skipif(ops is None, reason="CPU kernels could not be built here")
+
+# byte offsets of the float16 scale fields inside one block, per format
+_F16_FIELDS = {2: (0,), 3: (0, 2), 8: (0,), 12: (0, 2), 14: (208,)}
+
+
+def random_gguf_rows(ggml_type: int, n: int, k: int, seed: int) -> torch.Tensor:
+    """[n, row_bytes] uint8 of random blocks with finite, moderate float16 scales."""
+    elems, nbytes = GGML_BLOCKS[ggml_type]
+    rng = np.random.default_rng(seed)
+    blocks = rng.integers(0, 256, size=(n, k // elems, nbytes), dtype=np.uint8)
+    for i, off in enumerate(_F16_FIELDS[ggml_type]):
+        lo, hi = (0.002, 0.03) if i == 0 else (-0.05, 0.05)
+        scales = rng.uniform(lo, hi, size=(n, k // elems)).astype(np.float16)
+        blocks[:, :, off:off + 2] = scales.view(np.uint8).reshape(n, k // elems, 2)
+    return torch.from_numpy(blocks.reshape(n, -1).copy())
+
+
+@needs_ops
+@pytest.mark.parametrize("fmt", sorted(GGML_TYPES))
+def test_dequantize_matches_gguf_package(fmt: str) -> None:
+    t = GGML_TYPES[fmt]
+    w = random_gguf_rows(t, 24, 512, seed=t)
+    got = ops.gguf_dequantize(w, t, 512)
+    want = gguf_dequantize_ref(w, t, 512)
+    assert want.abs().max() > 0.01
+    torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-7)
+
+
+@needs_ops
+@pytest.mark.parametrize("fmt", sorted(GGML_TYPES))
+def test_gguf_matmul_matches_dequantized_float32_every_row_count(fmt: str) -> None:
+    t = GGML_TYPES[fmt]
+    n, k = 200, 768  # n not a multiple of the thread grain; k spans 3 K-quant superblocks
+    w = random_gguf_rows(t, n, k, seed=10 + t)
+    w_f = gguf_dequantize_ref(w, t, k).double()
+    gen = torch.Generator().manual_seed(t)
+    x_all = torch.randn(32, k, generator=gen)
+    one_row = gguf_matmul(x_all[:1], w, t)
+    for m in range(1, 33):
+        x = x_all[:m]
+        got = gguf_matmul(x, w, t)
+        want = (x.double() @ w_f.t())
+        # float32 rounding of a k-term dot product, relative to the sum of |terms|
+        bound = 1e-5 * (x.double().abs() @ w_f.abs().t()) + 1e-6
+        assert got.shape == (m, n)
+        assert bool(((got.double() - want).abs() <= bound).all()), (fmt, m)
+        # a row's result does not depend on how many rows are in the call
+        assert torch.equal(got[:1], one_row)
+
+
+@needs_ops
+def test_gguf_matmul_writes_only_its_columns_and_rejects_bad_shapes() -> None:
+    t = GGML_TYPES["Q4_1"]
+    w = random_gguf_rows(t, 16, 64, seed=3)
+    x = torch.randn(3, 64)
+    out = torch.full((3, 40), 7.0)
+    gguf_matmul(x, w, t, out=out, col0=10)
+    torch.testing.assert_close(out[:, 10:26], gguf_matmul_ref(x, w, t), rtol=1e-5, atol=1e-5)
+    assert bool((out[:, :10] == 7).all()) and bool((out[:, 26:] == 7).all())
+    with pytest.raises(RuntimeError, match="row bytes"):
+        gguf_matmul(torch.randn(2, 96), w, t)
+    with pytest.raises(RuntimeError, match="at most"):
+        gguf_matmul(torch.randn(65, 64), w, t)
+
+
+# ------------------------------------------------------------------------------ paged attention
+
+
+def _tree_mask(parents: list[int]) -> torch.Tensor:
+    mask = torch.zeros(len(parents), len(parents), dtype=torch.bool)
+    for i in range(len(parents)):
+        j = i
+        while j >= 0:
+            mask[i, j] = True
+            j = parents[j]
+    return mask
+
+
+def _random_batch(mode: object, prefix_lens: list[int], ext_lens: list[int],
+                  masks: list[torch.Tensor | None] | None, kv_heads: int, head_dim: int,
+                  seed: int) -> tuple[object, object]:
+    """ForwardBatch + one-layer pool with shuffled slots and req_to_token rows (random K/V)."""
+    from dspark_sglang.core.forward_batch import ForwardBatch
+    from dspark_sglang.mem_cache.kv_pool import KVPool
+
+    gen = torch.Generator().manual_seed(seed)
+    bs = len(prefix_lens)
+    seqs = [p + e for p, e in zip(prefix_lens, ext_lens)]
+    num_slots = sum(seqs) + 7
+    pool = KVPool(1, num_slots, kv_heads, head_dim, torch.float32)
+    pool.k_bufs[0].copy_(torch.randn(pool.k_bufs[0].shape, generator=gen))
+    pool.v_bufs[0].copy_(torch.randn(pool.v_bufs[0].shape, generator=gen))
+    slots = torch.randperm(num_slots, generator=gen)[:sum(seqs)] + 1
+    rows = torch.randperm(bs + 3, generator=gen)[:bs]
+    req_to_token = torch.zeros(bs + 3, max(seqs) + 5, dtype=torch.int64)
+    out_loc, off = [], 0
+    for i, (p, s) in enumerate(zip(prefix_lens, seqs)):
+        req_to_token[rows[i], :s] = slots[off:off + s]
+        out_loc.append(slots[off + p:off + s])
+        off += s
+    n = sum(ext_lens)
+    fb = ForwardBatch(
+        mode=mode, input_ids=torch.zeros(n, dtype=torch.int64),
+        positions=torch.cat([torch.arange(p, p + e) for p, e in zip(prefix_lens, ext_lens)]),
+        out_cache_loc=torch.cat(out_loc), req_pool_indices=rows.clone(),
+        seq_lens=torch.tensor(seqs), extend_lens=torch.tensor(ext_lens),
+        req_to_token=req_to_token, custom_masks=masks, seq_lens_list=seqs,
+        extend_lens_list=list(ext_lens))
+    return fb, pool
+
+
+def _attention_pair(mode: object, prefix_lens: list[int], ext_lens: list[int],
+                    masks: list[torch.Tensor | None] | None, heads: int, kv_heads: int,
+                    head_dim: int, seed: int) -> tuple[torch.Tensor, torch.Tensor, object]:
+    from dspark_sglang.layers.attention.base import create_attention_backend
+    from dspark_sglang.layers.attention.cpu_paged import PagedMetadata
+
+    gen = torch.Generator().manual_seed(seed + 1000)
+    n = sum(ext_lens)
+    q = torch.randn(n, heads, head_dim, generator=gen)
+    k = torch.randn(n, kv_heads, head_dim, generator=gen)
+    v = torch.randn(n, kv_heads, head_dim, generator=gen)
+    scale = head_dim ** -0.5
+    outs = []
+    pools = []
+    for name in ("torch_native", "cpu"):
+        fb, pool = _random_batch(mode, prefix_lens, ext_lens, masks, kv_heads, head_dim, seed)
+        backend = create_attention_backend(name)
+        backend.init_forward_metadata(fb)
+        if name == "cpu":
+            assert isinstance(fb.attn_metadata, PagedMetadata)
+        outs.append(backend.forward(q, k, v, 0, fb, pool, scale))
+        pools.append(pool)
+    assert torch.equal(pools[0].k_bufs[0], pools[1].k_bufs[0])
+    assert torch.equal(pools[0].v_bufs[0], pools[1].v_bufs[0])
+    return outs[1], outs[0], fb
+
+
+@needs_ops
+@pytest.mark.parametrize("seed", range(12))
+def test_paged_decode_matches_torch_native(seed: int) -> None:
+    from dspark_sglang.core.forward_batch import ForwardMode
+
+    rng = np.random.default_rng(seed)
+    bs = int(rng.integers(1, 9))
+    kv_heads = int(rng.choice([1, 2, 3]))
+    heads = kv_heads * int(rng.choice([1, 2, 3, 4]))
+    head_dim = int(rng.choice([16, 32, 64, 72, 128]))
+    prefix = [int(x) for x in rng.integers(0, 200, size=bs)]
+    got, want, _ = _attention_pair(ForwardMode.DECODE, prefix, [1] * bs, None, heads, kv_heads,
+                                   head_dim, seed)
+    assert got.shape == want.shape
+    torch.testing.assert_close(got, want, rtol=0, atol=2e-5)
+
+
+@needs_ops
+@pytest.mark.parametrize("seed", range(12))
+def test_paged_verify_chains_and_trees_match_torch_native(seed: int) -> None:
+    from dspark_sglang.core.forward_batch import ForwardMode
+
+    rng = np.random.default_rng(100 + seed)
+    bs = int(rng.integers(1, 6))
+    kv_heads = int(rng.choice([1, 2, 3]))
+    heads = kv_heads * int(rng.choice([1, 3, 4]))
+    head_dim = int(rng.choice([16, 64, 128]))
+    prefix = [int(x) for x in rng.integers(0, 150, size=bs)]
+    ext = [int(x) for x in rng.integers(1, 33, size=bs)]
+    masks: list[torch.Tensor | None] = []
+    for e in ext:
+        kind = rng.integers(0, 3)
+        if kind == 0:
+            masks.append(None)  # causal
+        elif kind == 1:
+            masks.append(torch.ones(e, e, dtype=torch.bool).tril())
+        else:
+            masks.append(_tree_mask([-1] + [int(rng.integers(0, i)) for i in range(1, e)]))
+    got, want, _ = _attention_pair(ForwardMode.TARGET_VERIFY, prefix, ext, masks, heads,
+                                   kv_heads, head_dim, seed)
+    torch.testing.assert_close(got, want, rtol=0, atol=2e-5)
+
+
+@needs_ops
+def test_paged_verify_tree_mask_matters() -> None:
+    from dspark_sglang.core.forward_batch import ForwardMode
+
+    tree = [_tree_mask([-1, 0, 0, 1, 1, 2])]
+    got_tree, want_tree, _ = _attention_pair(ForwardMode.TARGET_VERIFY, [9], [6], tree, 4, 2,
+                                             32, 5)
+    got_causal, _, _ = _attention_pair(ForwardMode.TARGET_VERIFY, [9], [6], None, 4, 2, 32, 5)
+    torch.testing.assert_close(got_tree, want_tree, rtol=0, atol=2e-5)
+    assert (got_tree - got_causal).abs().max().item() > 1e-3
+
+
+def test_cpu_backend_falls_back_to_sdpa_for_extend_and_without_kernels(monkeypatch) -> None:
+    from dspark_sglang.core.forward_batch import ForwardMode
+    from dspark_sglang.layers.attention.cpu_paged import CpuPagedAttnBackend
+    from dspark_sglang.layers.attention.torch_native import TorchNativeMetadata
+
+    fb, _ = _random_batch(ForwardMode.EXTEND, [3, 0], [5, 4], None, 2, 16, 0)
+    backend = CpuPagedAttnBackend()
+    backend.init_forward_metadata(fb)
+    assert isinstance(fb.attn_metadata, TorchNativeMetadata)
+    fb, _ = _random_batch(ForwardMode.TARGET_VERIFY, [3], [33], None, 2, 16, 0)
+    backend.init_forward_metadata(fb)  # longer than a verify chain: SDPA
+    assert isinstance(fb.attn_metadata, TorchNativeMetadata)
+    backend.ops = None  # as when the extension cannot be built
+    fb, _ = _random_batch(ForwardMode.DECODE, [3], [1], None, 2, 16, 0)
+    backend.init_forward_metadata(fb)
+    assert isinstance(fb.attn_metadata, TorchNativeMetadata)
+
+
+@needs_ops
+@pytest.mark.parametrize("algo", ["NONE", "TREE", "DSPARK"])
+def test_engine_greedy_on_cpu_backend_equals_torch_native(make_engine, llama_dir, drafter_dir,
+                                                          algo: str) -> None:
+    from tests.conftest import PROMPTS, greedy
+
+    ref = make_engine(llama_dir, attention_backend="torch_native")
+    want = [o["output_ids"] for o in ref.generate(PROMPTS, greedy(16))]
+    kw: dict[str, object] = {}
+    if algo != "NONE":
+        kw = {"speculative_algorithm": algo, "speculative_draft_model_path": drafter_dir,
+              "speculative_dspark_disable_draft_budget": True}
+    eng = make_engine(llama_dir, attention_backend="cpu", **kw)
+    got = [o["output_ids"] for o in eng.generate(PROMPTS, greedy(16))]
+    assert got == want
+    if algo != "NONE":
+        assert eng.get_server_info()["spec_stats"]["steps"] > 0
+
+
+def test_csrc_ships_with_the_package() -> None:
+    from pathlib import Path
+
+    from dspark_kernels import cpu_ops
+
+    text = (Path(__file__).resolve().parent.parent / "pyproject.toml").read_text()
+    assert 'dspark_kernels = ["csrc/*.cpp", "csrc/*.h"]' in text
+    assert all((cpu_ops.CSRC / name).is_file() for name in cpu_ops.SOURCES)
+    assert cpu_ops.cpu_isa() in ("avx512", "avx2", "scalar")

@@ -24,6 +24,7 @@ from dspark_sglang.entrypoints.native_api import build_native_router
 from dspark_sglang.entrypoints.openai_api import build_openai_router
 from dspark_sglang.entrypoints.prometheus import ServerMetrics
 from dspark_sglang.entrypoints.protocol import ApiError
+from dspark_sglang.entrypoints.router_api import build_router_api
 from dspark_sglang.entrypoints.server_state import ServerState
 from dspark_sglang.server_args import ServerArgs
 
@@ -41,6 +42,7 @@ def create_app(engine: Engine, args: ServerArgs) -> FastAPI:
     app.state.server = state
     app.include_router(build_native_router(state))
     app.include_router(build_openai_router(state))
+    app.include_router(build_router_api(state))
 
     @app.exception_handler(ApiError)
     async def _api_error(_: Request, err: ApiError) -> JSONResponse:

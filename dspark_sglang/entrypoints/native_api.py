@@ -24,6 +24,7 @@ from dspark_sglang.entrypoints.protocol import (
     decode_json,
     parse_body,
 )
+from dspark_sglang.entrypoints.router_api import parallel_info
 from dspark_sglang.entrypoints.server_state import ServerState, stop_holdback
 
 
@@ -88,6 +89,7 @@ def build_native_router(state: ServerState) -> APIRouter:
     async def server_info() -> dict[str, Any]:
         info = await asyncio.to_thread(engine.get_server_info)
         info["internal_states"] = [{"avg_spec_accept_length": info["avg_spec_accept_length"]}]
+        info.update(parallel_info(state), served_model_name=state.served_model_name)
         return info
 
     router.add_api_route("/server_info", server_info, methods=["GET"])

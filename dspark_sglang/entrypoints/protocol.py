@@ -73,7 +73,10 @@ class _Strict(BaseModel):
 NATIVE_NULL_ONLY_FIELDS = ("image_data", "video_data", "audio_data", "lora_path", "session_id",
                            "custom_logit_processor", "modalities", "bootstrap_host",
                            "bootstrap_port", "bootstrap_room", "data_parallel_rank",
-                           "input_embeds", "token_ids_logprob", "return_hidden_states")
+                           "input_embeds", "token_ids_logprob", "return_hidden_states",
+                           "background", "return_bytes", "return_entropy")
+# Fields sglang-router adds to every proxied /generate body; they do not change the output.
+NATIVE_IGNORED_FIELDS = ("model", "log_metrics", "no_logs")
 
 
 class GenerateReqInput(_Strict):
@@ -93,6 +96,8 @@ class GenerateReqInput(_Strict):
 
     def check_extra(self) -> None:
         for key, value in (self.model_extra or {}).items():
+            if key in NATIVE_IGNORED_FIELDS:
+                continue
             if key not in NATIVE_NULL_ONLY_FIELDS:
                 raise ApiError(400, f"unknown field {key!r} in /generate request", param=key)
             if value not in (None, [], False):
@@ -159,6 +164,10 @@ class _SamplingFields(_Strict):
     json_schema: str | None = None
     response_format: ResponseFormat | None = None
     rid: str | None = None
+    # sent by sglang-router with these defaults (no reasoning parser, no hidden states here)
+    separate_reasoning: bool = True
+    stream_reasoning: bool = True
+    return_hidden_states: Literal[False] = False
 
     model_config = ConfigDict(extra="forbid", strict=False)
 

@@ -7,7 +7,9 @@ import sys
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pytest
+import torch
 
 from dspark_sglang.speculative.dspark.config import (
     DSparkConfig,
@@ -248,3 +250,150 @@ def test_sts_file_never_contains_nan_and_upstream_reads_it(tmp_path: Path) -> No
     assert StsCalibration.load(path).temperatures == [1.0, 1.5, 0.5]
     with pytest.raises(ValueError):
         StsCalibration(temperatures=[float("inf")])
+
+
+# ---- exports: DeepSpec / upstream SGLang directory, llama.cpp GGUF ---------------------------
+
+
+def make_drafter(**kw: Any) -> Any:
+    from dspark_sglang.speculative.dspark.model import DSparkDrafter
+
+    torch.manual_seed(0)
+    drafter = DSparkDrafter(make_config(**kw), torch.nn.Embedding(V, H),
+                            torch.nn.Linear(H, V, bias=False))
+    with torch.no_grad():
+        for p in drafter.parameters():
+            p.normal_(0.0, 0.2)
+    return drafter.eval()
+
+
+# what upstream SGLang's DSparkDraftModel.load_weights accepts (read from its code): q/k/v and
+# gate/up are fused into qkv_proj / gate_up_proj by name, embed_tokens / lm_head are skipped
+_UPSTREAM_LAYER_SUFFIXES = {
+    "self_attn.q_proj.weight", "self_attn.k_proj.weight", "self_attn.v_proj.weight",
+    "self_attn.o_proj.weight", "self_attn.q_norm.weight", "self_attn.k_norm.weight",
+    "mlp.gate_proj.weight", "mlp.up_proj.weight", "mlp.down_proj.weight",
+    "input_layernorm.weight", "post_attention_layernorm.weight"}
+
+
+def test_export_directory_loads_in_deepspec_and_upstream_layout(tmp_path: Path) -> None:
+    from transformers import Qwen3Config
+
+    from dspark_sglang.speculative.dspark.checkpoint import (
+        load_dspark_checkpoint,
+        read_checkpoint_tensor_names,
+    )
+    from dspark_sglang.training.export import export_drafter
+
+    drafter = make_drafter(markov_head_type="vanilla")
+    out = export_drafter(drafter, tmp_path / "d", include_shared_weights=True,
+                         strict_upstream=True)
+    d = json.loads((out / "config.json").read_text())
+    assert d["dtype"] == "bfloat16" and d["sample_from_anchor"] is True
+    # DeepSpec's Qwen3DSparkModel asserts these fields (modeling.py, read from its code)
+    for key in ("target_layer_ids", "mask_token_id", "num_anchors", "enable_confidence_head",
+                "markov_rank", "markov_head_type", "confidence_head_with_markov"):
+        assert key in d
+    hf = Qwen3Config.from_dict(d)  # what DeepSpec and upstream get_config build
+    assert str(hf.dtype) == "torch.bfloat16" and hf.rope_parameters["rope_theta"] == 10000.0
+    up = load_upstream_parsers().parse_dspark_draft_config(draft_hf_config=hf)
+    assert (up.gamma, up.mask_token_id, up.markov_rank) == (5, V - 1, 8)
+    names = read_checkpoint_tensor_names(out)
+    assert {"embed_tokens.weight", "lm_head.weight"} <= set(names)
+    for n in names:
+        if n.startswith("layers."):
+            assert n.split(".", 2)[2] in _UPSTREAM_LAYER_SUFFIXES, n
+        else:
+            assert n.split(".")[0] in {"fc", "hidden_norm", "norm", "markov_head",
+                                       "confidence_head", "embed_tokens", "lm_head"}, n
+    from safetensors import safe_open
+
+    with safe_open(str(out / "model.safetensors"), "pt") as f:
+        assert all(f.get_tensor(n).dtype == torch.bfloat16 for n in f.keys())  # noqa: SIM118
+    back = load_dspark_checkpoint(out, drafter.embed_tokens, drafter.lm_head)
+    w0 = drafter.state_dict()["fc.weight"]
+    assert torch.allclose(back.state_dict()["fc.weight"].float(), w0, atol=1e-2)
+
+
+@pytest.mark.parametrize(("change", "message"), [
+    ({"markov_rank": 0, "confidence_head_with_markov": False}, "Markov head"),
+    ({"enable_confidence_head": False, "confidence_head_with_markov": False},
+     "confidence head"),
+    ({"target_layer_ids": (-1, 2)}, "-1"),
+    ({"qk_norm": False}, "q_norm"),
+])
+def test_export_refuses_what_upstream_rejects(change: dict[str, Any], message: str,
+                                              tmp_path: Path) -> None:
+    from dspark_sglang.training.export import export_drafter
+
+    with pytest.raises(ValueError, match=message):
+        export_drafter(make_drafter(**change), tmp_path / "x", strict_upstream=True)
+    assert export_drafter(make_drafter(**change), tmp_path / "y").is_dir()  # lenient: warns
+
+
+def _tiny_target_gguf(path: Path) -> Path:
+    import gguf
+
+    w = gguf.GGUFWriter(str(path), "qwen3")
+    w.add_tokenizer_model("gpt2")
+    w.add_token_list([f"t{i}" for i in range(V)])
+    w.add_token_types([1] * V)
+    w.add_bos_token_id(1)
+    w.add_tensor("token_embd.weight", np.zeros((V, H), dtype=np.float32))
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return path
+
+
+def test_gguf_export_reads_back_with_llamacpp_names_and_keys(tmp_path: Path) -> None:
+    from gguf import GGUFReader
+
+    from dspark_sglang.training.export_gguf import export_gguf
+
+    drafter = make_drafter(markov_head_type="vanilla", target_layer_ids=(1, 3))
+    target = _tiny_target_gguf(tmp_path / "target.gguf")
+    path = export_gguf(drafter, tmp_path / "draft.gguf", target_gguf=target)
+    r = GGUFReader(str(path))
+
+    def kv(name: str) -> Any:
+        return r.fields[name].contents()
+
+    assert kv("general.architecture") == "dflash"
+    assert kv("dflash.target_layers") == [1, 3]
+    assert (kv("dflash.block_size"), kv("dflash.mask_token_id")) == (5, V - 1)
+    assert kv("dflash.target_hidden_size") == H and kv("dflash.block_count") == 2
+    assert kv("dflash.attention.head_count_kv") == 2 and kv("dflash.rope.freq_base") == 10000.0
+    assert kv("tokenizer.ggml.model") == "gpt2" and len(kv("tokenizer.ggml.tokens")) == V
+    tensors = {t.name: t for t in r.tensors}
+    r_ = 8
+    expected_shapes = {  # GGML ne order (torch shape reversed), as llama.cpp's loader asks
+        "markov_w1.weight": [r_, V], "markov_w2.weight": [r_, V],
+        "conf_proj.weight": [H + r_, 1], "conf_proj.bias": [1],
+        "fc.weight": [2 * H, H], "enc.output_norm.weight": [H], "output_norm.weight": [H],
+        "blk.1.attn_q.weight": [H, 4 * 8], "blk.1.attn_k_norm.weight": [8],
+        "blk.0.ffn_gate.weight": [H, 64], "blk.0.ffn_norm.weight": [H],
+    }
+    for name, shape in expected_shapes.items():
+        assert [int(x) for x in tensors[name].shape] == shape, name
+    assert not any(n.startswith(("token_embd", "output.")) for n in tensors)
+    assert len(tensors) == len(drafter.state_dict())
+    w1 = drafter.state_dict()["markov_head.markov_w1.weight"].numpy()
+    got = np.asarray(tensors["markov_w1.weight"].data, dtype=np.float32).reshape(w1.shape)
+    assert np.allclose(got, w1, atol=1e-3)
+    assert tensors["output_norm.weight"].tensor_type.name == "F32"
+
+
+@pytest.mark.parametrize(("change", "message"), [
+    ({"markov_head_type": "gated"}, "vanilla"),
+    ({"qk_norm": False}, "q_norm"),
+    ({"confidence_head_with_markov": False}, "confidence head"),
+])
+def test_gguf_export_refuses_what_llamacpp_cannot_run(change: dict[str, Any], message: str,
+                                                      tmp_path: Path) -> None:
+    from dspark_sglang.training.export_gguf import export_gguf
+
+    kw = {"markov_head_type": "vanilla", **change}
+    with pytest.raises(ValueError, match=message):
+        export_gguf(make_drafter(**kw), tmp_path / "x.gguf")

@@ -50,7 +50,9 @@ class Req:
     spec_draft_tokens: int = 0
     draft_state: dict[str, Any] = field(default_factory=dict)  # worker-private per-request state
     # streaming / output bookkeeping
-    decoded_text: str = ""
+    decoded_text: str = ""  # output decoded so far (complete characters; OutputProcessor)
+    detokenizer: Any = None  # models.tokenizer.IncrementalDecoder behind decoded_text
+    stop_offset: int | None = None  # where a matched stop string / regex starts in decoded_text
     sent_len: int = 0
     created_at: float = 0.0
     first_token_at: float | None = None

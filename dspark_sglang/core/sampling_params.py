@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import re
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -33,6 +34,7 @@ class SamplingParams:
     n: int = 1
     seed: int | None = None
     stop_regex: str | list[str] | None = None
+    logit_bias: dict[str, float] | None = None  # token id (as a string) -> added to its logit
     custom_params: dict[str, Any] | None = None
 
     @staticmethod
@@ -110,8 +112,29 @@ class SamplingParams:
             v = getattr(self, name)
             if v is not None and not isinstance(v, str):
                 raise ValueError(f"sampling_params.{name} must be a string")
-        if self.stop_regex is not None:
-            raise ValueError("sampling_params.stop_regex is not supported by this server")
+        if isinstance(self.stop_regex, str):
+            self.stop_regex = [self.stop_regex]
+        for pattern in self.stop_regex or []:
+            if not isinstance(pattern, str) or not pattern:
+                raise ValueError("sampling_params.stop_regex must be a non-empty string or list")
+            try:
+                re.compile(pattern)
+            except (re.error, RecursionError) as e:
+                raise ValueError(f"sampling_params.stop_regex {pattern!r} is invalid: {e}") \
+                    from None
+        if self.logit_bias is not None:
+            bias = self.logit_bias
+            if not isinstance(bias, dict) or not all(
+                    isinstance(v, (int, float)) and not isinstance(v, bool) and -100 <= v <= 100
+                    for v in bias.values()):
+                raise ValueError("sampling_params.logit_bias must map token ids to numbers "
+                                 "in [-100, 100]")
+            try:
+                ids = [int(k) for k in bias]
+            except (TypeError, ValueError):
+                raise ValueError("sampling_params.logit_bias keys must be token ids") from None
+            if any(not 0 <= i < vocab_size for i in ids):
+                raise ValueError(f"sampling_params.logit_bias ids must be in [0, {vocab_size})")
 
     @property
     def is_greedy(self) -> bool:

@@ -7,14 +7,16 @@ use OpenAI's shape (``{"error": {"message", "type", "param", "code"}}``) with a 
 from __future__ import annotations
 
 import json
+import logging
 import time
 import uuid
 from collections.abc import AsyncIterator
-from typing import Any
+from typing import Any, TypeVar
 
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from jinja2 import TemplateError
+from pydantic import BaseModel, ConfigDict
 
 from dspark_sglang.core.req import Req
 from dspark_sglang.entrypoints.protocol import (
@@ -23,6 +25,7 @@ from dspark_sglang.entrypoints.protocol import (
     ChatMessage,
     CompletionRequest,
     _SamplingFields,
+    decode_json,
     parse_body,
 )
 from dspark_sglang.entrypoints.server_state import ServerState, stop_holdback
@@ -36,6 +39,8 @@ from dspark_sglang.entrypoints.tool_calls import (
     resolve_tool_choice,
 )
 
+logger = logging.getLogger(__name__)
+
 _FINISH = {"length": "length", "stop": "stop", "abort": "abort"}
 
 
@@ -46,8 +51,6 @@ def _finish_reason(meta: dict[str, Any]) -> str | None:
 
 def sampling_params_from(req: _SamplingFields, max_tokens: int | None) -> dict[str, Any]:
     """OpenAI fields -> SGLang ``sampling_params`` (validated later by SamplingParams)."""
-    if req.logit_bias:
-        raise ApiError(400, "logit_bias is not supported", param="logit_bias")
     sp: dict[str, Any] = {
         "temperature": 1.0 if req.temperature is None else req.temperature,
         "top_p": 1.0 if req.top_p is None else req.top_p,
@@ -56,7 +59,8 @@ def sampling_params_from(req: _SamplingFields, max_tokens: int | None) -> dict[s
         "repetition_penalty": req.repetition_penalty, "min_new_tokens": req.min_tokens,
         "ignore_eos": req.ignore_eos, "skip_special_tokens": req.skip_special_tokens,
         "no_stop_trim": req.no_stop_trim, "seed": req.seed,
-        "stop": req.stop, "stop_token_ids": req.stop_token_ids,
+        "stop": req.stop, "stop_token_ids": req.stop_token_ids, "stop_regex": req.stop_regex,
+        "logit_bias": req.logit_bias or None,
         "regex": req.regex, "ebnf": req.ebnf, "json_schema": req.json_schema,
     }
     if max_tokens is not None:
@@ -76,45 +80,97 @@ def sampling_params_from(req: _SamplingFields, max_tokens: int | None) -> dict[s
     return sp
 
 
-def _completion_logprobs(state: ServerState, meta: dict[str, Any], offset0: int) -> dict:
-    tokens, lps, tops, offsets = [], [], [], []
-    off = offset0
-    top_list = meta.get("output_top_logprobs") or []
-    for k, (lp, tid) in enumerate(meta.get("output_token_logprobs", [])):
-        t = state.token_text(tid)
-        tokens.append(t)
-        lps.append(lp)
-        offsets.append(off)
-        off += len(t)
-        if k < len(top_list) and top_list[k] is not None:
-            tops.append({state.token_text(i): v for v, i in top_list[k]})
-        else:
-            tops.append(None)
-    return {"tokens": tokens, "token_logprobs": lps, "top_logprobs": tops, "text_offset": offsets}
+class _TextOffsets:
+    """Character offset of each token's start in the decoded text (incremental, exact for
+    tokens that carry only part of a character)."""
+
+    def __init__(self, tokenizer: Any, start: int = 0) -> None:
+        self.decoder = tokenizer.incremental_decoder(skip_special_tokens=False)
+        self.offset = start
+
+    def advance(self, ids: list[int]) -> list[int]:
+        out = []
+        for tid in ids:
+            out.append(self.offset)
+            self.offset += len(self.decoder.step([tid]))
+        return out
+
+
+def _completion_logprobs(state: ServerState, entries: list[Any], tops: list[Any],
+                         offsets: _TextOffsets) -> dict:
+    """OpenAI completions ``logprobs`` for ``entries`` ``[(logprob or None, token_id)]``."""
+    ids = [tid for _, tid in entries]
+    top_dicts = []
+    for k in range(len(entries)):
+        top = tops[k] if k < len(tops) else None
+        top_dicts.append(None if top is None else
+                         {state.openai_token(i): v for v, i in top})
+    return {"tokens": [state.openai_token(t) for t in ids],
+            "token_logprobs": [lp for lp, _ in entries], "top_logprobs": top_dicts,
+            "text_offset": offsets.advance(ids)}
 
 
 def _chat_logprobs(state: ServerState, meta: dict[str, Any], start: int = 0) -> dict:
+    """OpenAI chat ``logprobs``; ``bytes`` are each token's raw bytes."""
     content = []
     top_list = meta.get("output_top_logprobs") or []
     for k, (lp, tid) in enumerate(meta.get("output_token_logprobs", [])):
         if k < start:
             continue
-        t = state.token_text(tid)
         tops = top_list[k] if k < len(top_list) and top_list[k] is not None else []
-        content.append({"token": t, "logprob": lp, "bytes": list(t.encode("utf-8")),
-                        "top_logprobs": [{"token": state.token_text(i), "logprob": v,
-                                          "bytes": list(state.token_text(i).encode("utf-8"))}
+        content.append({"token": state.openai_token(tid), "logprob": lp,
+                        "bytes": list(state.token_bytes(tid)),
+                        "top_logprobs": [{"token": state.openai_token(i), "logprob": v,
+                                          "bytes": list(state.token_bytes(i))}
                                          for v, i in tops]})
     return {"content": content}
 
 
 def _usage(reqs: list[Req], outs: dict[int, dict[str, Any]], n: int) -> dict[str, Any]:
+    """Prompt and cached tokens count once per prompt (the ``n`` samples of a prompt share it:
+    its cached count is the best any sample got); completion tokens sum over choices."""
     prompt = sum(len(r.origin_input_ids) for r in reqs[::n])
     completion = sum(o["meta_info"]["completion_tokens"] for o in outs.values())
-    cached = sum(o["meta_info"].get("cached_tokens", 0) for o in outs.values())
+    cached = 0
+    for p in range(0, len(reqs), n):
+        got = [outs[k]["meta_info"].get("cached_tokens", 0) for k in range(p, p + n) if k in outs]
+        cached += min(max(got, default=0), len(reqs[p].origin_input_ids))
     return {"prompt_tokens": prompt, "completion_tokens": completion,
             "total_tokens": prompt + completion,
             "prompt_tokens_details": {"cached_tokens": cached}}
+
+
+class TokenizeRequest(BaseModel):
+    model_config = ConfigDict(extra="ignore", strict=True)
+    model: str | None = None
+    prompt: str | list[str]
+    add_special_tokens: bool = True
+
+
+class DetokenizeRequest(BaseModel):
+    model_config = ConfigDict(extra="ignore", strict=True)
+    model: str | None = None
+    tokens: list[int] | list[list[int]]
+
+
+M = TypeVar("M", bound=BaseModel)
+
+
+def parse_openai(raw: bytes, model: type[M]) -> M:
+    """``parse_body`` that accepts and ignores fields this server does not know (``store``,
+    ``metadata``, ``service_tier``, ``reasoning_effort``, ...), as OpenAI-compatible servers do;
+    they are logged at debug level. ``stream_options`` without ``stream`` is a 400."""
+    value = decode_json(raw)
+    if isinstance(value, dict):
+        known = set(model.model_fields) | {f.alias for f in model.model_fields.values() if f.alias}
+        unknown = sorted(k for k in value if k not in known)
+        if unknown:
+            logger.debug("ignoring unsupported request fields %s", unknown)
+            value = {k: v for k, v in value.items() if k in known}
+        if value.get("stream_options") is not None and not value.get("stream"):
+            raise ApiError(400, "stream_options is only allowed when stream is true",
+                           param="stream_options")
+    return parse_body(json.dumps(value).encode("utf-8"), model)
 
 
 def _sse(obj: Any) -> bytes:
@@ -125,18 +181,48 @@ def build_openai_router(state: ServerState) -> APIRouter:
     router = APIRouter(prefix="/v1")
     engine = state.engine
 
+    def _model_card() -> dict[str, Any]:
+        return {"id": state.served_model_name, "object": "model",
+                "created": int(state.started_at), "owned_by": "dspark_sglang",
+                "root": engine.model_path, "max_model_len": engine.context_len}
+
     @router.get("/models")
     async def models() -> dict[str, Any]:
-        return {"object": "list", "data": [{
-            "id": state.served_model_name, "object": "model", "created": int(state.started_at),
-            "owned_by": "dspark_sglang", "root": engine.model_path,
-            "max_model_len": engine.context_len}]}
+        return {"object": "list", "data": [_model_card()]}
+
+    @router.get("/models/{model_id:path}")
+    async def model(model_id: str) -> dict[str, Any]:
+        if model_id not in (state.served_model_name, engine.model_path):
+            raise ApiError(404, f"the model {model_id!r} does not exist", "not_found_error",
+                           param="model")
+        return _model_card()
+
+    @router.post("/tokenize")
+    async def tokenize(request: Request) -> dict[str, Any]:
+        body = parse_openai(await request.body(), TokenizeRequest)
+        texts = [body.prompt] if isinstance(body.prompt, str) else body.prompt
+        ids = [engine.tokenizer.encode(t, add_special_tokens=body.add_special_tokens)
+               for t in texts]
+        one = isinstance(body.prompt, str)
+        return {"tokens": ids[0] if one else ids,
+                "count": len(ids[0]) if one else [len(x) for x in ids],
+                "max_model_len": engine.context_len}
+
+    @router.post("/detokenize")
+    async def detokenize(request: Request) -> dict[str, Any]:
+        body = parse_openai(await request.body(), DetokenizeRequest)
+        rows = body.tokens if body.tokens and isinstance(body.tokens[0], list) else [body.tokens]
+        vocab = engine.tokenizer.vocab_size
+        if any(not 0 <= t < vocab for row in rows for t in row):  # type: ignore[union-attr]
+            raise ApiError(400, f"token ids must be in [0, {vocab})", param="tokens")
+        texts = [engine.tokenizer.decode(row, skip_special_tokens=False) for row in rows]
+        return {"text": texts if len(rows) > 1 or rows is body.tokens else texts[0]}
 
     @router.post("/completions")
     async def completions(request: Request) -> Response:
-        body = parse_body(await request.body(), CompletionRequest)
-        if body.echo or body.suffix is not None or (body.best_of or 1) > 1:
-            raise ApiError(400, "echo, suffix and best_of > 1 are not supported")
+        body = parse_openai(await request.body(), CompletionRequest)
+        if body.suffix is not None or (body.best_of or 1) > 1:
+            raise ApiError(400, "suffix and best_of > 1 are not supported")
         if body.logprobs is not None and not 0 <= body.logprobs <= 20:
             raise ApiError(400, "logprobs must be in [0, 20]", param="logprobs")
         sp = sampling_params_from(body, 16 if body.max_tokens is None else body.max_tokens)
@@ -148,25 +234,44 @@ def build_openai_router(state: ServerState) -> APIRouter:
         reqs, _ = await state.build(
             prompt=None if is_ids else prompt, input_ids=prompt if is_ids else None,
             sampling_params=sp, return_logprob=want_lp, top_logprobs_num=body.logprobs or 0,
+            logprob_start_len=0 if body.echo and want_lp else None,
             stream=body.stream, rid=body.rid)
+        if body.echo:
+            rows = [prompt] if isinstance(prompt, str) or (is_ids and isinstance(prompt[0], int)) \
+                else prompt
+            texts = [p if isinstance(p, str) else engine.tokenizer.decode(p, False) for p in rows]
+            echoes = [texts[k // body.n] for k in range(len(reqs))]
+        else:
+            echoes = ["" for _ in reqs]
         cid = f"cmpl-{uuid.uuid4().hex}"
         if body.stream:
             return StreamingResponse(
-                _stream(state, reqs, body, cid, chat=False), media_type="text/event-stream")
+                _stream(state, reqs, body, cid, chat=False, echoes=echoes),
+                media_type="text/event-stream")
         outs = await state.run(reqs, request)
         choices = []
         for k, out in enumerate(outs):
             meta = out["meta_info"]
-            choices.append({"index": k, "text": out["text"], "finish_reason": _finish_reason(meta),
+            lp = None
+            if want_lp:
+                offsets = _TextOffsets(engine.tokenizer)
+                entries = meta["output_token_logprobs"]
+                tops = meta.get("output_top_logprobs") or []
+                if body.echo:
+                    entries = meta["input_token_logprobs"] + entries
+                    tops = (meta.get("input_top_logprobs") or []) + tops
+                lp = _completion_logprobs(state, entries, tops, offsets)
+            choices.append({"index": k, "text": echoes[k] + out["text"],
+                            "finish_reason": _finish_reason(meta),
                             "matched_stop": (meta["finish_reason"] or {}).get("matched"),
-                            "logprobs": _completion_logprobs(state, meta, 0) if want_lp else None})
+                            "logprobs": lp})
         return JSONResponse({"id": cid, "object": "text_completion", "created": int(time.time()),
                              "model": state.served_model_name, "choices": choices,
                              "usage": _usage(reqs, dict(enumerate(outs)), body.n)})
 
     @router.post("/chat/completions")
     async def chat_completions(request: Request) -> Response:
-        body = parse_body(await request.body(), ChatCompletionRequest)
+        body = parse_openai(await request.body(), ChatCompletionRequest)
         if body.top_logprobs is not None and not 0 <= body.top_logprobs <= 20:
             raise ApiError(400, "top_logprobs must be in [0, 20]", param="top_logprobs")
         if body.top_logprobs and not body.logprobs:
@@ -314,7 +419,7 @@ class _ChoiceText:
 
 async def _stream(state: ServerState, reqs: list[Req], body: _SamplingFields, cid: str,
                   chat: bool, tools: tuple[ToolMode, list[Any]] | None = None,
-                  ) -> AsyncIterator[bytes]:
+                  echoes: list[str] | None = None) -> AsyncIterator[bytes]:
     """Delta chunks per choice, a finish chunk per choice, optional usage chunk, ``[DONE]``.
 
     Chat choices with tools stream content as it is decided and each tool call as two deltas
@@ -329,6 +434,8 @@ async def _stream(state: ServerState, reqs: list[Req], body: _SamplingFields, ci
     lp_field = getattr(body, "logprobs", None)
     want_lp = bool(lp_field) if chat else lp_field is not None
     texts = [_ChoiceText(tools) for _ in reqs]
+    offsets = [_TextOffsets(state.engine.tokenizer) for _ in reqs]
+    echo_pending = list(echoes) if echoes else ["" for _ in reqs]
 
     def chunk(choices: list[dict[str, Any]], usage: Any = None) -> bytes:
         obj: dict[str, Any] = {"id": cid, "object": obj_type, "created": created,
@@ -353,13 +460,20 @@ async def _stream(state: ServerState, reqs: list[Req], body: _SamplingFields, ci
             if not pieces and not fin:
                 continue
             lp = None
+            if want_lp and chat:
+                lp = _chat_logprobs(state, meta, lp_sent[k])
+            elif want_lp:
+                entries = meta["output_token_logprobs"][lp_sent[k]:]
+                tops = (meta.get("output_top_logprobs") or [])[lp_sent[k]:]
+                if echo_pending[k]:  # the prompt's logprobs go with the echoed prompt
+                    entries = meta["input_token_logprobs"] + entries
+                    tops = (meta.get("input_top_logprobs") or []) + tops
+                lp = _completion_logprobs(state, entries, tops, offsets[k])
             if want_lp:
-                lp = (_chat_logprobs(state, meta, lp_sent[k]) if chat
-                      else _completion_logprobs(state, {
-                          "output_token_logprobs": meta["output_token_logprobs"][lp_sent[k]:],
-                          "output_top_logprobs": (meta.get("output_top_logprobs")
-                                                  or [])[lp_sent[k]:]}, sent[k] - len(delta)))
                 lp_sent[k] = len(meta.get("output_token_logprobs", []))
+            if echo_pending[k] and not chat:
+                pieces = [echo_pending[k] + (pieces[0] if pieces else ""), *pieces[1:]]
+                echo_pending[k] = ""
             if fin and chat and texts[k].num_calls and fr == "stop":
                 fr = "tool_calls"
             if not pieces:

@@ -156,6 +156,7 @@ class _SamplingFields(_Strict):
     min_tokens: int = 0
     repetition_penalty: float = 1.0
     stop_token_ids: list[int] | None = None
+    stop_regex: str | list[str] | None = None
     ignore_eos: bool = False
     skip_special_tokens: bool = True
     no_stop_trim: bool = False

@@ -51,6 +51,7 @@ class ServerState:
         # rid -> full text (prompt + completion) of finished requests, for concate_and_append
         self.text_log: OrderedDict[str, str] = OrderedDict()
         self._token_text = lru_cache(maxsize=65536)(self._decode_one)
+        self._token_bytes = lru_cache(maxsize=65536)(engine.tokenizer.id_to_token_bytes)
 
     # ---- tokens ------------------------------------------------------------------------------
     def _decode_one(self, token_id: int) -> str:
@@ -58,6 +59,19 @@ class ServerState:
 
     def token_text(self, token_id: int) -> str:
         return self._token_text(int(token_id))
+
+    def token_bytes(self, token_id: int) -> bytes:
+        """The raw bytes the token adds to the text (a byte fragment of a character stays one)."""
+        return self._token_bytes(int(token_id))
+
+    def openai_token(self, token_id: int) -> str:
+        """A token as OpenAI spells it in logprobs: its text, or ``bytes:\\xNN...`` when its
+        bytes are not valid UTF-8 on their own, so distinct tokens never share a key."""
+        raw = self.token_bytes(token_id)
+        try:
+            return raw.decode("utf-8")
+        except UnicodeDecodeError:
+            return "bytes:" + "".join(f"\\x{b:02x}" for b in raw)
 
     # ---- requests ----------------------------------------------------------------------------
     async def build(self, **kw: Any) -> tuple[list[Req], bool]:

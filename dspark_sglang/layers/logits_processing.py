@@ -30,16 +30,22 @@ def needs_adjust(rows: list[RowSpec], logits_vocab: int, vocab_size: int) -> boo
     for r in rows:
         sp = r.req.sampling_params
         if r.grammar is not None or sp.min_new_tokens or sp.frequency_penalty \
-                or sp.presence_penalty or sp.repetition_penalty != 1.0:
+                or sp.presence_penalty or sp.repetition_penalty != 1.0 or sp.logit_bias:
             return True
     return False
 
 
 def adjust_logits_(logits: torch.Tensor, rows: list[RowSpec], eos_ids: set[int],
                    vocab_size: int) -> None:
-    """In place on ``logits [len(rows), V]``: penalties, min_new_tokens, grammar masks."""
+    """In place on ``logits [len(rows), V]``: logit_bias, penalties, min_new_tokens, grammar
+    masks (bias first, so a masked token stays masked)."""
     if logits.shape[-1] > vocab_size:
         logits[:, vocab_size:] = float("-inf")
+    for i, r in enumerate(rows):
+        bias = r.req.sampling_params.logit_bias
+        if bias:
+            ids = torch.tensor([int(k) for k in bias])
+            logits[i, ids] += torch.tensor(list(bias.values()), dtype=logits.dtype)
     grammar_rows = [i for i, r in enumerate(rows) if r.grammar is not None]
     if grammar_rows:
         from dspark_sglang.constrained.base import allocate_bitmask, apply_bitmask_

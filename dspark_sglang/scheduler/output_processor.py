@@ -1,15 +1,27 @@
 """Append accepted tokens to requests, checking every stop condition at every position.
 
 A speculative step can hand a request several tokens at once; EOS, stop token ids, stop strings,
-a terminated grammar and ``max_new_tokens`` are checked after *each* of them, and whatever
-follows the stop is dropped (its KV is freed by the cache manager on release).
+stop regexes, a terminated grammar and ``max_new_tokens`` are checked after *each* of them, and
+whatever follows the stop is dropped (its KV is freed by the cache manager on release).
+
+Detokenization is incremental: each request keeps an ``IncrementalDecoder`` and
+``Req.decoded_text`` grows by the newly completed characters only (a character split over several
+byte tokens appears when its last byte arrives), so the output is never re-decoded from the start.
+``decoded_text`` equals ``tokenizer.decode(output_ids)`` once the request is finished.
 """
 
 from __future__ import annotations
 
+import re
+from functools import lru_cache
 from typing import Any
 
 from dspark_sglang.core.req import Req
+
+
+@lru_cache(maxsize=1024)
+def _compiled(pattern: str) -> re.Pattern[str]:
+    return re.compile(pattern)
 
 
 class OutputProcessor:
@@ -21,9 +33,12 @@ class OutputProcessor:
                       logprobs: list[tuple[Any, Any]] | None = None) -> int:
         """Append ``tokens`` one by one until the request finishes; returns how many were kept.
 
-        Advances the live grammar matcher by exactly the kept tokens.
+        Advances the live grammar matcher and the request's detokenizer by exactly the kept
+        tokens.
         """
         sp = req.sampling_params
+        if req.detokenizer is None:
+            req.detokenizer = self.tokenizer.incremental_decoder(sp.skip_special_tokens)
         kept = 0
         for i, tok in enumerate(tokens):
             req.output_ids.append(tok)
@@ -31,6 +46,8 @@ class OutputProcessor:
             if logprobs is not None:
                 req.output_token_logprobs.append(logprobs[i][0])
                 req.output_top_logprobs.append(logprobs[i][1])
+            prev_len = len(req.decoded_text)
+            req.decoded_text += req.detokenizer.step((tok,))
             n_out = len(req.output_ids)
             if req.grammar is not None and not req.grammar.is_terminated():
                 req.grammar.accept_token(tok)
@@ -40,21 +57,22 @@ class OutputProcessor:
                 req.finish_reason = {"type": "stop", "matched": tok}
             elif req.grammar is not None and req.grammar.is_terminated():
                 req.finish_reason = {"type": "stop", "matched": tok}
-            elif sp.stop and self._check_stop_str(req):
+            elif len(req.decoded_text) > prev_len and (
+                    (sp.stop and self._check_stop_str(req, prev_len))
+                    or (sp.stop_regex and self._check_stop_regex(req))):
                 pass
             elif n_out >= sp.max_new_tokens:
                 req.finish_reason = {"type": "length", "length": sp.max_new_tokens}
             if req.finish_reason is not None:
+                req.decoded_text += req.detokenizer.finish()
                 break
         return kept
 
-    def _check_stop_str(self, req: Req) -> bool:
+    def _check_stop_str(self, req: Req, prev_len: int) -> bool:
+        """A stop string that ends in the text added by the last token (earliest start wins)."""
         sp = req.sampling_params
-        text = self.tokenizer.decode(req.output_ids, skip_special_tokens=sp.skip_special_tokens)
-        longest = max(len(s) for s in sp.stop)
-        # only look at the tail that can contain a newly completed stop string
-        start = max(0, len(req.decoded_text) - longest)
-        req.decoded_text = text
+        text = req.decoded_text
+        start = max(0, prev_len - max(len(s) for s in sp.stop) + 1)
         best: tuple[int, str] | None = None
         for s in sp.stop:
             idx = text.find(s, start)
@@ -62,19 +80,28 @@ class OutputProcessor:
                 best = (idx, s)
         if best is None:
             return False
+        req.stop_offset = best[0]
         req.finish_reason = {"type": "stop", "matched": best[1]}
         return True
 
+    def _check_stop_regex(self, req: Req) -> bool:
+        """The first pattern with a match in the text so far (searched whole, so anchors and
+        lookarounds behave as on the final text); ``matched`` is the pattern, as in SGLang."""
+        patterns = req.sampling_params.stop_regex
+        for pattern in [patterns] if isinstance(patterns, str) else patterns or []:
+            m = _compiled(pattern).search(req.decoded_text)
+            if m is not None:
+                req.stop_offset = m.start()
+                req.finish_reason = {"type": "stop", "matched": pattern}
+                return True
+        return False
+
     def output_text(self, req: Req) -> str:
-        """Completion text with a matched stop string (and what follows it) trimmed."""
-        sp = req.sampling_params
-        text = self.tokenizer.decode(req.output_ids, skip_special_tokens=sp.skip_special_tokens)
-        fr = req.finish_reason
-        if fr and fr.get("type") == "stop" and isinstance(fr.get("matched"), str) \
-                and not sp.no_stop_trim:
-            idx = text.find(fr["matched"])
-            if idx != -1:
-                text = text[:idx]
+        """Completion text so far with a matched stop string / regex match (and what follows it)
+        trimmed unless ``no_stop_trim``."""
+        text = req.decoded_text
+        if req.stop_offset is not None and not req.sampling_params.no_stop_trim:
+            text = text[:req.stop_offset]
         return text
 
     def meta_info(self, req: Req) -> dict[str, Any]:

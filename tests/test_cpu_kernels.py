@@ -266,3 +266,77 @@ def test_csrc_ships_with_the_package() -> None:
     assert 'dspark_kernels = ["csrc/*.cpp", "csrc/*.h"]' in text
     assert all((cpu_ops.CSRC / name).is_file() for name in cpu_ops.SOURCES)
     assert cpu_ops.cpu_isa() in ("avx512", "avx2", "scalar")
+
+
+# ------------------------------------------------------------------------ GGUF-block linears
+
+
+@needs_ops
+def test_gguf_linear_paths_and_shared_weight() -> None:
+    from dspark_sglang.layers.linear import Linear
+    from dspark_sglang.layers.quantized_linear import GGUFLinear, GGUFWeight
+
+    t = GGML_TYPES["Q4_1"]
+    wa, wb = random_gguf_rows(t, 48, 96, 1), random_gguf_rows(GGML_TYPES["Q8_0"], 16, 96, 2)
+    w_f = torch.cat([gguf_dequantize_ref(wa, t, 96), gguf_dequantize_ref(wb, 8, 96)])
+    base = Linear(96, 64, bias=True)
+    with torch.no_grad():
+        base.weight.copy_(w_f)
+    lin = GGUFLinear(base, [GGUFWeight(t, wa, 96), GGUFWeight(8, wb, 96)], ops)
+    assert lin.weight is base.weight and lin.bias is base.bias  # float copy kept, shared
+    x = torch.randn(2, 5, 96)
+    calls = []
+    real = lin.quant_forward
+    lin.quant_forward = lambda x2d: calls.append(x2d.shape[0]) or real(x2d)  # type: ignore
+    with torch.no_grad():
+        want = torch.nn.functional.linear(x, w_f, base.bias)
+        torch.testing.assert_close(lin(x), want, rtol=1e-5, atol=1e-5)
+        assert calls == [10]
+        lin(torch.randn(40, 96))  # more rows than the block kernel takes: float32 path
+        assert calls == [10]
+    x.requires_grad_(True)
+    lin(x).sum().backward()  # autograd goes through the float path
+    assert calls == [10] and x.grad is not None
+    lin.max_quant_rows = 0
+    with torch.no_grad():
+        lin(x)
+    assert calls == [10]
+
+
+@needs_ops
+@pytest.mark.parametrize("arch,quant,tied", [("llama", "Q4_1", True), ("qwen2", "Q8_0", False),
+                                             ("qwen3", "Q4_0", True)])
+def test_engine_on_gguf_blocks_matches_float_weights(make_engine, tmp_path, monkeypatch,
+                                                     arch: str, quant: str, tied: bool) -> None:
+    from pathlib import Path
+
+    from dspark_sglang.layers.quantized_linear import GGUFLinear
+    from dspark_sglang.models.tiny import make_tiny_model
+    from tests.conftest import PROMPTS, greedy, random_drafter_for
+    from tests.test_loader import write_tiny_gguf
+
+    monkeypatch.setenv("DSPARK_CACHE_DIR", str(tmp_path / "cache"))
+    monkeypatch.setenv("DSPARK_GGUF_MAX_ROWS", "32")  # no timing: always the block kernel
+    hf = tmp_path / "hf"
+    make_tiny_model(hf, arch=arch, layers=2, hidden=64, heads=4, kv_heads=2, seed=5,
+                    tie_word_embeddings=tied)
+    gguf_path = tmp_path / "m.gguf"
+    write_tiny_gguf(hf, gguf_path, quant=quant)
+    plain = make_engine(str(gguf_path), quantization="none")
+    want = [o["output_ids"] for o in plain.generate(PROMPTS, greedy(12))]
+    eng = make_engine(str(gguf_path), quantization="gguf", attention_backend="cpu")
+    model = eng.parts.runner.model
+    layer = model.layers[0]
+    assert all(isinstance(m, GGUFLinear) for m in (layer.qkv_proj, layer.o_proj,
+                                                    layer.gate_up_proj, layer.down_proj))
+    assert isinstance(model.lm_head, GGUFLinear)
+    if tied:  # the float head is the (tied) embedding, still readable as lm_head.weight
+        assert model.lm_head.weight is model.embed_tokens.weight
+    got = [o["output_ids"] for o in eng.generate(PROMPTS, greedy(12))]
+    assert got == want
+    # speculative verification on the same blocks gives the same tokens
+    drafter = random_drafter_for(str(hf), Path(tmp_path / "drafter"))
+    spec = make_engine(str(gguf_path), quantization="gguf", attention_backend="cpu",
+                       speculative_algorithm="DSPARK", speculative_draft_model_path=drafter,
+                       speculative_dspark_disable_draft_budget=True)
+    assert [o["output_ids"] for o in spec.generate(PROMPTS, greedy(12))] == want

@@ -91,6 +91,11 @@ def build_engine_parts(args: ServerArgs, emit: Callable[[Req, bool], None]) -> E
         raise ValueError(f"context_length {context_len} exceeds the model's "
                          f"max_position_embeddings {cfg.max_position_embeddings}")
     model = build_target_model(cfg, loaded.state_dict, dtype, device, context_len + 64)
+    if (args.quantization == "gguf" and device == "cpu" and dtype == torch.float32
+            and getattr(args, "tp_size", 1) == 1):
+        from dspark_sglang.models.gguf_quant import apply_gguf_quantization
+
+        apply_gguf_quantization(model, loaded.model_path)  # before the drafter shares lm_head
     del loaded.state_dict
     runner = ModelRunner(model, args.max_total_tokens, dtype, args.attention_backend, device,
                          disable_cuda_graph=args.disable_cuda_graph)

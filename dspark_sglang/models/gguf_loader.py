@@ -447,3 +447,43 @@ def write_gguf_tokenizer_files(
         hf_tok = AutoTokenizer.from_pretrained(str(p.parent), gguf_file=p.name)
         hf_tok.backend_tokenizer.save(str(out / "tokenizer.json"))
     (out / "tokenizer_config.json").write_text(json.dumps(tcfg, indent=2, ensure_ascii=False))
+
+
+# --------------------------------------------------------------------------------------------
+# quantised blocks kept as they are (--quantization gguf)
+
+
+@dataclass(frozen=True)
+class GGUFBlocks:
+    """One 2-D weight kept in its GGUF block format: ``data [out, row_bytes]`` uint8 (owned)."""
+
+    ggml_type: int
+    shape: tuple[int, int]  # (out_features, in_features)
+    data: torch.Tensor
+
+
+def load_gguf_blocks(path: str | Path, ggml_types: set[int]) -> dict[str, GGUFBlocks]:
+    """The 2-D weights of ``path`` stored in one of ``ggml_types``, as HF-named block rows.
+
+    Rows are whole blocks, so llama's Q/K row permutation is undone on the byte rows exactly as
+    on the dequantised values. Tensors in other formats (F32, F16, unsupported quants) are left
+    out: callers keep the float weights for them.
+    """
+    meta, tensors = read_gguf(path)
+    permuted = meta["general.architecture"] == "llama"
+    arch = meta["general.architecture"]
+    n_heads = int(meta[f"{arch}.attention.head_count"])
+    n_kv = int(meta.get(f"{arch}.attention.head_count_kv", n_heads))
+    out: dict[str, GGUFBlocks] = {}
+    for t in tensors:
+        hf_name = gguf_to_hf_name(t.name)
+        if hf_name is None or len(t.shape) != 2 or t.ggml_type not in ggml_types:
+            continue
+        rows = np.asarray(t.data)  # [out, row_bytes]
+        if permuted and ".self_attn.q_proj." in hf_name:
+            rows = _unpermute_rows(rows, n_heads)
+        elif permuted and ".self_attn.k_proj." in hf_name:
+            rows = _unpermute_rows(rows, n_kv)
+        data = torch.from_numpy(np.array(rows, dtype=np.uint8))  # owned, contiguous copy
+        out[hf_name] = GGUFBlocks(t.ggml_type, (int(t.shape[0]), int(t.shape[1])), data)
+    return out

@@ -1,0 +1,116 @@
+"""A :class:`~dspark_sglang.layers.linear.Linear` whose few-row products run on GGUF blocks.
+
+``GGUFLinear`` keeps the float32 ``weight`` of the layer it replaces (so ``lm_head.weight``,
+state dicts, training and prefill keep working unchanged) and adds the checkpoint's own quantised
+rows (one or more parts stacked along the output dimension, e.g. q/k/v of a fused projection,
+each in its own GGUF format). Inputs of at most ``max_quant_rows`` rows (decode, verification,
+drafting) on CPU in float32 without autograd are computed by the C++ kernel
+``dspark_kernels.cpu_ops`` on the blocks, which streams 4-8x fewer weight bytes; everything else
+goes through the float32 path. The kernel's result equals a float32 matmul on the dequantised
+weights to float rounding, and a row's result does not depend on how many rows are in the call.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from dataclasses import dataclass
+
+import torch
+
+from dspark_sglang.layers.linear import Linear, linear
+
+# rows up to which the block kernel may be used (decode / verify / draft sizes)
+MAX_QUANT_ROWS = 32
+
+
+@dataclass(frozen=True)
+class GGUFWeight:
+    """One weight in a GGUF block format: ``data [out_features, row_bytes]`` uint8."""
+
+    ggml_type: int
+    data: torch.Tensor
+    in_features: int
+
+    @property
+    def out_features(self) -> int:
+        return int(self.data.shape[0])
+
+
+class GGUFLinear(Linear):
+    """Drop-in for a float ``Linear`` (same parameters) with GGUF block parts for few rows."""
+
+    def __init__(self, base: Linear, parts: list[GGUFWeight], ops: object) -> None:
+        super().__init__(base.in_features, base.out_features, bias=base.bias is not None,
+                         device="meta")
+        self.weight = base.weight  # shared (tied embeddings stay tied)
+        self.bias = base.bias
+        if sum(p.out_features for p in parts) != base.out_features:
+            raise ValueError("GGUF parts do not add up to the layer's output features")
+        if any(p.in_features != base.in_features for p in parts):
+            raise ValueError("GGUF parts do not match the layer's input features")
+        self.parts = parts
+        self.ops = ops
+        self.max_quant_rows = MAX_QUANT_ROWS
+
+    def quant_forward(self, x2d: torch.Tensor) -> torch.Tensor:
+        """x2d [m, in] float32 contiguous (m <= 64) -> [m, out] on the blocks (no bias)."""
+        out = torch.empty(x2d.shape[0], self.out_features, dtype=torch.float32)
+        col = 0
+        for p in self.parts:
+            self.ops.gguf_matmul(x2d, p.data, p.ggml_type, out, col)  # type: ignore[attr-defined]
+            col += p.out_features
+        return out
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        m = x.numel() // x.shape[-1] if x.numel() else 0
+        if (0 < m <= self.max_quant_rows and x.dtype == torch.float32 and x.device.type == "cpu"
+                and not (torch.is_grad_enabled() and x.requires_grad)):
+            y = self.quant_forward(x.reshape(m, x.shape[-1]).contiguous())
+            if self.bias is not None:
+                y += self.bias
+            return y.view(*x.shape[:-1], self.out_features)
+        return linear(x, self.weight, self.bias)
+
+    def quant_bytes(self) -> int:
+        return sum(p.data.numel() for p in self.parts)
+
+
+def _time(fn: object, reps: int) -> float:
+    fn()  # type: ignore[operator]
+    best = float("inf")
+    for _ in range(2):
+        t0 = time.perf_counter()
+        for _ in range(reps):
+            fn()  # type: ignore[operator]
+        best = min(best, time.perf_counter() - t0)
+    return best
+
+
+def choose_quant_rows(layers: list[GGUFLinear]) -> dict[tuple[object, ...], int]:
+    """Per distinct shape, time the block kernel against the float32 path on 1 and
+    ``MAX_QUANT_ROWS`` rows and set ``max_quant_rows`` to ``MAX_QUANT_ROWS`` where the kernel is
+    faster in total, else 0 (float32 for every row count).
+
+    A layer uses one path for every row count up to ``MAX_QUANT_ROWS``, so decode and
+    verification of the same tokens compute identical logits (speculative == plain greedy).
+    ``DSPARK_GGUF_MAX_ROWS=<n>`` skips the measurement and uses ``n`` for every layer.
+    Returns {shape key: chosen rows}.
+    """
+    forced = os.environ.get("DSPARK_GGUF_MAX_ROWS")
+    chosen: dict[tuple[object, ...], int] = {}
+    for layer in layers:
+        key = (layer.in_features, tuple((p.ggml_type, p.out_features) for p in layer.parts))
+        if forced is not None:
+            chosen[key] = int(forced)
+        elif key not in chosen:
+            with torch.no_grad():
+                t_q = t_f = 0.0
+                for m in (1, MAX_QUANT_ROWS):
+                    x = torch.randn(m, layer.in_features)
+                    reps = max(1, min(20, (4 << 20) // max(layer.quant_bytes(), 1)))
+                    t_q += _time(lambda x=x, f=layer.quant_forward: f(x), reps)
+                    t_f += _time(lambda x=x, w=layer.weight: linear(x, w), reps)
+            chosen[key] = MAX_QUANT_ROWS if t_q < t_f else 0
+        layer.max_quant_rows = chosen[key]
+    return chosen

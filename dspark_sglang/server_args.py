@@ -38,6 +38,7 @@ class ServerArgs:
                                 ("torch_native", "cpu", "triton", "flashinfer"))
     disable_cuda_graph: bool = _f(False, "never capture CUDA graphs (always off on CPU)")
     num_threads: int | None = _f(None, "torch intra-op threads on CPU (default: torch's)")
+    tp_size: int = _f(1, "tensor-parallel ranks (one process each; NCCL on CUDA, gloo on CPU)")
     random_seed: int = _f(0, "seed for requests without their own seed")
     # speculative decoding (SGLang spelling)
     speculative_algorithm: str = _f("NONE", "speculative decoding algorithm", SPEC_ALGORITHMS)
@@ -66,7 +67,21 @@ class ServerArgs:
     port: int = _f(30000, "port")
     api_key: str | None = _f(None, "require 'Authorization: Bearer <key>' on every endpoint")
     log_level: str = _f("info", "log level", ("debug", "info", "warning", "error"))
-    enable_metrics: bool = _f(True, "serve Prometheus /metrics")
+    enable_metrics: bool = _f(True, "serve Prometheus /metrics (--no-enable-metrics: off)")
+    # overload protection
+    max_queued_requests: int | None = _f(None, "requests allowed to wait beyond "
+                                               "max_running_requests; past it the server answers "
+                                               "429 with Retry-After (default: no limit)")
+    request_timeout: float | None = _f(None, "seconds a request may take from arrival to its "
+                                             "last token; then it is aborted (HTTP 408)")
+    max_request_body_bytes: int = _f(32 << 20, "largest HTTP request body accepted (413 above)")
+    disable_prefill_decode_interleave: bool = _f(
+        False, "run prefill chunks back to back before decoding again (default: one decode "
+               "step after each prefill chunk, which bounds the inter-token latency of running "
+               "streams while a long prompt prefills)")
+    incremental_streaming_output: bool = _f(
+        False, "native /generate streams send text and output_ids as deltas (SGLang's flag; "
+        "logprob lists are deltas either way)")
 
     def __post_init__(self) -> None:
         self.validate()
@@ -79,6 +94,8 @@ class ServerArgs:
                                  f"got {getattr(self, f.name)!r}")
         if self.max_total_tokens < 16:
             raise ValueError(f"max_total_tokens must be >= 16, got {self.max_total_tokens}")
+        if self.tp_size < 1:
+            raise ValueError("tp_size must be >= 1")
         if self.max_running_requests < 1:
             raise ValueError("max_running_requests must be >= 1")
         if self.chunked_prefill_size == 0 or self.chunked_prefill_size < -1:
@@ -95,6 +112,12 @@ class ServerArgs:
             raise ValueError("speculative_dspark_block_size must be in [1, 32]")
         if self.speculative_algorithm == "STANDALONE" and not self.speculative_draft_model_path:
             raise ValueError("speculative_algorithm STANDALONE needs speculative_draft_model_path")
+        if self.max_queued_requests is not None and self.max_queued_requests < 0:
+            raise ValueError("max_queued_requests must be >= 0")
+        if self.request_timeout is not None and not self.request_timeout > 0:
+            raise ValueError("request_timeout must be > 0")
+        if self.max_request_body_bytes < 1024:
+            raise ValueError("max_request_body_bytes must be >= 1024")
         if not 0 < self.port < 65536:
             raise ValueError(f"port must be in 1..65535, got {self.port}")
 
@@ -108,7 +131,9 @@ class ServerArgs:
             flag = "--" + f.name.replace("_", "-")
             help_ = f.metadata.get("help", "")
             if f.type in ("bool", bool):
-                parser.add_argument(flag, action="store_true", default=f.default, help=help_)
+                # a flag that defaults to on can be switched off: --no-enable-metrics
+                action = argparse.BooleanOptionalAction if f.default else "store_true"
+                parser.add_argument(flag, action=action, default=f.default, help=help_)
                 continue
             base = _base_type(f.type)
             parser.add_argument(flag, type=base, default=f.default, help=help_,

@@ -97,8 +97,14 @@ def build_engine_parts(args: ServerArgs, emit: Callable[[Req, bool], None]) -> E
 
         apply_gguf_quantization(model, loaded.model_path)  # before the drafter shares lm_head
     del loaded.state_dict
+    tp_driver = None
+    if args.tp_size > 1:
+        from dspark_sglang.distributed.tp_driver import start_tp_driver
+
+        tp_driver = start_tp_driver(args, model, device)  # spawns ranks 1.., shards ``model``
     runner = ModelRunner(model, args.max_total_tokens, dtype, args.attention_backend, device,
-                         disable_cuda_graph=args.disable_cuda_graph)
+                         disable_cuda_graph=args.disable_cuda_graph or tp_driver is not None)
+    runner.tp_driver = tp_driver
     cache = CacheManager(args.max_total_tokens, max(2 * args.max_running_requests, 8),
                          context_len, args.disable_radix_cache)
     tokenizer = loaded.tokenizer

@@ -7,6 +7,7 @@ The runner never allocates slots: the scheduler's cache manager owns the allocat
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
@@ -71,14 +72,18 @@ class ModelRunner:
         self.config = cfg
         self.dtype = dtype
         self.device = device
-        self.kv_pool = KVPool(cfg.num_hidden_layers, num_slots, cfg.num_key_value_heads,
-                              cfg.head_dim, dtype, device)
+        heads, kv_heads = model.local_head_counts()  # this rank's share under TP
+        self.kv_pool = KVPool(cfg.num_hidden_layers, num_slots, kv_heads, cfg.head_dim, dtype,
+                              device)
         self.attn: AttentionBackend = create_attention_backend(
-            attention_backend, device=device, num_heads=cfg.num_attention_heads,
-            num_kv_heads=cfg.num_key_value_heads, head_dim=cfg.head_dim, dtype=dtype)
+            attention_backend, device=device, num_heads=heads, num_kv_heads=kv_heads,
+            head_dim=cfg.head_dim, dtype=dtype)
+        # distributed.tp_driver.TPDriver on rank 0 of a tensor-parallel engine, else None
+        self.tp_driver: Any = None
         self.num_forward_tokens = 0  # computed (not cached) tokens, for tests and metrics
         self.graphs = None
-        if device == "cuda" and attention_backend == "triton" and not disable_cuda_graph:
+        if device == "cuda" and attention_backend == "triton" and not disable_cuda_graph \
+                and heads == cfg.num_attention_heads:
             from dspark_sglang.model_executor.cuda_graph import CudaGraphRunner
 
             self.graphs = CudaGraphRunner(self)
@@ -86,6 +91,8 @@ class ModelRunner:
     @torch.inference_mode()
     def forward(self, fb: ForwardBatch) -> ModelOutput:
         self.num_forward_tokens += fb.num_tokens
+        if self.tp_driver is not None:
+            self.tp_driver.send(fb)  # followers replay this forward on their shards
         if self.device != "cpu":
             fb.input_ids = fb.input_ids.to(self.device, non_blocking=True)
             fb.positions = fb.positions.to(self.device, non_blocking=True)

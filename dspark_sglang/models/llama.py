@@ -69,11 +69,17 @@ class LlamaForCausalLM(nn.Module):
         self.lm_head = Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
         self.rope = RotaryEmbedding(cfg.head_dim, max_positions or cfg.max_position_embeddings,
                                     cfg.rope_theta, cfg.rope_scaling)
+        self.tp_shards: nn.Module | None = None  # set by distributed.tp_layers.shard_llama_
+
+    def local_head_counts(self) -> tuple[int, int]:
+        """(attention heads, KV heads) this rank computes: all of them unless sharded."""
+        return self.layers[0].num_heads, self.layers[0].num_kv_heads
 
     @torch.no_grad()
     def forward(self, fb: ForwardBatch, attn: AttentionBackend, kv_pool: KVPool) -> ModelOutput:
         attn.init_forward_metadata(fb)
-        x = self.embed_tokens(fb.input_ids)  # [n, hidden]
+        tp = self.tp_shards
+        x = (self.embed_tokens if tp is None else tp.embed)(fb.input_ids)  # [n, hidden]
         rope_cs = self.rope.cos_sin(fb.positions, x.dtype)  # gathered once, used by every layer
         captured: dict[int, torch.Tensor] = {}
         for layer in self.layers:
@@ -82,7 +88,8 @@ class LlamaForCausalLM(nn.Module):
                 captured[layer.layer_id] = x
         h = self.norm(x)
         rows = h if fb.logits_indices is None else h[fb.logits_indices]
-        logits = self.lm_head(rows).float() if rows.shape[0] else None
+        head = self.lm_head if tp is None else tp.lm_head
+        logits = head(rows).float() if rows.shape[0] else None
         aux = (torch.cat([captured[i] for i in fb.capture_layer_ids], dim=-1)
                if fb.capture_layer_ids else None)
         return ModelOutput(logits=logits, aux_hidden=aux,

@@ -360,11 +360,13 @@ def test_gguf_export_reads_back_with_llamacpp_names_and_keys(tmp_path: Path) -> 
     def kv(name: str) -> Any:
         return r.fields[name].contents()
 
+    # keys and values as llama.cpp's converter writes them (vendored in llama-cpp-python 0.3.36)
     assert kv("general.architecture") == "dflash"
-    assert kv("dflash.target_layers") == [1, 3]
-    assert (kv("dflash.block_size"), kv("dflash.mask_token_id")) == (5, V - 1)
-    assert kv("dflash.target_hidden_size") == H and kv("dflash.block_count") == 2
-    assert kv("dflash.attention.head_count_kv") == 2 and kv("dflash.rope.freq_base") == 10000.0
+    assert kv("dflash.target_layers") == [2, 4]  # HF hidden_states index: our id + 1
+    assert kv("dflash.block_size") == 5 and kv("tokenizer.ggml.mask_token_id") == V - 1
+    assert kv("dflash.sample_from_anchor") is True and kv("dflash.has_confidence_head") is True
+    assert kv("dflash.block_count") == 2 and kv("dflash.attention.head_count_kv") == 2
+    assert kv("dflash.rope.freq_base") == 10000.0 and kv("dflash.attention.key_length") == 8
     assert kv("tokenizer.ggml.model") == "gpt2" and len(kv("tokenizer.ggml.tokens")) == V
     tensors = {t.name: t for t in r.tensors}
     r_ = 8
@@ -389,6 +391,7 @@ def test_gguf_export_reads_back_with_llamacpp_names_and_keys(tmp_path: Path) -> 
     ({"markov_head_type": "gated"}, "vanilla"),
     ({"qk_norm": False}, "q_norm"),
     ({"confidence_head_with_markov": False}, "confidence head"),
+    ({"target_hidden_size": 2 * H}, "target_hidden_size"),
 ])
 def test_gguf_export_refuses_what_llamacpp_cannot_run(change: dict[str, Any], message: str,
                                                       tmp_path: Path) -> None:
@@ -396,4 +399,4 @@ def test_gguf_export_refuses_what_llamacpp_cannot_run(change: dict[str, Any], me
 
     kw = {"markov_head_type": "vanilla", **change}
     with pytest.raises(ValueError, match=message):
-        export_gguf(make_drafter(**kw), tmp_path / "x.gguf")
+        export_gguf(make_drafter(**kw), tmp_path / "x.gguf", _tiny_target_gguf(tmp_path / "t"))

@@ -1,23 +1,27 @@
 """Write a DSpark drafter as the GGUF that llama.cpp's ``--spec-type draft-dspark`` loads.
 
-Layout (learned by reading llama.cpp's converter and loader, nothing copied): llama.cpp adds no
-GGUF architecture for DSpark; a DSpark drafter is a ``dflash`` model whose Markov and confidence
-heads are found by their tensors (the Markov rank is ``markov_w1``'s first GGML dimension).
+Layout as llama.cpp's own converter writes it (``conversion/qwen.py``: ``DSparkModel(DFlashModel)``
+registered for ``Qwen3DSparkModel`` / ``DSparkDraftModel`` / ``LingDSparkModel``), read in the
+llama.cpp source vendored by ``llama-cpp-python`` 0.3.36 (nothing copied). llama.cpp adds no GGUF
+architecture for DSpark: the drafter is a ``dflash`` model whose Markov head is found by its
+tensors (rank = ``markov_w1``'s first GGML dimension).
 
 - KV: ``general.architecture = "dflash"``; the Qwen3 hyper-parameters under ``dflash.*``
   (``block_count``, ``context_length``, ``embedding_length``, ``feed_forward_length``,
   ``attention.head_count``, ``attention.head_count_kv``, ``attention.key_length``,
-  ``attention.value_length``, ``attention.layer_norm_rms_epsilon``, ``rope.freq_base``), plus
-  ``dflash.target_layers`` (int array), ``dflash.target_hidden_size``, ``dflash.block_size``,
-  ``dflash.mask_token_id``, ``dflash.vocab_size``; the target's ``tokenizer.ggml.*`` keys when a
-  target GGUF is given (llama.cpp's converter copies the target tokenizer the same way).
+  ``attention.value_length``, ``attention.layer_norm_rms_epsilon``, ``rope.freq_base``),
+  ``general.file_type``; ``dflash.block_size``; ``dflash.target_layers`` = our
+  ``target_layer_ids`` **plus one** (llama.cpp counts the embedding output as layer 0, like HF
+  ``hidden_states``); ``dflash.sample_from_anchor = true``; ``dflash.has_confidence_head``; the
+  target's tokenizer (``tokenizer.ggml.*``, copied from the target GGUF) with
+  ``tokenizer.ggml.mask_token_id`` = the drafter's mask token.
 - Tensors: ``fc.weight``, ``enc.output_norm.weight`` (our ``hidden_norm``), ``output_norm.weight``,
   per layer ``blk.{i}.{attn_norm,attn_q,attn_k,attn_v,attn_output,attn_q_norm,attn_k_norm,
   ffn_norm,ffn_gate,ffn_up,ffn_down}.weight``, ``markov_w1.weight`` / ``markov_w2.weight``
-  (torch ``[V, r]`` -> GGML ``{r, V}``), ``conf_proj.weight`` / ``conf_proj.bias``. No embedding
-  or LM head: llama.cpp shares the target's.
+  (torch ``[V, r]`` -> GGML ``{r, V}``), ``conf_proj.weight`` / ``conf_proj.bias`` (optional).
+  No embedding or LM head: llama.cpp shares the target's.
 
-llama.cpp runs Qwen3-style drafters with a vanilla Markov head and a Markov-fed confidence head;
+llama.cpp runs Qwen3-style drafters (q/k norms required) with a vanilla Markov head;
 :func:`gguf_export_problems` lists what else a drafter would need.
 """
 
@@ -73,12 +77,17 @@ def gguf_export_problems(cfg: DSparkConfig) -> list[str]:
         problems.append("no Markov head (markov_rank 0): llama.cpp would run it as plain DFlash")
     elif cfg.markov_head_type != "vanilla":
         problems.append(f"markov_head_type {cfg.markov_head_type!r}: llama.cpp has only vanilla")
-    if not (cfg.enable_confidence_head and cfg.confidence_head_with_markov):
-        problems.append("llama.cpp expects a confidence head fed [h; W1[x]] (conf_proj n_embd+r)")
+    if cfg.enable_confidence_head and not cfg.confidence_head_with_markov:
+        problems.append("a confidence head without the Markov input: llama.cpp's conf_proj "
+                        "takes [h; W1[x]] (n_embd + r)")
     if not cfg.qk_norm:
-        problems.append("no q_norm/k_norm: llama.cpp's DSpark backbone is Qwen3 (per-head norms)")
+        problems.append("no q_norm/k_norm: llama.cpp's DSpark backbone is Qwen3 (per-head norms "
+                        "required)")
     if any(i < 0 for i in cfg.target_layer_ids):
-        problems.append("target_layer_ids -1 (embedding output) is not a capturable target layer")
+        problems.append("target_layer_ids -1 (embedding output): not verified in llama.cpp")
+    if cfg.target_hidden_size not in (None, cfg.hidden_size):
+        problems.append("target_hidden_size != hidden_size: llama.cpp's fc takes "
+                        "len(target_layers) * n_embd inputs")
     if cfg.attention_bias:
         problems.append("attention_bias: llama.cpp's Qwen3 draft layers have no q/k/v biases")
     if cfg.rope_scaling:
@@ -91,21 +100,22 @@ def _copy_tokenizer(writer: object, target_gguf: str | Path) -> None:
 
     reader = GGUFReader(str(target_gguf))
     for name, fld in reader.fields.items():
-        if not name.startswith("tokenizer."):
+        if not name.startswith("tokenizer.") or name == "tokenizer.ggml.mask_token_id":
             continue
         vtype = fld.types[0]
         sub = fld.types[1] if vtype == GGUFValueType.ARRAY and len(fld.types) > 1 else None
         writer.add_key_value(name, fld.contents(), vtype, sub_type=sub)  # type: ignore[attr-defined]
 
 
-def export_gguf(drafter: DSparkDrafter, out_path: str | Path,
-                target_gguf: str | Path | None = None, dtype: str = "float16") -> Path:
+def export_gguf(drafter: DSparkDrafter, out_path: str | Path, target_gguf: str | Path,
+                dtype: str = "float16") -> Path:
     """Write ``drafter`` as a llama.cpp DSpark GGUF; returns the path.
 
     Matrices are stored in ``dtype`` (``float16`` or ``float32``), norms and biases in float32
     (as llama.cpp's converter does). Raises ``ValueError`` with :func:`gguf_export_problems`
     when llama.cpp could not run the drafter. ``target_gguf``: the target model's GGUF, whose
-    ``tokenizer.ggml.*`` metadata is copied (llama.cpp checks draft/target vocab compatibility).
+    ``tokenizer.ggml.*`` metadata is copied (llama.cpp's converter likewise requires
+    ``--target-model-dir``; llama.cpp checks draft/target vocab compatibility).
     """
     import gguf
 
@@ -131,13 +141,13 @@ def export_gguf(drafter: DSparkDrafter, out_path: str | Path,
     w.add_value_length(cfg.head_dim)
     w.add_layer_norm_rms_eps(cfg.rms_norm_eps)
     w.add_rope_freq_base(cfg.rope_theta)
-    w.add_vocab_size(cfg.vocab_size)
-    w.add_array(f"{GGUF_ARCH}.target_layers", [int(i) for i in cfg.target_layer_ids])
-    w.add_uint32(f"{GGUF_ARCH}.target_hidden_size", int(cfg.target_hidden_size or cfg.hidden_size))
+    # keys spelled out: the gguf wheel on PyPI (0.19) predates add_block_size / add_target_layers
     w.add_uint32(f"{GGUF_ARCH}.block_size", cfg.block_size)
-    w.add_uint32(f"{GGUF_ARCH}.mask_token_id", cfg.mask_token_id)
-    if target_gguf is not None:
-        _copy_tokenizer(w, target_gguf)
+    w.add_array(f"{GGUF_ARCH}.target_layers", [int(i) + 1 for i in cfg.target_layer_ids])
+    w.add_bool(f"{GGUF_ARCH}.sample_from_anchor", True)
+    w.add_bool(f"{GGUF_ARCH}.has_confidence_head", cfg.enable_confidence_head)
+    _copy_tokenizer(w, target_gguf)
+    w.add_mask_token_id(cfg.mask_token_id)
     matrix_dtype = np.float16 if dtype == "float16" else np.float32
     for name, t in drafter.state_dict().items():
         arr = t.detach().to(torch.float32).cpu().numpy()

@@ -55,6 +55,7 @@ class Req:
     stop_offset: int | None = None  # where a matched stop string / regex starts in decoded_text
     sent_len: int = 0
     created_at: float = 0.0
+    deadline: float | None = None  # time.monotonic() after which the scheduler aborts it (408)
     first_token_at: float | None = None
     callback: Any = None  # called (from the scheduler thread) with output dicts
 

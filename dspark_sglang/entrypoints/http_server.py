@@ -18,6 +18,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from dspark_sglang.entrypoints.asgi_limits import BodySizeLimit
 from dspark_sglang.entrypoints.auth import install_api_key
 from dspark_sglang.entrypoints.engine import Engine
 from dspark_sglang.entrypoints.native_api import build_native_router
@@ -32,7 +33,8 @@ logger = logging.getLogger(__name__)
 
 
 def _error_response(err: ApiError) -> JSONResponse:
-    return JSONResponse(err.openai_body(), status_code=err.status)
+    return JSONResponse(err.openai_body(), status_code=err.status,
+                        headers=getattr(err, "headers", None))
 
 
 def create_app(engine: Engine, args: ServerArgs) -> FastAPI:
@@ -57,6 +59,16 @@ def create_app(engine: Engine, args: ServerArgs) -> FastAPI:
         return _error_response(ApiError(err.status_code, str(err.detail), "not_found_error"
                                         if err.status_code == 404 else "invalid_request_error"))
 
+    @app.exception_handler(RecursionError)
+    async def _too_deep(_: Request, err: RecursionError) -> JSONResponse:
+        return _error_response(ApiError(400, "the request body is nested too deeply",
+                                        param="body"))
+
+    @app.exception_handler(TimeoutError)
+    async def _busy(_: Request, err: TimeoutError) -> JSONResponse:
+        return _error_response(ApiError(503, "the scheduler did not answer in time (a long "
+                                             "step is running); retry", "overloaded_error"))
+
     @app.exception_handler(Exception)
     async def _internal(_: Request, err: Exception) -> JSONResponse:
         logger.error("internal error: %s", traceback.format_exc())
@@ -71,6 +83,7 @@ def create_app(engine: Engine, args: ServerArgs) -> FastAPI:
             return Response(body, media_type="text/plain; version=0.0.4; charset=utf-8")
 
         metrics.install(app)
+    app.add_middleware(BodySizeLimit, max_bytes=args.max_request_body_bytes)
     if args.api_key:  # added last so it runs first (Starlette middleware wrap in reverse)
         install_api_key(app, args.api_key)
     return app

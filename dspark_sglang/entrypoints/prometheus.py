@@ -9,11 +9,10 @@ at scrape time. Every app gets its own ``CollectorRegistry``.
 from __future__ import annotations
 
 import time
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import Iterator
 from typing import Any
 
-from fastapi import FastAPI, Request
-from fastapi.responses import Response
+from fastapi import FastAPI
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
@@ -55,6 +54,33 @@ class _EmitTee:
                 self._tau.observe(n / req.spec_verify_ct)
         elif n:
             self._last[req.rid] = (now, n)
+
+
+class _CountRequests:
+    """ASGI middleware: ``dspark_http_requests{path, status}`` (unknown paths as ``other``)."""
+
+    def __init__(self, app: Any, counter: Counter, known: frozenset[str]) -> None:
+        self.app = app
+        self.counter = counter
+        self.known = known
+
+    async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        status = 500
+
+        async def send_status(message: dict[str, Any]) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_status)
+        finally:
+            path = scope.get("path", "")
+            self.counter.labels(path if path in self.known else "other", str(status)).inc()
 
 
 class _EngineCollector(Collector):
@@ -114,15 +140,10 @@ class ServerMetrics:
             engine.metrics = _EmitTee(engine.metrics, ttft, itl, tau)  # type: ignore[assignment]
 
     def install(self, app: FastAPI) -> None:
-        known = {getattr(r, "path", "") for r in app.routes}
-
-        @app.middleware("http")
-        async def _count(request: Request,
-                         call_next: Callable[[Request], Awaitable[Response]]) -> Response:
-            resp = await call_next(request)
-            path = request.url.path if request.url.path in known else "other"
-            self.http_requests.labels(path, str(resp.status_code)).inc()
-            return resp
+        """Count requests by route and status with a pure ASGI middleware (a ``@app.middleware``
+        one would hide client disconnects from the endpoints)."""
+        known = frozenset(getattr(r, "path", "") for r in app.routes)
+        app.add_middleware(_CountRequests, counter=self.http_requests, known=known)
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

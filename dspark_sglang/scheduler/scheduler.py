@@ -1,15 +1,26 @@
 """Scheduler: continuous batching with chunked prefill, radix-aware admission, retraction.
 
-One iteration (``step``): admit waiting requests (longest cached prefix first) while KV slots
-and rows allow, run one prefill forward over up to ``chunked_prefill_size`` prompt tokens; if
-there was no prefill work, run one decode step (plain or speculative) for every running request.
-When a decode step finds the KV pool exhausted, the newest running request is retracted (its KV
-is released, it re-enters the queue with its output so far) — never a crash.
+One iteration (``step``): expire requests past their deadline, admit waiting requests (longest
+cached prefix first) while KV slots and rows allow, run one prefill forward over up to
+``chunked_prefill_size`` prompt tokens, then one decode step (plain or speculative) for every
+running request. Decode steps are interleaved with prefill chunks, so a long prompt delays each
+running stream by at most one chunk forward per token (unless ``interleave`` is off: then decode
+waits until no prompt is left to prefill). When a decode step finds the KV pool exhausted, the
+newest running request is retracted (its KV is released, it re-enters the queue with its output
+so far) — never a crash.
+
+Failure isolation: an exception inside a prefill or decode forward (or the sampling around it)
+frees what that forward allocated and restores the requests' random generators; the batch is then
+retried one request at a time, and only a request that fails alone is finished, with its own
+error (``finish_reason`` abort with ``status_code`` 500). An exception while appending one
+request's tokens or emitting its output fails that request only.
 """
 
 from __future__ import annotations
 
+import logging
 import time
+import traceback
 from collections import deque
 from collections.abc import Callable
 from typing import Any
@@ -29,11 +40,13 @@ from dspark_sglang.model_executor.model_runner import (
 from dspark_sglang.scheduler.output_processor import OutputProcessor
 from dspark_sglang.speculative.spec_decoder import SpecDecoder
 
+logger = logging.getLogger(__name__)
+
 
 class Scheduler:
     def __init__(self, runner: ModelRunner, cache: CacheManager, decoder: SpecDecoder,
                  output: OutputProcessor, max_running: int, chunk_size: int,
-                 emit: Callable[[Req, bool], None]) -> None:
+                 emit: Callable[[Req, bool], None], interleave: bool = True) -> None:
         self.runner = runner
         self.cache = cache
         self.decoder = decoder
@@ -49,6 +62,8 @@ class Scheduler:
         # otherwise the retracted request is re-admitted at once and the pool thrashes forever
         self._admission_paused = False
         self.finished_count = 0
+        self.interleave = interleave  # a decode step after every prefill chunk
+        self.num_isolated_failures = 0  # requests failed alone after a batch step raised
 
     # ---- requests ------------------------------------------------------------------------------
     def add_request(self, req: Req) -> None:
@@ -64,10 +79,12 @@ class Scheduler:
                     return True
         return False
 
-    def abort_all(self, message: str) -> None:
+    def abort_all(self, message: str, status_code: int | None = None) -> None:
         for q in (self.waiting, self.prefilling, self.running):
             for req in list(q):
                 req.finish_reason = {"type": "abort", "message": message}
+                if status_code is not None:
+                    req.finish_reason["status_code"] = status_code
                 self._finish(req, cache=False)
 
     def has_work(self) -> bool:
@@ -78,11 +95,67 @@ class Scheduler:
 
     # ---- one iteration -------------------------------------------------------------------------
     def step(self) -> None:
+        self._expire()
         self._admit()
+        prefilled = False
         if self.prefilling:
-            self._run_prefill()
-        elif self.running:
-            self._run_decode()
+            self._isolated(self._run_prefill, self._prefill_batch())
+            prefilled = True
+        if self.running and (self.interleave or not prefilled):
+            self._isolated(self._run_decode, list(self.running))
+
+    def _expire(self) -> None:
+        now = time.monotonic()
+        for q in (self.waiting, self.prefilling, self.running):
+            for req in [r for r in q if r.deadline is not None and now > r.deadline]:
+                req.finish_reason = {"type": "abort", "status_code": 408, "message": (
+                    f"request timed out after {now - req.created_at:.1f} s")}
+                self._finish(req, cache=True)
+
+    # ---- failure isolation ---------------------------------------------------------------------
+    def _isolated(self, run: Callable[[list[Req]], None], reqs: list[Req]) -> None:
+        """``run(reqs)``; if it raises, retry each request alone and fail those that still do."""
+        if not reqs:
+            return
+        saved = self._save_generators(reqs)
+        try:
+            run(reqs)
+            return
+        except Exception as e:
+            if len(reqs) == 1:
+                self._fail(reqs[0], e)
+                return
+            logger.warning("a batch of %d failed (%s: %s); retrying one by one", len(reqs),
+                           type(e).__name__, e)
+        self._restore_generators(saved)
+        for req in reqs:
+            if req.finished or req.state not in (ReqState.PREFILL, ReqState.RUNNING):
+                continue
+            one = self._save_generators([req])
+            try:
+                run([req])
+            except Exception as e:
+                self._restore_generators(one)
+                self._fail(req, e)
+
+    @staticmethod
+    def _save_generators(reqs: list[Req]) -> list[tuple[torch.Generator, torch.Tensor]]:
+        return [(r.generator, r.generator.get_state()) for r in reqs if r.generator is not None]
+
+    @staticmethod
+    def _restore_generators(saved: list[tuple[torch.Generator, torch.Tensor]]) -> None:
+        for g, state in saved:
+            g.set_state(state)
+
+    def _fail(self, req: Req, e: BaseException) -> None:
+        """Finish ``req`` alone with an internal error; its KV is freed, not cached."""
+        logger.error("request %s failed: %s", req.rid, "".join(
+            traceback.format_exception(type(e), e, e.__traceback__)))
+        self.num_isolated_failures += 1
+        req.finish_reason = {"type": "abort", "status_code": 500,
+                             "message": f"internal error: {type(e).__name__}: {e}"}
+        if req.state != ReqState.FINISHED:
+            self._finish(req, cache=False)
 
     def _admit(self) -> None:
         if not self.waiting:
@@ -108,13 +181,15 @@ class Scheduler:
             need = req.prefill_target_len() - slots.numel()
             first_chunk = min(need, self.chunk_size)
             reserve = headroom * (len(self.running) + len(self.prefilling) + len(admitted) + 1)
-            if first_chunk + reserve > self.cache.available() - self._locked_extra(slots, node):
-                if active + len(admitted) == 0 and self.cache.available() < first_chunk + 1:
-                    # cannot fit even with an empty engine: fail it instead of waiting forever
+            avail = self.cache.available() - self._locked_extra(slots, node)
+            if first_chunk + reserve > avail:
+                if active + len(admitted) == 0:
+                    # nothing else holds KV, so what is missing now is missing for good: fail
+                    # it instead of waiting (and spinning) forever
                     self.waiting.remove(req)
-                    req.finish_reason = {"type": "abort", "message": (
-                        f"request needs {first_chunk + 1} KV slots but the pool has "
-                        f"{self.cache.available()} (max_total_tokens)")}
+                    req.finish_reason = {"type": "abort", "status_code": 400, "message": (
+                        f"request needs {first_chunk + reserve} KV slots (prompt chunk + "
+                        f"decoding headroom) but the pool can hold {avail} (max_total_tokens)")}
                     self._finish(req, cache=False)
                     continue
                 break
@@ -157,10 +232,20 @@ class Scheduler:
         return max(limit, 0)
 
     # ---- prefill -------------------------------------------------------------------------------
-    def _run_prefill(self) -> None:
+    def _prefill_batch(self) -> list[Req]:
+        """The prefilling requests the next chunk covers (in order, within the token budget)."""
+        budget, out = self.chunk_size, []
+        for req in self.prefilling:
+            if budget <= 0:
+                break
+            out.append(req)
+            budget -= max(0, req.prefill_target_len() - req.kv_len)
+        return out
+
+    def _run_prefill(self, reqs: list[Req]) -> None:
         budget = self.chunk_size
         batch: list[tuple[Req, int]] = []
-        for req in self.prefilling:
+        for req in reqs:
             if budget <= 0:
                 break
             n = min(req.prefill_target_len() - req.kv_len, budget)
@@ -174,6 +259,26 @@ class Scheduler:
         if slots is None:  # cannot happen after admission accounting, but never crash
             self._retract_one(self.prefilling[-1])
             return
+        try:
+            by_req = self._prefill_forward(batch, slots)
+        except BaseException:
+            self.cache.free_slots(slots)  # nothing owns them yet
+            raise
+        for req, n in batch:
+            req.kv_len += n  # its slots are in its req_to_token row from here on
+            try:
+                rows = by_req.get(req.rid, {})
+                if req.return_logprob and not req.output_ids:
+                    self._collect_input_logprobs(req, rows, req.kv_len - n, req.kv_len)
+                self.cache.cache_unfinished(req)  # share the prompt at once (fork siblings)
+                if req.kv_len >= req.prefill_target_len():
+                    self._finish_prefill(req, rows.get(req.kv_len - 1))  # leaves `prefilling`
+            except Exception as e:
+                self._fail(req, e)
+
+    def _prefill_forward(self, batch: list[tuple[Req, int]], slots: torch.Tensor
+                         ) -> dict[str, dict[int, torch.Tensor]]:
+        """One EXTEND forward over ``batch``'s chunks; logits rows by request and position."""
         specs, logit_rows, row_owner = [], [], []
         off = 0
         for req, n in batch:
@@ -200,21 +305,7 @@ class Scheduler:
         if logits is not None:
             for (req, pos), row in zip(row_owner, logits):
                 by_req.setdefault(req.rid, {})[pos] = row
-        done: list[Req] = []
-        for req, n in batch:
-            req.kv_len += n
-            rows = by_req.get(req.rid, {})
-            if req.return_logprob and not req.output_ids:
-                self._collect_input_logprobs(req, rows, req.kv_len - n, req.kv_len)
-            if req.kv_len >= req.prefill_target_len():
-                done.append(req)
-                self.cache.cache_unfinished(req)  # share the prompt at once (fork siblings)
-                self._finish_prefill(req, rows.get(req.kv_len - 1))
-            else:
-                self.cache.cache_unfinished(req)
-        for req in done:
-            if req in self.prefilling:
-                self.prefilling.remove(req)
+        return by_req
 
     def _prefill_logit_rows(self, req: Req, n: int) -> list[int]:
         """Rows (relative to this chunk) whose logits we need: input logprobs + last token."""
@@ -248,6 +339,7 @@ class Scheduler:
     def _finish_prefill(self, req: Req, last_logits: torch.Tensor | None) -> None:
         if req.output_ids:  # re-admitted after retraction: continue decoding
             req.state = ReqState.RUNNING
+            self.prefilling.remove(req)
             self.running.append(req)
             return
         if req.sampling_params.max_new_tokens == 0:
@@ -270,6 +362,7 @@ class Scheduler:
             lps = [((float(lp[tok]), tok), top)]
         req.first_token_at = time.monotonic()
         req.state = ReqState.RUNNING
+        self.prefilling.remove(req)
         self.running.append(req)
         self.output.append_tokens(req, [tok], lps)
         if req.finished:
@@ -278,27 +371,34 @@ class Scheduler:
             self.emit(req, False)
 
     # ---- decode --------------------------------------------------------------------------------
-    def _run_decode(self) -> None:
-        while self.running:
-            results = self.decoder.step(list(self.running))
+    def _run_decode(self, reqs: list[Req]) -> None:
+        reqs = [r for r in reqs if r in self.running]
+        while reqs:
+            results = self.decoder.step(reqs)
             if results is not None:
                 break
             if len(self.running) == 1 and self.cache.tree.evictable_size() == 0:
                 req = self.running[0]
-                req.finish_reason = {"type": "abort",
+                req.finish_reason = {"type": "abort", "status_code": 400,
                                      "message": "KV cache too small for this request"}
                 self._finish(req, cache=False)
                 return
-            self._retract_one(self.running[-1])
+            victim = self.running[-1]
+            self._retract_one(victim)
+            if victim in reqs:
+                reqs.remove(victim)
         else:
             return
         for res in results:
             req = res.req
-            self.output.append_tokens(req, res.tokens, res.logprobs)
-            if req.finished:
-                self._finish(req, cache=True)
-            else:
-                self.emit(req, False)
+            try:
+                self.output.append_tokens(req, res.tokens, res.logprobs)
+                if req.finished:
+                    self._finish(req, cache=True)
+                else:
+                    self.emit(req, False)
+            except Exception as e:
+                self._fail(req, e)
 
     def _retract_one(self, req: Req) -> None:
         self.cache.release_req(req, cache=True)

@@ -144,7 +144,8 @@ class SpecDecoder:
         return len(reqs) * (1 + self.worker.max_draft_len())
 
     def step(self, reqs: list[Req]) -> list[StepResult] | None:
-        """Run one step. Returns None (and changes nothing) when KV slots ran out."""
+        """Run one step. Returns None (and changes nothing) when KV slots ran out. If it raises
+        before the commit, the slots it allocated are freed again."""
         drafts = self.worker.propose(reqs)
         if self.jump_forward:
             self._apply_jump_forward(reqs, drafts)
@@ -152,6 +153,19 @@ class SpecDecoder:
         slots = self.cache.alloc_slots(total)
         if slots is None:
             return None
+        try:
+            specs, results = self._verify(reqs, drafts, slots, total)
+        except BaseException:
+            self.cache.free_slots(slots)  # nothing is committed yet: the step left no trace
+            raise
+        self._commit(reqs, drafts, specs, results)
+        return results
+
+    def _verify(self, reqs: list[Req], drafts: list[Draft], slots: torch.Tensor, total: int
+                ) -> tuple[list[BatchRequestSpec], list[StepResult]]:
+        """Target forward over ``[anchor] + draft`` per request and acceptance; writes only
+        ``req_to_token`` entries past each ``kv_len`` (so a failure here is undone by freeing
+        ``slots``)."""
         specs, off = [], 0
         for req, d in zip(reqs, drafts):
             n = 1 + len(d)
@@ -172,9 +186,7 @@ class SpecDecoder:
         out = self.runner.forward(fb)
         self.worker.on_target_forward(fb, out)
         assert out.logits is not None
-        results = self._accept(reqs, drafts, out.logits)
-        self._commit(reqs, drafts, specs, results)
-        return results
+        return specs, self._accept(reqs, drafts, out.logits)
 
     # ---- acceptance ---------------------------------------------------------------------------
     def _rows(self, req: Req, d: Draft) -> list[RowSpec]:

@@ -68,6 +68,9 @@ class ServerArgs:
     api_key: str | None = _f(None, "require 'Authorization: Bearer <key>' on every endpoint")
     log_level: str = _f("info", "log level", ("debug", "info", "warning", "error"))
     enable_metrics: bool = _f(True, "serve Prometheus /metrics")
+    incremental_streaming_output: bool = _f(
+        False, "native /generate streams send text and output_ids as deltas (SGLang's flag; "
+        "logprob lists are deltas either way)")
 
     def __post_init__(self) -> None:
         self.validate()

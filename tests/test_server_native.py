@@ -136,6 +136,58 @@ def test_stream_is_cumulative_sse_and_matches_non_stream(server: str) -> None:
     assert texts[-1] == full["text"]
 
 
+def _stream_events(url: str, body: dict[str, Any]) -> list[dict[str, Any]]:
+    r = requests.post(url + "/generate", json={**body, "stream": True}, stream=True, timeout=60)
+    assert r.status_code == 200, r.text
+    lines = [ln.decode() for ln in r.iter_lines() if ln]
+    assert lines[-1] == "data: [DONE]"
+    return [json.loads(ln[5:]) for ln in lines[:-1]]
+
+
+LP_BODY = {"text": "Numbers 0123", "return_logprob": True, "top_logprobs_num": 2,
+           "sampling_params": {"max_new_tokens": 12, "temperature": 0}}
+
+
+def test_stream_logprobs_are_deltas(server: str) -> None:
+    full = _gen(server, LP_BODY)["meta_info"]
+    events = _stream_events(server, LP_BODY)
+    got, tops = [], []
+    for ev in events:
+        m = ev["meta_info"]
+        assert m["output_token_logprobs_length"] == m["completion_tokens"]
+        got += m["output_token_logprobs"]
+        tops += m["output_top_logprobs"]
+        assert len(got) == m["completion_tokens"]
+    assert [e[1] for e in got] == [e[1] for e in full["output_token_logprobs"]]
+    assert [e[0] for e in got] == pytest.approx([e[0] for e in full["output_token_logprobs"]],
+                                                abs=1e-4)
+    assert [[t[1] for t in top] for top in tops] == \
+        [[t[1] for t in top] for top in full["output_top_logprobs"]]
+    assert events[-1]["text"] == _gen(server, LP_BODY)["text"]  # text stays cumulative
+
+
+@pytest.fixture(scope="module")
+def incremental_server(tiny_dir: Path) -> Iterator[str]:
+    args = ServerArgs(model_path=str(tiny_dir), port=_free_port(), max_total_tokens=2048,
+                      num_threads=1, incremental_streaming_output=True)
+    engine = Engine(server_args=args)
+    srv = BackgroundServer(engine, args)
+    yield srv.url
+    srv.stop()
+    engine.shutdown()
+
+
+def test_incremental_streaming_output(incremental_server: str) -> None:
+    full = _gen(incremental_server, LP_BODY)
+    events = _stream_events(incremental_server, LP_BODY)
+    assert "".join(ev["text"] for ev in events) == full["text"]
+    assert [i for ev in events for i in ev["output_ids"]] == full["output_ids"]
+    got = [e for ev in events for e in ev["meta_info"]["output_token_logprobs"]]
+    ref = full["meta_info"]["output_token_logprobs"]
+    assert [e[1] for e in got] == [e[1] for e in ref]  # a radix hit may move the 6th decimal
+    assert [e[0] for e in got] == pytest.approx([e[0] for e in ref], abs=1e-4)
+
+
 def test_stream_holds_back_stop_prefix(server: str) -> None:
     base = _gen(server, {"text": "Unicode: caf", "sampling_params": {"max_new_tokens": 10,
                          "temperature": 0}})
@@ -163,7 +215,7 @@ def test_program_multi_turn_chat(server: str) -> None:
 
 def test_program_few_shot_select_scores(server: str) -> None:
     r = few_shot_qa.main(server)
-    for (q, choices), ans, meta, conf in zip(few_shot_qa.QUESTIONS, r["answers"],
+    for (_q, choices), ans, meta, conf in zip(few_shot_qa.QUESTIONS, r["answers"],
                                             r["select_meta"], r["confidence"]):
         assert ans in choices and conf in ("low", "high")
         # the decision is the argmax of the mean input logprob of each choice

@@ -1,9 +1,14 @@
 """SGLang's native HTTP API, as the ``sglang`` frontend's ``RuntimeEndpoint`` calls it.
 
-Streaming contract: each SSE event is ``data: <json>`` with the **cumulative** ``text`` and the
-cumulative ``meta_info`` (logprob lists included, as upstream srt sends them); the last line is
-``data: [DONE]``. Text that could be the start of a stop string is held back until it is known
-not to be one, so the cumulative text never shrinks.
+Streaming contract: each SSE event is ``data: <json>``; the last line is ``data: [DONE]``.
+``text`` and ``output_ids`` are **cumulative** (what the sglang frontend's ``RuntimeEndpoint``
+slices), or deltas with ``--incremental-streaming-output`` (SGLang's flag). The output logprob
+lists (``output_token_logprobs``, ``output_top_logprobs``) are always **deltas** -- the entries of
+the tokens new since the previous event, as the frontend's ``text_async_iter(return_meta_data=
+True)`` merges them -- and ``meta_info.output_token_logprobs_length`` counts all entries so far
+(equal to ``completion_tokens``). Input logprob lists are sent whole in every event. Text that
+could be the start of a stop string is held back until it is known not to be one, so the
+cumulative text never shrinks.
 """
 
 from __future__ import annotations
@@ -188,7 +193,10 @@ def _num_prompts(body: GenerateReqInput) -> int:
 async def _stream(state: ServerState, reqs: list[Any], with_text: bool) -> AsyncIterator[bytes]:
     """SSE body; an error inside the stream ends it with an error event and ``[DONE]``."""
     stops = [list(r.sampling_params.stop) for r in reqs]
-    sent = [0] * len(reqs)
+    incremental = state.args.incremental_streaming_output
+    sent = [0] * len(reqs)  # characters of text sent
+    ids_sent = [0] * len(reqs)
+    lp_sent = [0] * len(reqs)
     agen = state.stream(reqs)
     try:
         async for i, out, fin in agen:
@@ -197,8 +205,25 @@ async def _stream(state: ServerState, reqs: list[Any], with_text: bool) -> Async
                 text = text[: len(text) - stop_holdback(text, stops[i])]
                 if len(text) < sent[i]:  # never shrink what the client already has
                     text = out["text"][: sent[i]]
+            meta = dict(out["meta_info"])
+            if "output_token_logprobs" in meta:
+                # the lists are the live ones of the request: entries past this event's
+                # completion_tokens belong to the next event
+                total = min(len(meta["output_token_logprobs"]), meta["completion_tokens"])
+                meta["output_token_logprobs_length"] = total
+                for key in ("output_token_logprobs", "output_top_logprobs"):
+                    if key in meta:
+                        meta[key] = meta[key][lp_sent[i]:total]
+                lp_sent[i] = total
+            ids = out["output_ids"]
+            if incremental:
+                delta, ids_delta = text[sent[i]:], ids[ids_sent[i]:]
+                ids_sent[i] = len(ids)
             sent[i] = max(sent[i], len(text))
-            obj = state.wire_output(out, with_text, text)
+            obj = state.wire_output({**out, "meta_info": meta}, with_text,
+                                    delta if incremental else text)
+            if incremental:
+                obj["output_ids"] = ids_delta
             if len(reqs) > 1:
                 obj["index"] = i
             yield _sse(obj)

@@ -214,10 +214,13 @@ class GrammarBackend(ABC):
     name: str = ""
     supported_kinds: tuple[str, ...] = GRAMMAR_KINDS
 
-    def __init__(self, info: TokenizerInfo, cache_size: int = 256) -> None:
+    def __init__(self, info: TokenizerInfo, cache_size: int = 256,
+                 cache_bytes: int = 512 << 20) -> None:
         self.info = info
         self.cache_size = cache_size
+        self.cache_bytes = cache_bytes  # bound on the summed memory cost of cached grammars
         self._cache: OrderedDict[tuple[str, str], CompiledGrammar] = OrderedDict()
+        self._cost: dict[tuple[str, str], int] = {}
         self._lock = threading.Lock()
 
     @abstractmethod
@@ -238,17 +241,44 @@ class GrammarBackend(ABC):
             if hit is not None:
                 self._cache.move_to_end(key)
                 return hit
+        before = _rss_bytes()
         compiled = self._compile(kind, spec)
+        # build the first mask now: backends build lexer state lazily, so this is where a heavy
+        # grammar shows its memory (and its errors) -- on the caller's thread, not in a step
+        compiled.new_matcher().fill_bitmask(
+            torch.zeros((1, bitmask_width(self.info.vocab_size)), dtype=torch.int32), 0)
+        cost = max(_rss_bytes() - before, 64 << 10)  # approximate: other threads allocate too
         with self._lock:
             self._cache[key] = compiled
+            self._cost[key] = cost
             self._cache.move_to_end(key)
-            while len(self._cache) > self.cache_size:
-                self._cache.popitem(last=False)
+            while len(self._cache) > 1 and (len(self._cache) > self.cache_size
+                                            or sum(self._cost.values()) > self.cache_bytes):
+                old, _ = self._cache.popitem(last=False)
+                self._cost.pop(old, None)
         return compiled
 
     def cache_len(self) -> int:
         with self._lock:
             return len(self._cache)
+
+    def cache_cost_bytes(self) -> int:
+        """Summed memory the cached grammars cost when compiled (RSS growth, approximate)."""
+        with self._lock:
+            return sum(self._cost.values())
+
+    def clear_cache(self) -> None:
+        with self._lock:
+            self._cache.clear()
+            self._cost.clear()
+
+
+def _rss_bytes() -> int:
+    try:
+        with open("/proc/self/statm", "rb") as f:
+            return int(f.read().split()[1]) * 4096
+    except (OSError, ValueError, IndexError):
+        return 0
 
 
 def parse_json_schema(spec: str) -> str:

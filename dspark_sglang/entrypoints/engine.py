@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import itertools
 import logging
 import queue
 import threading
@@ -22,12 +23,29 @@ import torch
 
 from dspark_sglang.core.req import Req
 from dspark_sglang.core.sampling_params import SamplingParams
+from dspark_sglang.core.validation import (
+    check_bool,
+    check_int,
+    check_text,
+    validate_sampling_params,
+)
 from dspark_sglang.entrypoints.model_setup import EngineParts, build_engine_parts
 from dspark_sglang.server_args import ServerArgs
 
 logger = logging.getLogger(__name__)
 
 GenInput = str | list[str] | None
+PER_PROMPT_FIELDS = ("sampling_params", "rid", "return_logprob", "logprob_start_len",
+                     "top_logprobs_num")
+
+
+def _mix_seed(*parts: int) -> int:
+    """A 63-bit seed from integers (splitmix64 finaliser over their sum chain)."""
+    x = 0x9E3779B97F4A7C15
+    for v in parts:
+        x = (x ^ (v & 0xFFFFFFFFFFFFFFFF)) * 0xBF58476D1CE4E5B9 & 0xFFFFFFFFFFFFFFFF
+        x = (x ^ (x >> 31)) * 0x94D049BB133111EB & 0xFFFFFFFFFFFFFFFF
+    return (x ^ (x >> 29)) & 0x7FFFFFFFFFFFFFFF
 
 
 class Engine:
@@ -44,9 +62,14 @@ class Engine:
         self.model_path = self.parts.model_path
         self._inbox: queue.Queue[tuple[str, Any]] = queue.Queue()
         self._stop = threading.Event()
-        self._rid_counter = 0
+        self._lock = threading.Lock()  # guards _live and the counters
+        self._live: dict[str, Req] = {}  # rid -> submitted, unfinished request
+        self._rid_counter = itertools.count(1)
+        self._req_counter = itertools.count(1)  # default sampling seeds (never repeat)
+        self._max_prompt_chars: int | None = None
         self.started_at = time.time()
         self.metrics = self.parts.metrics
+        self.parts.scheduler.interleave = not server_args.disable_prefill_decode_interleave
         self._thread = threading.Thread(target=self._loop, name="dspark-scheduler", daemon=True)
         self._thread.start()
 
@@ -70,9 +93,10 @@ class Engine:
             if sched.has_work():
                 try:
                     sched.step()
-                except Exception as e:  # never kill the loop: fail the batch, keep serving
+                except Exception as e:  # never kill the loop. Step failures are isolated per
+                    # request inside the scheduler; this is what escaped that (admission code)
                     logger.error("scheduler step failed: %s", traceback.format_exc())
-                    sched.abort_all(f"internal error: {type(e).__name__}: {e}")
+                    sched.abort_all(f"internal error: {type(e).__name__}: {e}", status_code=500)
 
     def _handle(self, msg: tuple[str, Any]) -> None:
         kind, payload = msg
@@ -92,13 +116,33 @@ class Engine:
                 fut.set_exception(e)
 
     def _emit(self, req: Req, finished: bool) -> None:
+        """Deliver ``req``'s output (scheduler thread). Never raises for a finished request: if
+        building the output fails, the request gets a minimal error output instead."""
+        if finished:
+            with self._lock:
+                if self._live.get(req.rid) is req:
+                    del self._live[req.rid]
         if req.callback is None:
             return
         if not finished and not req.stream:
             return
-        out = self._make_output(req, finished)
-        self.metrics.on_emit(req, finished)
-        req.callback(out, finished)
+        try:
+            out = self._make_output(req, finished)
+            self.metrics.on_emit(req, finished)
+        except Exception as e:
+            if not finished:
+                raise  # the scheduler fails this request alone (and emits it finished)
+            logger.error("output of %s failed: %s", req.rid, traceback.format_exc())
+            req.finish_reason = {"type": "abort", "status_code": 500,
+                                 "message": f"internal error: {type(e).__name__}: {e}"}
+            out = {"text": "", "output_ids": list(req.output_ids), "index": req.rid,
+                   "meta_info": {"id": req.rid, "prompt_tokens": len(req.origin_input_ids),
+                                 "completion_tokens": len(req.output_ids), "cached_tokens": 0,
+                                 "finish_reason": req.finish_reason, "spec_verify_ct": 0}}
+        try:
+            req.callback(out, finished)
+        except Exception:  # a consumer that went away must not fail the step
+            logger.warning("callback of %s failed: %s", req.rid, traceback.format_exc())
 
     def _make_output(self, req: Req, finished: bool) -> dict[str, Any]:
         op = self.parts.output
@@ -116,8 +160,27 @@ class Engine:
 
     # ---- request construction --------------------------------------------------------------------
     def _new_rid(self) -> str:
-        self._rid_counter += 1
-        return f"{uuid.uuid4().hex[:12]}-{self._rid_counter}"
+        with self._lock:
+            n = next(self._rid_counter)
+        return f"{uuid.uuid4().hex[:12]}-{n}"
+
+    def _default_seed(self, j: int) -> int:
+        with self._lock:
+            n = next(self._req_counter)
+        return _mix_seed(self.server_args.random_seed, n, j)
+
+    def max_prompt_chars(self) -> int:
+        """A text longer than this has more than ``context_len`` tokens whatever it says: every
+        token spells at most ``max_token_bytes`` bytes and a character is at least one byte."""
+        if self._max_prompt_chars is None:
+            vocab = self.tokenizer.hf.get_vocab()
+            longest = max((len(t.encode("utf-8", "replace")) for t in vocab), default=64)
+            self._max_prompt_chars = self.context_len * max(longest, 1)
+        return self._max_prompt_chars
+
+    def kv_headroom(self) -> int:
+        """Slots one decode step may need beyond a request's tokens (anchor + longest draft)."""
+        return 1 + self.parts.decoder.worker.max_draft_len()
 
     def tokenize(self, text: str) -> list[int]:
         return self.tokenizer.encode(text)
@@ -139,17 +202,37 @@ class Engine:
             prompts = prompt if batched else [prompt]
             if not all(isinstance(p, str) for p in prompts):
                 raise ValueError("text must be a string or a list of strings")
+            limit = self.max_prompt_chars()
+            for p in prompts:
+                check_text(p, "text")
+                if len(p) > limit:  # reject before tokenizing: encode holds the GIL
+                    raise ValueError(f"text has {len(p)} characters: more than the context "
+                                     f"length {self.context_len} can hold in any tokenization")
             ids_list = [self.tokenizer.encode(p) for p in prompts]
         else:
-            batched = bool(input_ids) and isinstance(input_ids[0], list)
+            batched = isinstance(input_ids, list) and bool(input_ids) and \
+                isinstance(input_ids[0], list)
             ids_list = input_ids if batched else [input_ids]  # type: ignore[list-item]
         n_in = len(ids_list)
         if n_in == 0:
             raise ValueError("empty batch")
+        given = {"sampling_params": sampling_params, "rid": rid, "return_logprob": return_logprob,
+                 "logprob_start_len": logprob_start_len, "top_logprobs_num": top_logprobs_num}
+        for name in PER_PROMPT_FIELDS:
+            v = given[name]
+            if isinstance(v, list) and len(v) != n_in:
+                raise ValueError(f"{name} is a list of {len(v)} but the batch has {n_in} "
+                                 f"prompt(s): give one value or one per prompt")
 
         def per(v: Any, i: int) -> Any:
             return v[i] if isinstance(v, list) else v
 
+        vocab = self.parts.vocab_size
+        pool = self.server_args.max_total_tokens
+        now = time.monotonic()
+        timeout = self.server_args.request_timeout
+        deadline = None if timeout is None else now + timeout
+        headroom = self.kv_headroom()
         reqs: list[Req] = []
         for i, ids in enumerate(ids_list):
             if not isinstance(ids, list) or not all(
@@ -157,42 +240,52 @@ class Engine:
                 raise ValueError("input_ids must be a list of token ids")
             if not ids:
                 raise ValueError("the prompt is empty (0 tokens)")
-            vocab = self.parts.vocab_size
             if any(t < 0 or t >= vocab for t in ids):
                 raise ValueError(f"input_ids contains ids outside [0, {vocab})")
             if len(ids) >= self.context_len:
                 raise ValueError(f"the prompt has {len(ids)} tokens, which is not less than the "
                                  f"context length {self.context_len}")
-            if len(ids) + 1 > self.server_args.max_total_tokens:
+            if len(ids) + headroom > pool:
                 raise ValueError(f"the prompt has {len(ids)} tokens but the KV pool holds only "
-                                 f"{self.server_args.max_total_tokens} (max_total_tokens)")
-            sp_in = sampling_params[i] if isinstance(sampling_params, list) else sampling_params
-            sp = SamplingParams.from_dict(sp_in)
+                                 f"{pool} (max_total_tokens)")
+            sp_in = per(sampling_params, i)
+            if sp_in is not None and not isinstance(sp_in, dict):
+                raise ValueError("sampling_params must be an object or a list of objects")
+            try:
+                sp = SamplingParams.from_dict(sp_in)
+            except RecursionError:
+                raise ValueError("sampling_params.json_schema is nested too deeply") from None
+            validate_sampling_params(sp, vocab)
             sp.normalize_and_validate(vocab, self.context_len)
             sp.max_new_tokens = min(sp.max_new_tokens, self.context_len - len(ids))
+            if len(ids) + sp.max_new_tokens + headroom > pool:
+                raise ValueError(
+                    f"the prompt ({len(ids)} tokens) plus sampling_params.max_new_tokens "
+                    f"({sp.max_new_tokens}) plus {headroom} slot(s) of decoding headroom do not "
+                    f"fit in the KV pool of {pool} tokens (max_total_tokens): set "
+                    f"max_new_tokens <= {pool - len(ids) - headroom}")
             grammar_spec = sp.grammar_spec()
-            lp = bool(per(return_logprob, i))
+            lp = check_bool(per(return_logprob, i) or False, "return_logprob")
             lsl = per(logprob_start_len, i)
-            lsl = -1 if lsl is None else int(lsl)
+            lsl = -1 if lsl is None else check_int(lsl, "logprob_start_len")
             if lp and lsl < 0:
                 lsl = len(ids) - 1
-            tln = int(per(top_logprobs_num, i) or 0)
-            if tln < 0 or tln > 100:
-                raise ValueError("top_logprobs_num must be in [0, 100]")
+            tln = check_int(per(top_logprobs_num, i) or 0, "top_logprobs_num", 0, 100)
             base_rid = per(rid, i) if rid is not None else self._new_rid()
+            if not isinstance(base_rid, str) or not base_rid:
+                raise ValueError("rid must be a non-empty string or a list of them")
+            check_text(base_rid, "rid")
             for j in range(sp.n):
                 r = Req(
                     rid=base_rid if sp.n == 1 else f"{base_rid}_{j}", origin_input_ids=list(ids),
                     sampling_params=sp if j == 0 else SamplingParams(**vars(sp)),
                     return_logprob=lp, logprob_start_len=min(lsl, len(ids) - 1),
-                    top_logprobs_num=tln, stream=stream, created_at=time.monotonic(),
+                    top_logprobs_num=tln, stream=stream, created_at=now, deadline=deadline,
                 )
-                seed = sp.seed if sp.seed is None else sp.seed + j
                 if not sp.is_greedy:
+                    seed = self._default_seed(j) if sp.seed is None else (sp.seed + j) % (1 << 64)
                     g = torch.Generator()
-                    g.manual_seed(seed if seed is not None else
-                                  (self.server_args.random_seed * 1_000_003 + self._rid_counter
-                                   * 7919 + j + i * 131) & 0x7FFFFFFF)
+                    g.manual_seed(seed)
                     r.generator = g
                 if grammar_spec is not None:
                     r.grammar = self.parts.grammar_backend().compile(*grammar_spec).new_matcher()
@@ -200,6 +293,25 @@ class Engine:
         return reqs, batched or any(r.sampling_params.n > 1 for r in reqs)
 
     # ---- public API -----------------------------------------------------------------------------
+    def submit(self, reqs: list[Req]) -> None:
+        """Hand ``reqs`` (callbacks set) to the scheduler. Registration is atomic: if any rid is
+        already live (or repeats within ``reqs``) nothing is submitted and ValueError names it."""
+        with self._lock:
+            seen: set[str] = set()
+            for r in reqs:
+                if r.rid in self._live or r.rid in seen:
+                    raise ValueError(f"rid {r.rid!r} is already in use by a running request")
+                seen.add(r.rid)
+            for r in reqs:
+                self._live[r.rid] = r
+        for r in reqs:
+            self._inbox.put(("req", r))
+
+    def num_live(self) -> int:
+        """Submitted requests that have not finished yet."""
+        with self._lock:
+            return len(self._live)
+
     def generate(self, prompt: GenInput = None, sampling_params: Any = None,
                  input_ids: Any = None, return_logprob: Any = False,
                  logprob_start_len: Any = None, top_logprobs_num: Any = 0,
@@ -217,7 +329,7 @@ class Engine:
             q: queue.Queue[tuple[dict[str, Any], bool]] = queue.Queue()
             r.callback = lambda out, fin, q=q: q.put((out, fin))
             qs.append(q)
-            self._inbox.put(("req", r))
+        self.submit(reqs)
         outs = [self._wait_final(q) for q in qs]
         return outs if batched else outs[0]
 
@@ -231,7 +343,8 @@ class Engine:
     def _stream_sync(self, req: Req) -> Iterator[dict[str, Any]]:
         q: queue.Queue[tuple[dict[str, Any], bool]] = queue.Queue()
         req.callback = lambda out, fin: q.put((out, fin))
-        self._inbox.put(("req", req))
+        self.submit([req])
+        fin = False
         try:
             while True:
                 out, fin = q.get()
@@ -242,8 +355,9 @@ class Engine:
             if not fin:
                 self.abort(req.rid)
 
-    async def async_generate_reqs(self, reqs: list[Req]) -> AsyncIterator[tuple[int, dict, bool]]:
-        """Submit ``reqs`` and yield ``(index, output, finished)`` as outputs arrive.
+    def async_generate_reqs(self, reqs: list[Req]) -> AsyncIterator[tuple[int, dict, bool]]:
+        """Submit ``reqs`` now (ValueError on a live rid, see ``submit``) and return an async
+        iterator of ``(index, output, finished)`` as outputs arrive. Call from the event loop.
 
         If the consumer stops early (client disconnect), unfinished requests are aborted and
         their KV freed.
@@ -253,8 +367,11 @@ class Engine:
         for i, r in enumerate(reqs):
             r.callback = (lambda out, fin, i=i:
                           loop.call_soon_threadsafe(aq.put_nowait, (i, out, fin)))
-        for r in reqs:
-            self._inbox.put(("req", r))
+        self.submit(reqs)
+        return self._outputs(reqs, aq)
+
+    async def _outputs(self, reqs: list[Req], aq: asyncio.Queue[tuple[int, dict[str, Any], bool]]
+                       ) -> AsyncIterator[tuple[int, dict, bool]]:
         pending = len(reqs)
         done: set[int] = set()
         try:
@@ -267,16 +384,30 @@ class Engine:
         finally:
             for i, r in enumerate(reqs):
                 if i not in done:
-                    self.abort(r.rid, wait=False)
+                    self.abort(r.rid)
 
     def abort(self, rid: str, wait: bool = False) -> bool:
-        fut: concurrent.futures.Future[bool] | None = (
-            concurrent.futures.Future() if wait else None)
-        self._inbox.put(("abort", (rid, fut)))
-        return fut.result(timeout=30) if fut is not None else True
+        """Abort the live request ``rid`` (exact match). Returns at once whether it was live; the
+        scheduler frees it between steps. ``wait`` is accepted for compatibility and ignored."""
+        with self._lock:
+            found = rid in self._live
+        if found:
+            self._inbox.put(("abort", (rid, None)))
+        return found
 
-    def flush_cache(self) -> bool:
-        return self.call_in_loop(self.parts.cache.flush)
+    def flush_cache(self, timeout: float = 5.0) -> bool:
+        """Drop the prefix cache and the grammar cache. False (at once) while requests are live,
+        or if the scheduler does not get to it within ``timeout`` seconds."""
+        if self.num_live():
+            return False
+        try:
+            ok = bool(self.call_in_loop(self.parts.cache.flush, timeout=timeout))
+        except TimeoutError:
+            return False
+        backend = getattr(self.parts, "_grammar_backend", None)
+        if ok and backend is not None and hasattr(backend, "clear_cache"):
+            backend.clear_cache()
+        return ok
 
     def check_integrity(self) -> dict[str, int]:
         """Assert free + cached + in-use == pool size (on the scheduler thread)."""

@@ -151,9 +151,14 @@ def build_native_router(state: ServerState) -> APIRouter:
             raise ApiError(404, f"unknown rids (no finished request with these ids): {unknown}")
         dst = state.text_log[body.dst_rid]
         joined = dst
+        limit = engine.max_prompt_chars()  # a longer text cannot be a prompt anyway
         for rid in body.src_rids:
             src = state.text_log[rid]
             joined += src.removeprefix(dst)
+            if len(joined) > limit:
+                raise ApiError(400, f"src_rids: the joined text would exceed {limit} "
+                                    f"characters (more than the context length holds)",
+                               param="src_rids")
         reqs, _ = await state.build(prompt=joined, sampling_params={"max_new_tokens": 0})
         out = (await state.run(reqs, request))[0]
         state.log_text(body.dst_rid, joined)

@@ -67,7 +67,18 @@ class ServerArgs:
     port: int = _f(30000, "port")
     api_key: str | None = _f(None, "require 'Authorization: Bearer <key>' on every endpoint")
     log_level: str = _f("info", "log level", ("debug", "info", "warning", "error"))
-    enable_metrics: bool = _f(True, "serve Prometheus /metrics")
+    enable_metrics: bool = _f(True, "serve Prometheus /metrics (--no-enable-metrics: off)")
+    # overload protection
+    max_queued_requests: int | None = _f(None, "requests allowed to wait beyond "
+                                               "max_running_requests; past it the server answers "
+                                               "429 with Retry-After (default: no limit)")
+    request_timeout: float | None = _f(None, "seconds a request may take from arrival to its "
+                                             "last token; then it is aborted (HTTP 408)")
+    max_request_body_bytes: int = _f(32 << 20, "largest HTTP request body accepted (413 above)")
+    disable_prefill_decode_interleave: bool = _f(
+        False, "run prefill chunks back to back before decoding again (default: one decode "
+               "step after each prefill chunk, which bounds the inter-token latency of running "
+               "streams while a long prompt prefills)")
     incremental_streaming_output: bool = _f(
         False, "native /generate streams send text and output_ids as deltas (SGLang's flag; "
         "logprob lists are deltas either way)")
@@ -101,6 +112,12 @@ class ServerArgs:
             raise ValueError("speculative_dspark_block_size must be in [1, 32]")
         if self.speculative_algorithm == "STANDALONE" and not self.speculative_draft_model_path:
             raise ValueError("speculative_algorithm STANDALONE needs speculative_draft_model_path")
+        if self.max_queued_requests is not None and self.max_queued_requests < 0:
+            raise ValueError("max_queued_requests must be >= 0")
+        if self.request_timeout is not None and not self.request_timeout > 0:
+            raise ValueError("request_timeout must be > 0")
+        if self.max_request_body_bytes < 1024:
+            raise ValueError("max_request_body_bytes must be >= 1024")
         if not 0 < self.port < 65536:
             raise ValueError(f"port must be in 1..65535, got {self.port}")
 
@@ -114,7 +131,9 @@ class ServerArgs:
             flag = "--" + f.name.replace("_", "-")
             help_ = f.metadata.get("help", "")
             if f.type in ("bool", bool):
-                parser.add_argument(flag, action="store_true", default=f.default, help=help_)
+                # a flag that defaults to on can be switched off: --no-enable-metrics
+                action = argparse.BooleanOptionalAction if f.default else "store_true"
+                parser.add_argument(flag, action=action, default=f.default, help=help_)
                 continue
             base = _base_type(f.type)
             parser.add_argument(flag, type=base, default=f.default, help=help_,

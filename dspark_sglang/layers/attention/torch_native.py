@@ -1,8 +1,9 @@
 """Torch-native attention backend: the CPU path and the oracle for the GPU backends.
 
-Plan once per forward: requests are padded to ``[bs, max_q]`` queries over ``[bs, max_kv]`` keys
-gathered from the pool through ``req_to_token``; one SDPA call per layer with a boolean mask that
-encodes prefix visibility, causal order among new tokens, or each request's custom mask.
+Plan once per forward: requests are grouped by query length (new tokens per request); within a
+group they are padded to ``[bs, max_kv]`` keys gathered from the pool through ``req_to_token``;
+one SDPA call per group and layer with a boolean mask that encodes prefix visibility, causal
+order among new tokens, or each request's custom mask.
 """
 
 from __future__ import annotations
@@ -18,20 +19,31 @@ from dspark_sglang.mem_cache.kv_pool import KVPool
 
 
 @dataclass
-class TorchNativeMetadata:
+class TorchNativeGroup:
+    """Requests of one query length, attended in one SDPA call."""
+
     kv_slots: torch.Tensor  # [bs, max_kv] int64 (padding -> slot 0)
     mask: torch.Tensor  # [bs, 1, max_q, max_kv] bool, True = attend
-    q_index: torch.Tensor  # [num_tokens] int64 flat index into [bs * max_q]
+    q_index: torch.Tensor  # [group tokens] int64 flat index into [bs * max_q]
+    token_index: torch.Tensor | None  # [group tokens] rows of the batch's q (None = all, in order)
     bs: int
     max_q: int
 
 
-def build_attention_mask(fb: ForwardBatch) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Returns (kv_slots [bs, max_kv], mask [bs, max_q, max_kv], q_index [num_tokens])."""
-    seq_lens, ext_lens = fb.seq_lens_list, fb.extend_lens_list
+@dataclass
+class TorchNativeMetadata:
+    groups: list[TorchNativeGroup]
+
+
+def build_attention_mask(
+    seq_lens: list[int], ext_lens: list[int], rows: torch.Tensor,
+    custom_masks: list[torch.Tensor | None] | None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Returns (kv_slots [bs, max_kv], mask [bs, max_q, max_kv], q_index [num_tokens]) for the
+    given requests; ``rows [bs, >= max_kv]`` are their ``req_to_token`` rows."""
     bs = len(seq_lens)
     max_kv, max_q = max(seq_lens), max(ext_lens)
-    rows = fb.req_to_token[fb.req_pool_indices, :max_kv].cpu()  # [bs, max_kv]
+    rows = rows[:, :max_kv].cpu()  # [bs, max_kv]
     kv_pos = torch.arange(max_kv)
     q_ar = torch.arange(max_q)
     seq_t = torch.tensor(seq_lens)
@@ -42,8 +54,8 @@ def build_attention_mask(fb: ForwardBatch) -> tuple[torch.Tensor, torch.Tensor, 
     # absolute position of each query / key; causal: key_pos <= query_pos
     q_abs = prefix_t[:, None] + q_ar[None, :]  # [bs, max_q]
     mask = (kv_pos[None, None, :] <= q_abs[:, :, None]) & valid_kv[:, None, :]
-    if fb.custom_masks is not None:
-        for i, cm in enumerate(fb.custom_masks):
+    if custom_masks is not None:
+        for i, cm in enumerate(custom_masks):
             if cm is None:
                 continue
             p, e = int(prefix_t[i]), ext_lens[i]
@@ -55,19 +67,46 @@ def build_attention_mask(fb: ForwardBatch) -> tuple[torch.Tensor, torch.Tensor, 
     return kv_slots, mask, q_index
 
 
+def _group_by_query_len(ext_lens: list[int]) -> list[list[int]]:
+    """Request indices grouped by query length (one group when all are equal)."""
+    groups: dict[int, list[int]] = {}
+    for i, e in enumerate(ext_lens):
+        groups.setdefault(e, []).append(i)
+    return list(groups.values())
+
+
 class TorchNativeAttnBackend(AttentionBackend):
+    """Ragged over query lengths: requests are grouped by their number of new tokens and each
+    group runs one SDPA, so a batch mixing decode rows (1 query) with verify chains (up to 8)
+    does not pad every request to the longest chain."""
+
     def __init__(self, device: str = "cpu", **_: object) -> None:
         self.device = device
 
     def init_forward_metadata(self, fb: ForwardBatch) -> None:
-        kv_slots, mask, q_index = build_attention_mask(fb)
-        if self.device != "cpu":
-            kv_slots, mask, q_index = (kv_slots.to(self.device), mask.to(self.device),
-                                       q_index.to(self.device))
-        fb.attn_metadata = TorchNativeMetadata(
-            kv_slots=kv_slots, mask=mask[:, None], q_index=q_index,
-            bs=fb.batch_size, max_q=max(fb.extend_lens_list),
-        )
+        seq_lens, ext_lens = fb.seq_lens_list, fb.extend_lens_list
+        req_rows = fb.req_to_token[fb.req_pool_indices, : max(seq_lens)]
+        groups = []
+        parts = _group_by_query_len(ext_lens)
+        starts = [0]
+        for e in ext_lens:
+            starts.append(starts[-1] + e)
+        for idx in parts:
+            sel = torch.tensor(idx, dtype=torch.int64)
+            cms = ([fb.custom_masks[i] for i in idx] if fb.custom_masks is not None else None)
+            kv_slots, mask, q_index = build_attention_mask(
+                [seq_lens[i] for i in idx], [ext_lens[i] for i in idx],
+                req_rows[sel.to(req_rows.device)], cms)
+            token_index = None
+            if len(parts) > 1:
+                token_index = torch.cat([torch.arange(starts[i], starts[i + 1]) for i in idx])
+            if self.device != "cpu":
+                kv_slots, mask, q_index = (kv_slots.to(self.device), mask.to(self.device),
+                                           q_index.to(self.device))
+                token_index = token_index.to(self.device) if token_index is not None else None
+            groups.append(TorchNativeGroup(kv_slots, mask[:, None], q_index, token_index,
+                                           len(idx), max(ext_lens[i] for i in idx)))
+        fb.attn_metadata = TorchNativeMetadata(groups)
 
     def forward(
         self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layer_id: int,
@@ -75,6 +114,18 @@ class TorchNativeAttnBackend(AttentionBackend):
     ) -> torch.Tensor:
         md: TorchNativeMetadata = fb.attn_metadata
         kv_pool.store(layer_id, fb.out_cache_loc, k, v)
+        if len(md.groups) == 1:
+            return self._attend(q, md.groups[0], layer_id, kv_pool, sm_scale)
+        out = torch.empty_like(q)
+        for g in md.groups:
+            assert g.token_index is not None
+            out[g.token_index] = self._attend(q[g.token_index], g, layer_id, kv_pool, sm_scale)
+        return out
+
+    @staticmethod
+    def _attend(q: torch.Tensor, md: TorchNativeGroup, layer_id: int, kv_pool: KVPool,
+                sm_scale: float) -> torch.Tensor:
+        """``q [group tokens, h, d]`` -> ``[group tokens, h, d]`` over the group's padded KV."""
         num_tokens, num_heads, head_dim = q.shape
         k_all = kv_pool.k_bufs[layer_id][md.kv_slots]  # [bs, max_kv, kvh, d]
         v_all = kv_pool.v_bufs[layer_id][md.kv_slots]

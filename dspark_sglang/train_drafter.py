@@ -52,6 +52,8 @@ def _parse(argv: Sequence[str] | None) -> argparse.Namespace:
     ap.add_argument("--markov-head-type", default="vanilla")
     ap.add_argument("--target-layer-ids", default="1,8,15,22,29")
     ap.add_argument("--mask-token-id", type=int, default=0)
+    ap.add_argument("--qk-norm", type=lambda s: s.lower() in ("1", "true", "yes"), default=True,
+                    help="per-head q/k RMSNorm in draft layers (what upstream engines expect)")
     ap.add_argument("--init-layer", type=int, default=-1,
                     help="init draft layers from this target layer (-1 = last, -2 = random)")
     ap.add_argument("--sps-table", default=None, help="SPS table json to ship with the export")
@@ -137,7 +139,8 @@ def main(argv: Sequence[str] | None = None) -> None:
         tcfg = TrainConfig(**{k: getattr(args, k) for k in vars(TrainConfig())})
         train_seqs, held = split_heldout(seqs, tcfg.heldout_fraction, tcfg.seed)
         dcfg = make_drafter_config(target.config, layer_ids, args.num_layers, args.block_size,
-                                   args.markov_rank, args.mask_token_id, args.markov_head_type)
+                                   args.markov_rank, args.mask_token_id, args.markov_head_type,
+                                   qk_norm=args.qk_norm)
         drafter = DSparkDrafter(dcfg, target.embed_tokens, target.lm_head).to(args.device)
         if args.init_layer != -2:
             init_from_target(drafter, target, args.init_layer % target.config.num_hidden_layers)

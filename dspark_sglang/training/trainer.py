@@ -78,9 +78,13 @@ class TrainConfig:
 def make_drafter_config(
     target: ModelConfig, target_layer_ids: Sequence[int], num_layers: int = 1,
     block_size: int = 7, markov_rank: int = 64, mask_token_id: int = 0,
-    markov_head_type: str = "vanilla", confidence: bool = True,
+    markov_head_type: str = "vanilla", confidence: bool = True, qk_norm: bool | None = None,
 ) -> DSparkConfig:
-    """A drafter shaped like the target's layers (DeepSpec copies the target's config)."""
+    """A drafter shaped like the target's layers (DeepSpec copies the target's config).
+
+    ``qk_norm`` defaults to the target's; DeepSpec, upstream SGLang and llama.cpp build DSpark
+    drafters from Qwen3 layers (per-head q/k RMSNorm), so a drafter meant for export to those
+    engines needs ``qk_norm=True`` even for a Llama target."""
     return DSparkConfig(
         vocab_size=target.vocab_size, hidden_size=target.hidden_size,
         intermediate_size=target.intermediate_size, num_hidden_layers=num_layers,
@@ -93,7 +97,8 @@ def make_drafter_config(
         target_hidden_size=target.hidden_size, num_target_layers=target.num_hidden_layers,
         rms_norm_eps=target.rms_norm_eps, rope_theta=target.rope_theta,
         rope_scaling=target.rope_scaling, max_position_embeddings=target.max_position_embeddings,
-        attention_bias=target.attention_bias, qk_norm=target.qk_norm,
+        attention_bias=target.attention_bias,
+        qk_norm=target.qk_norm if qk_norm is None else qk_norm,
     )
 
 

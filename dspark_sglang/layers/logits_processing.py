@@ -72,11 +72,13 @@ def adjust_logits_(logits: torch.Tensor, rows: list[RowSpec], eos_ids: set[int],
             hist = r.req.output_ids + r.history_extra
             if sp.frequency_penalty or sp.presence_penalty:
                 if hist:
-                    ids, counts = torch.tensor(hist).unique(return_counts=True)
+                    ids, counts = torch.tensor(hist, device=logits.device).unique(
+                        return_counts=True)
                     logits[i, ids] -= sp.frequency_penalty * counts.to(logits.dtype) \
                         + sp.presence_penalty
             if sp.repetition_penalty != 1.0:
-                ids = torch.tensor(sorted(set(r.req.origin_input_ids + hist)))
+                ids = torch.tensor(sorted(set(r.req.origin_input_ids + hist)),
+                                   device=logits.device)
                 vals = logits[i, ids]
                 logits[i, ids] = torch.where(vals > 0, vals / sp.repetition_penalty,
                                              vals * sp.repetition_penalty)

@@ -25,7 +25,7 @@ import torch
 from dspark_sglang.core.forward_batch import ForwardBatch, ModelOutput
 from dspark_sglang.core.req import Req
 from dspark_sglang.mem_cache.kv_pool import KVPool
-from dspark_sglang.server_args import ServerArgs
+from dspark_sglang.speculative.context import DraftContext, SpeculativeConfig
 from dspark_sglang.speculative.dspark import DSparkDrafter, load_dspark_checkpoint
 from dspark_sglang.speculative.dspark.config import dspark_num_draft_from_num_draft_tokens
 from dspark_sglang.speculative.prefix_scheduler import schedule_prefix
@@ -157,18 +157,21 @@ class DSparkWorker(DraftWorker):
 
     def _propose(self, reqs: list[Req], rooms: list[int]) -> list[Draft]:
         bs = len(reqs)
+        dev = self.ctx_pool.k_bufs[0].device  # the drafter's device: every input goes there
         lens = torch.tensor([r.kv_len for r in reqs])
         max_len = int(lens.max())
         rows = torch.tensor([r.req_pool_idx for r in reqs])
-        slots = self.req_to_token[rows, :max_len]  # [bs, L]
-        valid = torch.arange(max_len)[None, :] < lens[:, None]
+        slots = self.req_to_token[rows.to(self.req_to_token.device), :max_len].to(dev)  # [bs, L]
+        lens = lens.to(dev)
+        valid = torch.arange(max_len, device=dev)[None, :] < lens[:, None]
         slots = torch.where(valid, slots, torch.zeros_like(slots))
         ctx_k = [self.ctx_pool.k_bufs[i][slots] for i in range(self.ctx_pool.num_layers)]
         ctx_v = [self.ctx_pool.v_bufs[i][slots] for i in range(self.ctx_pool.num_layers)]
-        anchors = torch.tensor([r.output_ids[-1] for r in reqs])
+        anchors = torch.tensor([r.output_ids[-1] for r in reqs], device=dev)
         hidden = self.drafter.forward_block(anchors, lens, ctx_k, ctx_v, valid)  # [bs, g, H]
         temps = torch.tensor([0.0 if r.sampling_params.is_greedy
-                              else float(r.sampling_params.temperature) for r in reqs])
+                              else float(r.sampling_params.temperature) for r in reqs],
+                             device=dev)
         if self.mode == "TREE":
             base = self.drafter.base_logits(hidden)  # [bs, g, V]
             return self._propose_tree(reqs, hidden, base, anchors, temps, rooms)
@@ -265,39 +268,38 @@ class _GrammarWalk:
         return self.stop_at.get(i, k)
 
 
-def create_dspark_worker(args: ServerArgs, parts: Any) -> DSparkWorker:
+def create_dspark_worker(ctx: DraftContext, cfg: SpeculativeConfig) -> DSparkWorker:
+    """DSPARK, MTP1, CHAIN or TREE (``cfg.algorithm``) over the drafter at
+    ``cfg.draft_model_path`` (the shipped drafter for the default model)."""
     from dspark_sglang.speculative.sps_runtime import load_or_profile_sps
 
-    path = args.speculative_draft_model_path
+    path = cfg.draft_model_path
     if path is None:
-        if not parts.is_default_model:
+        if not ctx.is_default_model:
             raise ValueError("speculative_draft_model_path is required for "
-                             f"{args.speculative_algorithm} with a non-default model")
+                             f"{cfg.algorithm} with a non-default model")
         path = str(DEFAULT_DRAFTER_DIR)
     if not (Path(path) / "config.json").is_file():
         raise ValueError(f"speculative_draft_model_path {path!r} has no DSpark config.json")
-    runner = parts.runner
+    runner = ctx.runner
     model = runner.model
     drafter = load_dspark_checkpoint(path, model.embed_tokens, model.lm_head,
-                                     sts_path=args.speculative_dspark_confidence_sts_path,
+                                     sts_path=cfg.dspark_confidence_sts_path,
                                      device=runner.device, dtype=runner.dtype)
     drafter.eval().requires_grad_(False)
-    if drafter.config.vocab_size != parts.config.vocab_size:
+    if drafter.config.vocab_size != ctx.config.vocab_size:
         raise ValueError("drafter vocab_size does not match the target model")
-    block = args.speculative_dspark_block_size
+    block = cfg.dspark_block_size
     if block is not None and block != drafter.config.block_size:
         raise ValueError(f"speculative_dspark_block_size={block} but the drafter was trained "
                          f"with block_size={drafter.config.block_size}")
     sps = None
-    num_draft_tokens = args.speculative_num_draft_tokens
-    if args.speculative_algorithm == "DSPARK":
-        sps = load_or_profile_sps(args.speculative_dspark_sps_table_path, parts.model_path,
-                                  runner, parts.cache)
+    num_draft_tokens = cfg.num_draft_tokens
+    if cfg.algorithm == "DSPARK":
+        sps = load_or_profile_sps(cfg.dspark_sps_table_path, ctx.model_path, runner, ctx.cache)
         # upstream meaning: the verify window gamma + 1 (dspark/config.py)
         num_draft_tokens = dspark_num_draft_from_num_draft_tokens(num_draft_tokens,
                                                                   drafter.config.block_size)
-    return DSparkWorker(drafter, args.max_total_tokens, parts.cache.req_to_token,
-                        args.speculative_algorithm, sps, num_draft_tokens,
-                        args.speculative_eagle_topk, parts.context_len, runner.dtype,
-                        runner.device,
-                        draft_budget=not args.speculative_dspark_disable_draft_budget)
+    return DSparkWorker(drafter, ctx.num_slots, ctx.cache.req_to_token, cfg.algorithm, sps,
+                        num_draft_tokens, cfg.eagle_topk, ctx.context_len, runner.dtype,
+                        runner.device, draft_budget=not cfg.dspark_disable_draft_budget)

@@ -296,7 +296,8 @@ class SpecDecoder:
                         break
                     p[t] = 0.0
                     s = p.sum()
-                    if s <= 0:
+                    if s <= 0:  # all residual mass was on t (p[t] rounded below 1): accept it
+                        nxt = c
                         break
                     p = p / s
                 if nxt is None:
@@ -328,7 +329,8 @@ class SpecDecoder:
             req.kv_len += len(keep_rows)
             accepted = len(res.tokens) - 1
             req.draft_state["last_accepted"] = accepted
-            req.spec_verify_ct += 1
+            if self.worker.name != "NONE":  # SGLang reports verify steps only with speculation
+                req.spec_verify_ct += 1
             req.spec_accepted_drafts += accepted
             req.spec_draft_tokens += len(d)
             st.drafted += len(d)

@@ -259,3 +259,21 @@ def test_fused_loss_matches_reference(target: LlamaForCausalLM, cache: Path,
     for name, g in g_ref.items():
         torch.testing.assert_close(g_fu[name], g, rtol=1e-3, atol=1e-5, msg=name)
     assert any(float(g.abs().sum()) > 0 for g in g_fu.values())
+
+
+def test_packed_block_forward_matches_per_block(target: LlamaForCausalLM, cache: Path) -> None:
+    """Training's per-sequence packed backbone equals the per-block reference (what the engine
+    computes per request), including sequences with fewer anchors than others."""
+    from dspark_sglang.training.blocks import block_forward, block_forward_packed
+
+    _, seqs = load_target_cache(cache)
+    rng = random.Random(7)
+    anchors = [sample_anchors(s, 2 + i % 4, rng) for i, s in enumerate(seqs[:5])]
+    batch = build_block_batch(seqs[:5], anchors, GAMMA)
+    d = _drafter(target)
+    with torch.no_grad():
+        ref = block_forward(d, batch)
+        got = block_forward_packed(d, batch)
+    assert got.shape == ref.shape == (sum(len(a) for a in anchors), GAMMA,
+                                      target.config.hidden_size)
+    torch.testing.assert_close(got, ref, rtol=1e-4, atol=1e-5)

@@ -106,6 +106,54 @@ def block_forward(
                                  ctx_k, ctx_v, ctx_valid)
 
 
+def block_forward_packed(
+    drafter: DSparkDrafter, batch: BlockBatch, device: torch.device | str = "cpu"
+) -> torch.Tensor:
+    """Same result as :func:`block_forward`, computed per *sequence*: the blocks of a sequence
+    are packed into one row of ``A·gamma`` queries over that sequence's context K/V (computed
+    once, never copied per block), with a mask that gives each block its own context prefix and
+    bidirectional attention inside the block only. Returns ``block_hidden [N, gamma, H]``."""
+    g = drafter.gamma
+    s_num, lmax = batch.aux_hidden.shape[:2]
+    n = batch.seq_index.numel()
+    counts = torch.bincount(batch.seq_index, minlength=s_num)  # [S]
+    a_max = int(counts.max())
+    order = torch.argsort(batch.seq_index, stable=True)  # blocks grouped by sequence
+    starts = torch.cumsum(counts, 0) - counts
+    slot = torch.empty(n, dtype=torch.long)
+    slot[order] = torch.arange(n) - starts[batch.seq_index[order]]  # block's index in its seq
+    flat = batch.seq_index * a_max + slot  # [N] position in the [S * A] block grid
+    real = torch.zeros(s_num * a_max, dtype=torch.bool)
+    real[flat] = True
+    anchor_pos = torch.zeros(s_num * a_max, dtype=torch.long)
+    anchor_pos[flat] = batch.anchor_pos
+    anchor_ids = torch.zeros(s_num * a_max, dtype=torch.long)
+    anchor_ids[flat] = batch.anchor_ids
+
+    dev = torch.device(device)
+    x = drafter.embed_tokens(drafter.block_input_ids(anchor_ids.to(dev))).to(
+        drafter.fc.weight.dtype)  # [S*A, g, H]
+    x = x.view(s_num, a_max * g, -1)
+    positions = (anchor_pos[:, None] + torch.arange(g)[None, :]).view(s_num, a_max * g).to(dev)
+    ctx_pos = torch.arange(lmax, device=dev).expand(s_num, lmax)
+    kv = drafter.context_kv(drafter.project_context(batch.aux_hidden.to(dev)), ctx_pos)
+    # mask rows: (block a, row j); ctx column c visible iff c < anchor of block a (padding
+    # blocks see nothing there); block columns visible iff same block
+    ap = anchor_pos.view(s_num, a_max).to(dev)
+    ctx_ok = torch.arange(lmax, device=dev)[None, None, :] < ap[:, :, None]  # [S, A, L]
+    ctx_ok = ctx_ok & real.view(s_num, a_max, 1).to(dev)
+    ctx_ok = ctx_ok[:, :, None, :].expand(s_num, a_max, g, lmax).reshape(s_num, a_max * g, lmax)
+    blk = torch.arange(a_max * g, device=dev) // g
+    same = (blk[:, None] == blk[None, :]).expand(s_num, a_max * g, a_max * g)
+    mask = torch.cat([ctx_ok, same], dim=-1)[:, None]  # [S, 1, A*g, L + A*g]
+    for layer, (k_l, v_l) in zip(drafter.layers, kv):
+        x = x + layer.self_attn(layer.input_layernorm(x), positions, k_l, v_l, mask,
+                                drafter.inv_freq)
+        x = x + layer.mlp(layer.post_attention_layernorm(x))
+    out = drafter.norm(x).view(s_num * a_max, g, -1)
+    return out[flat.to(dev)]
+
+
 def target_block_logits(
     lm_head: Callable[[torch.Tensor], torch.Tensor], batch: BlockBatch, gamma: int,
     device: torch.device | str = "cpu",

@@ -33,6 +33,7 @@ from dspark_sglang.speculative.dspark.model import DSparkDrafter
 from dspark_sglang.training.blocks import (
     BlockBatch,
     block_forward,
+    block_forward_packed,
     build_block_batch,
     prev_tokens,
     sample_anchors,
@@ -170,7 +171,7 @@ def _fused_step_loss(
     cfg: TrainConfig, device: torch.device | str, dtype: torch.dtype,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     g = drafter.gamma
-    hidden = block_forward(drafter, batch, device)  # [N, g, H]
+    hidden = block_forward_packed(drafter, batch, device)  # [N, g, H]
     prev = prev_tokens(batch).to(device)  # [N, g]
     valid = batch.valid.to(device)  # [N, g]
     conf = drafter.confidence_logits(hidden, prev)  # [N, g] or None

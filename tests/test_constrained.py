@@ -456,3 +456,49 @@ def test_package_import_loads_no_grammar_library() -> None:
     root = Path(__file__).resolve().parents[1]
     env = {**os.environ, "PYTHONPATH": str(root)}
     subprocess.run([sys.executable, "-c", code], check=True, env=env, timeout=120)
+
+
+def _accepts(backend: GrammarBackend, info: TokenizerInfo, schema: dict, text: str) -> bool:
+    g = backend.compile("json_schema", json.dumps(schema)).new_matcher()
+    return g.accept_tokens(encode(info, text)) == len(encode(info, text)) and g.accept_token(EOS)
+
+
+@pytest.mark.parametrize("name", BACKENDS)
+def test_schema_without_additional_properties_is_strict(backends, info, name) -> None:
+    """SGLang's meaning on every backend: undeclared keys are forbidden unless allowed."""
+    from dspark_sglang.constrained.schema_strict import lenient_schema
+
+    schema = {"type": "object", "properties": {"a": {"type": "integer"},
+              "b": {"type": "object", "properties": {"c": {"type": "string"}}}}}
+    backend = backends[name]
+    assert _accepts(backend, info, schema, '{"a": 1, "b": {"c": "x"}}')
+    assert not _accepts(backend, info, schema, '{"a": 1, "z": 2}')
+    assert not _accepts(backend, info, schema, '{"a": 1, "b": {"c": "x", "z": 1}}')  # nested too
+    if name != "outlines":  # outlines-core has no free-form extra keys
+        assert _accepts(backend, info, lenient_schema(schema), '{"a": 1, "z": 2}')
+        allowed = {**schema, "additionalProperties": {"type": "integer"}}
+        assert _accepts(backend, info, allowed, '{"a": 1, "z": 2}')
+
+
+@pytest.mark.parametrize("name", BACKENDS)
+def test_unsatisfiable_grammar_is_an_error(backends, name) -> None:
+    # a clear GrammarError (a 400 at the API) instead of decoding from an all-masked row;
+    # outlines-core refuses such a regex with its own wording
+    with pytest.raises(GrammarError, match="never be satisfied|no transitions"):
+        backends[name].compile("regex", "[^\\s\\S]")
+
+
+def test_strict_schema_rewrite() -> None:
+    from dspark_sglang.constrained.schema_strict import lenient_schema, strict_schema
+
+    s = {"type": "object", "properties": {"p": {"type": "object"}},
+         "$defs": {"d": {"properties": {"q": {}}}}, "items": {"type": "string"},
+         "anyOf": [{"type": "object", "patternProperties": {"^x": {}}}]}
+    out = strict_schema(s)
+    assert out["additionalProperties"] is False
+    assert out["properties"]["p"]["additionalProperties"] is False
+    assert out["$defs"]["d"]["additionalProperties"] is False
+    assert "additionalProperties" not in out["items"]
+    assert "additionalProperties" not in out["anyOf"][0]  # patternProperties decides
+    assert "additionalProperties" not in s  # the input is not modified
+    assert strict_schema(lenient_schema(s))["properties"]["p"]["additionalProperties"] is True

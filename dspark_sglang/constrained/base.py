@@ -30,6 +30,7 @@ from dspark_sglang.constrained.bitmask import (  # noqa: F401 - re-exported help
     bitmask_to_bool,
     bitmask_width,
 )
+from dspark_sglang.constrained.schema_strict import strict_schema
 from dspark_sglang.constrained.tokenizer_info import TokenizerInfo
 
 GRAMMAR_KINDS: tuple[str, ...] = ("regex", "json_schema", "json_object", "ebnf")
@@ -225,7 +226,10 @@ class GrammarBackend(ABC):
 
     @abstractmethod
     def _compile(self, kind: str, spec: str) -> CompiledGrammar:
-        """Compile without caching; raise GrammarError on a bad spec."""
+        """Compile without caching; raise GrammarError on a bad spec. A backend that builds
+        its automaton lazily builds the first mask here, so a grammar's memory (measured for the
+        cache budget) and its resource-limit errors show on the caller's thread, not in a
+        scheduler step."""
 
     def compile(self, kind: str, spec: str) -> CompiledGrammar:
         if kind not in self.supported_kinds:
@@ -242,11 +246,8 @@ class GrammarBackend(ABC):
                 self._cache.move_to_end(key)
                 return hit
         before = _rss_bytes()
-        compiled = self._compile(kind, spec)
-        # build the first mask now: backends build lexer state lazily, so this is where a heavy
-        # grammar shows its memory (and its errors) -- on the caller's thread, not in a step
-        compiled.new_matcher().fill_bitmask(
-            torch.zeros((1, bitmask_width(self.info.vocab_size)), dtype=torch.int32), 0)
+        compiled = self._compile(kind, spec)  # a lazy backend builds its first mask in here
+        _check_satisfiable(compiled, kind, self.info.vocab_size)
         cost = max(_rss_bytes() - before, 64 << 10)  # approximate: other threads allocate too
         with self._lock:
             self._cache[key] = compiled
@@ -281,11 +282,28 @@ def _rss_bytes() -> int:
         return 0
 
 
+def _check_satisfiable(compiled: CompiledGrammar, kind: str, vocab_size: int) -> None:
+    """Raise GrammarError when no output can ever satisfy the grammar: its start state allows no
+    token at all, not even end-of-sequence (e.g. regex ``[^\\s\\S]``). Decoding such a grammar
+    would otherwise sample from an all-masked distribution."""
+    try:
+        m = compiled.new_matcher()
+    except NotImplementedError:  # a compiled grammar that cannot make matchers decides nothing
+        return
+    if m.is_terminated():
+        return
+    bitmask = torch.zeros((1, bitmask_width(vocab_size)), dtype=torch.int32)
+    m.fill_bitmask(bitmask, 0)
+    if not bool(bitmask.any()):
+        raise GrammarError(f"{kind} can never be satisfied: no token is allowed at the start")
+
+
 def parse_json_schema(spec: str) -> str:
-    """Check that ``spec`` is a JSON object or boolean schema; return it re-serialised.
+    """Check that ``spec`` is a JSON object or boolean schema; return it re-serialised, strict.
 
     If the ``jsonschema`` package is installed the schema is also checked against its meta-schema,
-    so a schema like ``{"type": "foo"}`` gets a precise message.
+    so a schema like ``{"type": "foo"}`` gets a precise message. Object subschemas that say
+    nothing about extra keys forbid them (:mod:`constrained.schema_strict`, SGLang's meaning).
     """
     import json
 
@@ -298,13 +316,13 @@ def parse_json_schema(spec: str) -> str:
     try:
         import jsonschema
     except ImportError:
-        return json.dumps(schema)
+        return json.dumps(strict_schema(schema))
     try:
         jsonschema.validators.validator_for(schema).check_schema(schema)
     except jsonschema.exceptions.SchemaError as exc:
         path = "/".join(str(p) for p in exc.path)
         raise GrammarError(f"invalid json_schema at '{path}': {exc.message}") from None
-    return json.dumps(schema)
+    return json.dumps(strict_schema(schema))
 
 
 def check_regex(spec: str, backend_message: str) -> GrammarError:

@@ -94,7 +94,8 @@ class LLGuidanceBackend(GrammarBackend):
             except Exception as exc:  # noqa: BLE001 - converter raises assorted errors
                 raise GrammarError(f"invalid ebnf: {exc}") from None
             return llguidance.LLMatcher.grammar_from_lark(lark)
-        schema = parse_json_schema(spec) if kind == "json_schema" else '{"type": "object"}'
+        schema = (parse_json_schema(spec) if kind == "json_schema"
+                  else '{"type": "object", "additionalProperties": true}')
         try:
             return llguidance.LLMatcher.grammar_from_json_schema(schema, overrides=_JSON_LAYOUT)
         except ValueError as exc:
@@ -103,8 +104,15 @@ class LLGuidanceBackend(GrammarBackend):
     def _compile(self, kind: str, spec: str) -> CompiledGrammar:
         grammar = self._grammar_text(kind, spec)
         probe = llguidance.LLMatcher(self.lltokenizer, grammar, log_level=0)
+        if not probe.is_error():  # build the lexer for the start state now (see _compile)
+            mask = torch.zeros(bitmask_width(self.info.vocab_size), dtype=torch.int32)
+            probe.unsafe_compute_mask_ptr(mask.data_ptr(), mask.numel() * 4)
         if probe.is_error():
-            message = clean_backend_message(probe.get_error())
+            raw = probe.get_error()
+            if "NoExtensionBias" in raw:  # the start state allows nothing, not even the end
+                raise GrammarError(f"{kind} can never be satisfied: no token is allowed at the "
+                                   "start")
+            message = clean_backend_message(raw)
             if kind == "regex":
                 raise check_regex(spec, message)
             raise GrammarError(f"invalid {kind}: {message}")

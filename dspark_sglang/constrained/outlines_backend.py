@@ -160,7 +160,8 @@ class OutlinesBackend(GrammarBackend):
     def _to_regex(self, kind: str, spec: str) -> str:
         if kind == "regex":
             return spec
-        schema = parse_json_schema(spec) if kind == "json_schema" else '{"type": "object"}'
+        schema = (parse_json_schema(spec) if kind == "json_schema"
+                  else '{"type": "object", "additionalProperties": true}')
         try:
             return build_regex_from_schema(schema)
         except (ValueError, TypeError) as exc:

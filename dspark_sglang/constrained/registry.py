@@ -24,9 +24,11 @@ as much as xgrammar's (all far below a decode step), and it covers regex, JSON s
 from __future__ import annotations
 
 import importlib
+from typing import TYPE_CHECKING
 
-from dspark_sglang.constrained.base import GrammarBackend
-from dspark_sglang.constrained.tokenizer_info import TokenizerInfo
+if TYPE_CHECKING:  # this module stays light: ServerArgs reads the names
+    from dspark_sglang.constrained.base import GrammarBackend
+    from dspark_sglang.constrained.tokenizer_info import TokenizerInfo
 
 DEFAULT_GRAMMAR_BACKEND = "llguidance"
 

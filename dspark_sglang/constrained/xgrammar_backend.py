@@ -99,7 +99,8 @@ class XGrammarBackend(GrammarBackend):
             elif kind == "json_schema":
                 compiled = self._compiler.compile_json_schema(parse_json_schema(spec), **layout)
             elif kind == "json_object":
-                compiled = self._compiler.compile_json_schema('{"type": "object"}', **layout)
+                compiled = self._compiler.compile_json_schema(
+                    '{"type": "object", "additionalProperties": true}', **layout)
             else:  # ebnf
                 compiled = self._compiler.compile_grammar(spec)
         except GrammarError:

@@ -18,6 +18,7 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from jinja2 import TemplateError
 from pydantic import BaseModel, ConfigDict
 
+from dspark_sglang.constrained.schema_strict import lenient_schema
 from dspark_sglang.core.req import Req
 from dspark_sglang.entrypoints.protocol import (
     ApiError,
@@ -70,13 +71,18 @@ def sampling_params_from(req: _SamplingFields, max_tokens: int | None) -> dict[s
         if any(sp[k] is not None for k in ("regex", "ebnf", "json_schema")):
             raise ApiError(400, "response_format cannot be combined with regex/ebnf/json_schema",
                            param="response_format")
-        if rf.type == "json_object":
-            sp["json_schema"] = json.dumps({"type": "object"})
+        if rf.type == "json_object":  # any object: extra keys are the point here
+            sp["json_schema"] = json.dumps({"type": "object", "additionalProperties": True})
         else:
             if rf.json_schema is None or rf.json_schema.schema_ is None:
                 raise ApiError(400, "response_format.json_schema.schema is required",
                                param="response_format")
-            sp["json_schema"] = json.dumps(rf.json_schema.schema_)
+            schema = rf.json_schema.schema_
+            # undeclared keys are forbidden unless the schema allows them (SGLang / OpenAI
+            # strict); ``strict: false`` asks for JSON Schema's own lenient meaning
+            if rf.json_schema.strict is False:
+                schema = lenient_schema(schema)
+            sp["json_schema"] = json.dumps(schema)
     return sp
 
 

@@ -157,6 +157,22 @@ def _base_type(t: Any) -> type:
     return str
 
 
+def server_cli_args(args: ServerArgs) -> list[str]:
+    """ServerArgs -> the launch_server command line (only fields that differ from defaults)."""
+    out: list[str] = []
+    for f in dataclasses.fields(ServerArgs):
+        value = getattr(args, f.name)
+        if value == f.default:
+            continue
+        flag = "--" + f.name.replace("_", "-")
+        if isinstance(value, bool):
+            if value:
+                out.append(flag)
+            continue
+        out += [flag, str(value)]
+    return out
+
+
 def parse_args(argv: list[str] | None = None) -> ServerArgs:
     parser = argparse.ArgumentParser(prog="python -m dspark_sglang.launch_server")
     ServerArgs.add_cli_args(parser)

@@ -98,7 +98,8 @@ def start_tp_driver(args: Any, model: torch.nn.Module, device: str) -> TPDriver:
     """Spawn ranks 1..tp_size-1 with the same server args, join the group as rank 0 and shard
     ``model`` (loaded, in its dtype) in place. Followers load the weights themselves."""
     from dspark_sglang.distributed.tp_layers import shard_llama_
-    from dspark_sglang.entrypoints.runtime import free_port, server_cli_args
+    from dspark_sglang.server_args import server_cli_args
+    from dspark_sglang.utils.net import free_port
 
     size = int(args.tp_size)
     init = f"tcp://127.0.0.1:{free_port()}"

@@ -28,7 +28,7 @@ def _exit_with_parent(parent: int) -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
-    from dspark_sglang.entrypoints.model_setup import (
+    from dspark_sglang.model_executor.model_loader import (
         build_target_model,
         resolve_device,
         resolve_dtype,
@@ -45,8 +45,8 @@ def main(argv: list[str] | None = None) -> None:
     threading.Thread(target=_exit_with_parent, args=(os.getppid(),), daemon=True).start()
     if args.num_threads:
         torch.set_num_threads(args.num_threads)
-    device = resolve_device(args)
-    dtype = resolve_dtype(args, device)
+    device = resolve_device(args.device)
+    dtype = resolve_dtype(args.dtype, device)
     loaded = load_model_files(args.model_path)
     cfg = loaded.config
     context_len = args.context_length or cfg.max_position_embeddings

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import time
 from collections.abc import Callable
@@ -13,19 +14,21 @@ import torch
 from dspark_sglang.core.req import Req
 from dspark_sglang.entrypoints.metrics import EngineMetrics
 from dspark_sglang.mem_cache.cache_manager import CacheManager
+from dspark_sglang.model_executor.model_loader import (  # noqa: F401 - old import path
+    build_target_model,
+    resolve_device,
+    resolve_dtype,
+)
 from dspark_sglang.model_executor.model_runner import ModelRunner
 from dspark_sglang.models.config import ModelConfig
-from dspark_sglang.models.llama import LlamaForCausalLM
 from dspark_sglang.scheduler.output_processor import OutputProcessor
 from dspark_sglang.scheduler.scheduler import Scheduler
 from dspark_sglang.server_args import ServerArgs
+from dspark_sglang.speculative.context import DraftContext, SpeculativeConfig
 from dspark_sglang.speculative.factory import create_draft_worker
 from dspark_sglang.speculative.spec_decoder import SpecDecoder
 
 logger = logging.getLogger(__name__)
-
-_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-
 
 @dataclass
 class EngineParts:
@@ -57,25 +60,10 @@ class EngineParts:
         return self._grammar_backend
 
 
-def resolve_device(args: ServerArgs) -> str:
-    if args.device == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    if args.device == "cuda" and not torch.cuda.is_available():
-        raise ValueError("device='cuda' requested but no CUDA device is available")
-    return args.device
-
-
-def resolve_dtype(args: ServerArgs, device: str) -> torch.dtype:
-    if args.dtype == "auto":
-        return torch.bfloat16 if device == "cuda" else torch.float32
-    return _DTYPES[args.dtype]
-
-
-def build_target_model(config: ModelConfig, state_dict: dict[str, torch.Tensor],
-                       dtype: torch.dtype, device: str, max_positions: int) -> LlamaForCausalLM:
-    model = LlamaForCausalLM(config, max_positions=max_positions)
-    model.load_hf_state_dict(state_dict, dtype)
-    return model.to(device).eval()
+def speculative_config(args: ServerArgs) -> SpeculativeConfig:
+    """The ``speculative_*`` fields of ``args`` without their prefix."""
+    return SpeculativeConfig(**{f.name: getattr(args, "speculative_" + f.name)
+                                for f in dataclasses.fields(SpeculativeConfig)})
 
 
 def build_engine_parts(args: ServerArgs, emit: Callable[[Req, bool], None]) -> EngineParts:
@@ -83,8 +71,8 @@ def build_engine_parts(args: ServerArgs, emit: Callable[[Req, bool], None]) -> E
 
     t0 = time.monotonic()
     loaded = load_model_files(args.model_path)
-    device = resolve_device(args)
-    dtype = resolve_dtype(args, device)
+    device = resolve_device(args.device)
+    dtype = resolve_dtype(args.dtype, device)
     cfg = loaded.config
     context_len = args.context_length or cfg.max_position_embeddings
     if context_len > cfg.max_position_embeddings:
@@ -110,18 +98,21 @@ def build_engine_parts(args: ServerArgs, emit: Callable[[Req, bool], None]) -> E
     tokenizer = loaded.tokenizer
     eos = set(cfg.eos_token_ids) | set(getattr(tokenizer, "eos_token_ids", []) or [])
     vocab_size = cfg.vocab_size
+    draft_ctx = DraftContext(runner=runner, cache=cache, config=cfg,
+                             num_slots=args.max_total_tokens, context_len=context_len,
+                             model_path=loaded.model_path,
+                             is_default_model=args.model_path is None)
+    worker = create_draft_worker(draft_ctx, speculative_config(args))
+    decoder = SpecDecoder(runner, cache, worker, eos, vocab_size)
+    output = OutputProcessor(tokenizer, eos)
+    scheduler = Scheduler(runner, cache, decoder, output, args.max_running_requests,
+                          args.chunked_prefill_size, emit)
     parts = EngineParts(
         args=args, config=cfg, tokenizer=tokenizer, model_path=loaded.model_path,
         is_default_model=args.model_path is None, context_len=context_len,
-        vocab_size=vocab_size, runner=runner, cache=cache, decoder=None,  # type: ignore[arg-type]
-        output=OutputProcessor(tokenizer, eos), scheduler=None,  # type: ignore[arg-type]
-        metrics=EngineMetrics(), load_seconds=0.0,
+        vocab_size=vocab_size, runner=runner, cache=cache, decoder=decoder, output=output,
+        scheduler=scheduler, metrics=EngineMetrics(), load_seconds=time.monotonic() - t0,
     )
-    worker = create_draft_worker(args, parts)
-    parts.decoder = SpecDecoder(runner, cache, worker, eos, vocab_size)
-    parts.scheduler = Scheduler(runner, cache, parts.decoder, parts.output,
-                                args.max_running_requests, args.chunked_prefill_size, emit)
-    parts.load_seconds = time.monotonic() - t0
     logger.info("engine ready in %.2fs (model %s, %s, %s)", parts.load_seconds,
                 loaded.model_path, dtype, device)
     return parts

@@ -13,11 +13,9 @@ from __future__ import annotations
 
 import atexit
 import contextlib
-import dataclasses
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -27,30 +25,10 @@ from typing import Any, Self
 
 import requests
 
-from dspark_sglang.server_args import ServerArgs
+from dspark_sglang.server_args import ServerArgs, server_cli_args
+from dspark_sglang.utils.net import free_port
 
-
-def free_port(host: str = "127.0.0.1") -> int:
-    """A port the OS just reported free (another process may still take it first)."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind((host, 0))
-        return int(s.getsockname()[1])
-
-
-def server_cli_args(args: ServerArgs) -> list[str]:
-    """ServerArgs -> the launch_server command line (only fields that differ from defaults)."""
-    out: list[str] = []
-    for f in dataclasses.fields(ServerArgs):
-        value = getattr(args, f.name)
-        if value == f.default:
-            continue
-        flag = "--" + f.name.replace("_", "-")
-        if isinstance(value, bool):
-            if value:
-                out.append(flag)
-            continue
-        out += [flag, str(value)]
-    return out
+__all__ = ["Runtime", "RuntimeClient", "free_port", "server_cli_args"]
 
 
 class RuntimeClient:

@@ -14,7 +14,6 @@ import torch
 from dspark_sglang.core.forward_batch import ForwardBatch, ForwardMode, ModelOutput
 from dspark_sglang.layers.attention.base import AttentionBackend, create_attention_backend
 from dspark_sglang.mem_cache.kv_pool import KVPool
-from dspark_sglang.models.llama import LlamaForCausalLM
 
 
 @dataclass
@@ -64,11 +63,11 @@ def build_forward_batch(
 
 
 class ModelRunner:
-    def __init__(self, model: LlamaForCausalLM, num_slots: int, dtype: torch.dtype,
+    def __init__(self, model: torch.nn.Module, num_slots: int, dtype: torch.dtype,
                  attention_backend: str = "torch_native", device: str = "cpu",
                  disable_cuda_graph: bool = False) -> None:
-        cfg = model.config
-        self.model = model
+        cfg = model.config  # a model from models/registry.py
+        self.model: Any = model
         self.config = cfg
         self.dtype = dtype
         self.device = device

@@ -14,6 +14,10 @@ SUPPORTED_ARCHITECTURES = {
     "Qwen3ForCausalLM": "qwen3",
     "MistralForCausalLM": "llama",
 }
+# our family name -> the HF architecture name written to config.json and looked up in the
+# model registry (models/registry.py)
+FAMILY_ARCHITECTURE = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM",
+                       "qwen3": "Qwen3ForCausalLM"}
 
 
 @dataclass(frozen=True)
@@ -73,9 +77,12 @@ class ModelConfig:
             eos_token_ids=eos_ids,
         )
 
+    @property
+    def hf_architecture(self) -> str:
+        return FAMILY_ARCHITECTURE[self.architecture]
+
     def to_hf_dict(self) -> dict[str, Any]:
-        arch = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM",
-                "qwen3": "Qwen3ForCausalLM"}[self.architecture]
+        arch = self.hf_architecture
         d = asdict(self)
         d.pop("architecture")
         d.pop("qk_norm")

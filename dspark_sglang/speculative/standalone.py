@@ -8,40 +8,39 @@ to scratch slots that are freed before verification.
 
 from __future__ import annotations
 
-from typing import Any
-
 import torch
 
 from dspark_sglang.core.forward_batch import ForwardBatch, ForwardMode, ModelOutput
 from dspark_sglang.core.req import Req
+from dspark_sglang.model_executor.model_loader import build_target_model
 from dspark_sglang.model_executor.model_runner import (
     BatchRequestSpec,
     ModelRunner,
     build_forward_batch,
 )
-from dspark_sglang.server_args import ServerArgs
+from dspark_sglang.models.loader import load_model_files
+from dspark_sglang.speculative.context import DraftContext, SpeculativeConfig
 from dspark_sglang.speculative.worker import Draft, DraftWorker, _grammar_filter_prefix
 
 
 class StandaloneWorker(DraftWorker):
     name = "STANDALONE"
 
-    def __init__(self, args: ServerArgs, parts: Any) -> None:
-        from dspark_sglang.entrypoints.model_setup import build_target_model
-        from dspark_sglang.models.loader import load_model_files
-
-        loaded = load_model_files(args.speculative_draft_model_path)
-        if loaded.config.vocab_size != parts.config.vocab_size:
+    def __init__(self, ctx: DraftContext, cfg: SpeculativeConfig) -> None:
+        if cfg.draft_model_path is None:
+            raise ValueError("STANDALONE needs speculative_draft_model_path")
+        loaded = load_model_files(cfg.draft_model_path)
+        if loaded.config.vocab_size != ctx.config.vocab_size:
             raise ValueError("the STANDALONE draft model must share the target's vocabulary "
-                             f"({loaded.config.vocab_size} != {parts.config.vocab_size})")
-        target = parts.runner
+                             f"({loaded.config.vocab_size} != {ctx.config.vocab_size})")
+        target = ctx.runner
         model = build_target_model(loaded.config, loaded.state_dict, target.dtype, target.device,
-                                   parts.context_len + 64)
-        self.runner = ModelRunner(model, args.max_total_tokens, target.dtype, "torch_native",
+                                   ctx.context_len + 64)
+        self.runner = ModelRunner(model, ctx.num_slots, target.dtype, "torch_native",
                                   target.device)
-        self.cache = parts.cache
-        self.k = args.speculative_num_draft_tokens or 4
-        self.context_len = parts.context_len
+        self.cache = ctx.cache
+        self.k = cfg.num_draft_tokens or 4
+        self.context_len = ctx.context_len
 
     def max_draft_len(self) -> int:
         return self.k

@@ -4,14 +4,25 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, get_args
 
-SPEC_ALGORITHMS = ("NONE", "DSPARK", "MTP1", "CHAIN", "NGRAM", "STANDALONE", "TREE")
+# light modules: names only, the implementations are imported when built
+from dspark_sglang.constrained.registry import grammar_backend_names
+from dspark_sglang.layers.attention.registry import attention_backend_names
+from dspark_sglang.speculative.registry import speculative_algorithm_names
 
 
-def _f(default: Any, help: str, choices: tuple[Any, ...] | None = None) -> Any:
+def _f(default: Any, help: str,
+       choices: tuple[Any, ...] | Callable[[], tuple[Any, ...]] | None = None) -> Any:
+    """A field; ``choices`` may be a registry's name function, read at validation time."""
     return field(default=default, metadata={"help": help, "choices": choices})
+
+
+def _choices(f: dataclasses.Field[Any]) -> tuple[Any, ...] | None:
+    choices = f.metadata.get("choices")
+    return choices() if callable(choices) else choices
 
 
 @dataclass(frozen=True)
@@ -35,13 +46,14 @@ class ServerArgs:
     disable_radix_cache: bool = _f(False, "disable the radix prefix cache")
     attention_backend: str = _f("torch_native", "attention kernels (cpu: C++ paged kernel for "
                                                 "decode/verify, SDPA for prefill)",
-                                ("torch_native", "cpu", "triton", "flashinfer"))
+                                attention_backend_names)
     disable_cuda_graph: bool = _f(False, "never capture CUDA graphs (always off on CPU)")
     num_threads: int | None = _f(None, "torch intra-op threads on CPU (default: torch's)")
     tp_size: int = _f(1, "tensor-parallel ranks (one process each; NCCL on CUDA, gloo on CPU)")
     random_seed: int = _f(0, "seed for requests without their own seed")
     # speculative decoding (SGLang spelling)
-    speculative_algorithm: str = _f("NONE", "speculative decoding algorithm", SPEC_ALGORITHMS)
+    speculative_algorithm: str = _f("NONE", "speculative decoding algorithm",
+                                    speculative_algorithm_names)
     speculative_draft_model_path: str | None = _f(None, "drafter checkpoint (DeepSpec layout for "
                                                         "DSPARK, an LM for STANDALONE)")
     speculative_num_draft_tokens: int | None = _f(None, "fixed draft length per step (CHAIN, "
@@ -61,7 +73,7 @@ class ServerArgs:
     # structured generation
     grammar_backend: str = _f("llguidance", "grammar backend (llguidance compiles in ~1 ms; see "
                                             "constrained/registry.py)",
-                              ("llguidance", "xgrammar", "outlines"))
+                              grammar_backend_names)
     # server
     host: str = _f("127.0.0.1", "bind address")
     port: int = _f(30000, "port")
@@ -88,7 +100,7 @@ class ServerArgs:
 
     def validate(self) -> None:
         for f in dataclasses.fields(self):
-            choices = f.metadata.get("choices")
+            choices = _choices(f)
             if choices and getattr(self, f.name) not in choices:
                 raise ValueError(f"{f.name} must be one of {list(choices)}, "
                                  f"got {getattr(self, f.name)!r}")
@@ -137,7 +149,7 @@ class ServerArgs:
                 continue
             base = _base_type(f.type)
             parser.add_argument(flag, type=base, default=f.default, help=help_,
-                                choices=f.metadata.get("choices"))
+                                choices=_choices(f))
 
     @staticmethod
     def from_cli_args(args: argparse.Namespace) -> ServerArgs:

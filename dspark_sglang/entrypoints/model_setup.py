@@ -25,7 +25,7 @@ from dspark_sglang.scheduler.output_processor import OutputProcessor
 from dspark_sglang.scheduler.scheduler import Scheduler
 from dspark_sglang.server_args import ServerArgs
 from dspark_sglang.speculative.context import DraftContext, SpeculativeConfig
-from dspark_sglang.speculative.factory import create_draft_worker
+from dspark_sglang.speculative.registry import create_draft_worker
 from dspark_sglang.speculative.spec_decoder import SpecDecoder
 
 logger = logging.getLogger(__name__)

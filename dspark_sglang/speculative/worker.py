@@ -10,11 +10,15 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import torch
 
 from dspark_sglang.core.forward_batch import ForwardBatch, ModelOutput
 from dspark_sglang.core.req import Req
+
+if TYPE_CHECKING:
+    from dspark_sglang.speculative.context import DraftContext, SpeculativeConfig
 
 
 @dataclass
@@ -58,6 +62,10 @@ class NoDraftWorker(DraftWorker):
 
     name = "NONE"
 
+    def __init__(self, ctx: DraftContext | None = None,
+                 cfg: SpeculativeConfig | None = None) -> None:
+        pass
+
     def propose(self, reqs: list[Req]) -> list[Draft]:
         return [Draft() for _ in reqs]
 
@@ -67,12 +75,13 @@ class NgramWorker(DraftWorker):
 
     name = "NGRAM"
 
-    def __init__(self, num_draft_tokens: int, max_ngram: int) -> None:
+    def __init__(self, ctx: DraftContext, cfg: SpeculativeConfig) -> None:
         from dspark_sglang.speculative.ngram import NgramProposer
 
-        self.k = num_draft_tokens
-        self.proposer = NgramProposer(max_ngram=max_ngram, min_ngram=1,
-                                      num_draft_tokens=num_draft_tokens)
+        self.k = cfg.num_draft_tokens or 4
+        self.context_len = ctx.context_len
+        self.proposer = NgramProposer(max_ngram=cfg.ngram_max_match, min_ngram=1,
+                                      num_draft_tokens=self.k)
 
     def max_draft_len(self) -> int:
         return self.k

@@ -1,13 +1,13 @@
-"""Attention backend interface and registry (lazy imports: no triton/flashinfer on CPU installs)."""
+"""Attention backend interface; names and lazy imports live in ``registry.py``."""
 
 from __future__ import annotations
 
-import importlib
 from abc import ABC, abstractmethod
 
 import torch
 
 from dspark_sglang.core.forward_batch import ForwardBatch
+from dspark_sglang.layers.attention.registry import attention_backend_class
 from dspark_sglang.mem_cache.kv_pool import KVPool
 
 
@@ -30,16 +30,6 @@ class AttentionBackend(ABC):
         """q [num_tokens, heads, d]; k, v [num_tokens, kv_heads, d] -> [num_tokens, heads, d]."""
 
 
-_BACKENDS = {
-    "torch_native": "dspark_sglang.layers.attention.torch_native:TorchNativeAttnBackend",
-    "cpu": "dspark_sglang.layers.attention.cpu_paged:CpuPagedAttnBackend",
-    "triton": "dspark_sglang.layers.attention.triton_backend:TritonAttnBackend",
-    "flashinfer": "dspark_sglang.layers.attention.flashinfer_backend:FlashInferAttnBackend",
-}
-
-
 def create_attention_backend(name: str, **kwargs: object) -> AttentionBackend:
-    if name not in _BACKENDS:
-        raise ValueError(f"attention_backend must be one of {sorted(_BACKENDS)}, got {name!r}")
-    module, cls = _BACKENDS[name].split(":")
-    return getattr(importlib.import_module(module), cls)(**kwargs)
+    """Build the backend registered as ``name`` (layers/attention/registry.py)."""
+    return attention_backend_class(name)(**kwargs)

@@ -1,6 +1,6 @@
 """Device-side batch description that models and attention backends read.
 
-Three batch levels flow one way: ``ScheduleBatch`` (scheduler, CPU lists) -> ``ForwardBatch``
+Three batch levels flow one way: lists of ``Req`` (scheduler, CPU) -> ``ForwardBatch``
 (tensors, this file) -> backend-private attention metadata (built once per forward by
 ``AttentionBackend.init_forward_metadata``). Models read only a ``ForwardBatch``; speculative state
 never lives on a model object.
@@ -19,11 +19,6 @@ class ForwardMode(enum.Enum):
     EXTEND = enum.auto()  # prefill (possibly on top of a cached prefix, possibly a chunk)
     DECODE = enum.auto()  # exactly one new token per request
     TARGET_VERIFY = enum.auto()  # [anchor, draft_1..draft_l] per request, custom mask allowed
-    DRAFT_EXTEND = enum.auto()  # drafter-side context update
-    IDLE = enum.auto()
-
-    def is_extend_like(self) -> bool:
-        return self in (ForwardMode.EXTEND, ForwardMode.TARGET_VERIFY, ForwardMode.DRAFT_EXTEND)
 
 
 @dataclass

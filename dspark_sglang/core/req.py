@@ -73,6 +73,16 @@ class Req:
         next decode input)."""
         return self.seqlen - 1 if self.output_ids else len(self.origin_input_ids)
 
+    def draft_room(self, context_len: int | None = None) -> int:
+        """How many draft tokens this request may verify in its next step: the step's own target
+        token must still fit under ``max_new_tokens`` and, when ``context_len`` is given, every
+        verified token under the context length (the KV holds ``kv_len`` tokens, the anchor is
+        next)."""
+        room = self.sampling_params.max_new_tokens - len(self.output_ids) - 1
+        if context_len is not None:
+            room = min(room, context_len - self.kv_len - 1)
+        return max(0, room)
+
     @property
     def finished(self) -> bool:
         return self.finish_reason is not None

@@ -84,11 +84,6 @@ class DSparkWorker(DraftWorker):
             self.ctx_pool.store(layer_id, fb.out_cache_loc, k, v)
 
     # ---- drafting ----------------------------------------------------------------------------
-    def _room(self, req: Req) -> int:
-        left = req.sampling_params.max_new_tokens - len(req.output_ids) - 1
-        ctx_left = self.context_len - req.kv_len - 1
-        return max(0, min(left, ctx_left))
-
     # ---- draft budget (DSPARK only) ---------------------------------------------------------
     def _draft_budget(self, reqs: list[Req], rooms: list[int]) -> list[int]:
         """How many positions to draft per request this step, from *past* steps only.
@@ -146,7 +141,7 @@ class DSparkWorker(DraftWorker):
 
         bs = len(reqs)
         self._last_batch = bs
-        rooms = self._draft_budget(reqs, [self._room(r) for r in reqs])
+        rooms = self._draft_budget(reqs, [r.draft_room(self.context_len) for r in reqs])
         if max(rooms) == 0:
             return [Draft() for _ in reqs]
         t0 = time.perf_counter()

@@ -133,15 +133,11 @@ class SpecDecoder:
             g = req.grammar
             if g is None or g.is_terminated():
                 continue
-            room = req.sampling_params.max_new_tokens - len(req.output_ids) - 1
-            forced = g.find_jump_forward_tokens()[: max(0, min(limit, room))]
+            forced = g.find_jump_forward_tokens()[: min(limit, req.draft_room())]
             if forced:
                 drafts[i] = Draft(tokens=list(forced), forced=True)
                 req.draft_state.pop("proposed", None)  # the drafter's proposal was replaced
                 self.stats.forced_tokens += len(forced)
-
-    def slots_needed(self, reqs: list[Req]) -> int:
-        return len(reqs) * (1 + self.worker.max_draft_len())
 
     def step(self, reqs: list[Req]) -> list[StepResult] | None:
         """Run one step. Returns None (and changes nothing) when KV slots ran out. If it raises
@@ -175,8 +171,6 @@ class SpecDecoder:
             if d.parents is not None:
                 mask = tree_attention_mask(d.parents)
                 positions = [req.kv_len] + [req.kv_len + x for x in node_depths(d.parents)]
-            elif len(d):
-                mask = None  # causal == chain
             self.cache.req_to_token_pool.write(req.req_pool_idx, req.kv_len, loc)
             specs.append(BatchRequestSpec(req.req_pool_idx, [req.output_ids[-1]] + d.tokens,
                                           req.kv_len, loc, mask, positions))

@@ -57,8 +57,7 @@ class StandaloneWorker(DraftWorker):
 
     @torch.inference_mode()
     def propose(self, reqs: list[Req]) -> list[Draft]:
-        rooms = [max(0, min(self.k, r.sampling_params.max_new_tokens - len(r.output_ids) - 1,
-                            self.context_len - r.kv_len - 1)) for r in reqs]
+        rooms = [min(self.k, r.draft_room(self.context_len)) for r in reqs]
         k = max(rooms)
         if k == 0:
             return [Draft() for _ in reqs]

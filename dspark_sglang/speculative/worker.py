@@ -50,7 +50,7 @@ class DraftWorker(ABC):
     @abstractmethod
     def propose(self, reqs: list[Req]) -> list[Draft]: ...
 
-    def on_target_forward(self, fb: ForwardBatch, out: ModelOutput) -> None:
+    def on_target_forward(self, fb: ForwardBatch, out: ModelOutput) -> None:  # noqa: B027
         """Called after every target forward (prefill and verify), before acceptance."""
 
     def max_draft_len(self) -> int:
@@ -89,8 +89,7 @@ class NgramWorker(DraftWorker):
     def propose(self, reqs: list[Req]) -> list[Draft]:
         out = []
         for req in reqs:
-            room = req.sampling_params.max_new_tokens - len(req.output_ids) - 1
-            toks = self.proposer.propose(req.fill_ids)[: max(room, 0)]
+            toks = self.proposer.propose(req.fill_ids)[: req.draft_room(self.context_len)]
             toks = _grammar_filter_prefix(req, toks)
             out.append(Draft(tokens=list(toks)))
         return out

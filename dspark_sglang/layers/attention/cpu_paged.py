@@ -3,7 +3,7 @@
 DECODE and TARGET_VERIFY forwards with at most ``MAX_VERIFY_TOKENS`` new tokens per request run
 ``dspark_kernels.cpu_ops.paged_attention`` (C++, threads over requests x kv heads, online
 softmax, GQA-aware, slots read through ``req_to_token`` without a gather or padding; custom
-masks of trees as in the torch backend). Everything else (EXTEND prefill, DRAFT_EXTEND, longer
+masks of trees as in the torch backend). Everything else (EXTEND prefill, longer
 verify blocks, non-float32 pools, or a machine where the extension cannot be built) goes to the
 torch-native SDPA backend, which is also the reference the kernel is tested against.
 """

@@ -5,7 +5,7 @@ request's page indices are exactly its ``req_to_token`` row. Per forward, planne
 ``init_forward_metadata``:
 
 - DECODE (one new token per request, no custom mask): ``BatchDecodeWithPagedKVCacheWrapper``;
-- EXTEND / DRAFT_EXTEND without masks: ``BatchPrefillWithPagedKVCacheWrapper`` with
+- EXTEND without masks: ``BatchPrefillWithPagedKVCacheWrapper`` with
   ``causal=True`` (FlashInfer aligns the causal diagonal to the end of the KV, i.e. the whole
   prefix is visible);
 - TARGET_VERIFY or any batch with ``custom_masks``: the same prefill wrapper with a flat custom

@@ -1,7 +1,7 @@
 """Triton attention backend: ``dspark_kernels.store_kv`` + ``verify_attention`` for every mode.
 
 One kernel serves EXTEND (causal over the new tokens, whole prefix visible), DECODE (one new token,
-the causal case with ``extend_len == 1``) and TARGET_VERIFY / DRAFT_EXTEND (per-request custom
+the causal case with ``extend_len == 1``) and TARGET_VERIFY (per-request custom
 masks for chains and trees). ``init_forward_metadata`` builds, once per forward, the per-request
 offsets and the flat custom mask (``[sum_i ext_i^2]``, row-major per request) on the device of the
 KV pool; ``forward`` then launches two kernels per layer and reads nothing on the host.

@@ -117,11 +117,15 @@ def _chi_square_p(counts: dict[tuple[int, int], int], law: dict[tuple[int, int],
                                          torch.tensor(stat / 2.0, dtype=torch.float64)))
 
 
-@pytest.mark.parametrize("head,threshold", [("confidence_head", 0.5),
-                                            ("no_confidence_head", 0.25)])
+@pytest.mark.parametrize("head,threshold,seeded", [
+    ("confidence_head", 0.5, False),  # rejection sampling
+    ("no_confidence_head", 0.25, False),
+    ("confidence_head", 0.5, True),  # seeded: position-keyed Gumbel coupling
+])
 def test_t1_dspark_with_grammar_follows_target(make_engine, target_dir, exact_pairs,
-                                               tmp_path_factory, head, threshold) -> None:
-    tmp = tmp_path_factory.mktemp(f"lossless_{head}")
+                                               tmp_path_factory, head, threshold,
+                                               seeded) -> None:
+    tmp = tmp_path_factory.mktemp(f"lossless_{head}_{seeded}")
     drafter = (random_drafter_for(target_dir, tmp / "d", block_size=4) if head == "confidence_head"
                else _no_head_drafter(target_dir, tmp))
     prompt, law = exact_pairs
@@ -132,8 +136,8 @@ def test_t1_dspark_with_grammar_follows_target(make_engine, target_dir, exact_pa
                     max_running_requests=BATCH, max_total_tokens=8192)
     counts: dict[tuple[int, int], int] = {}
     for start in range(0, N_SAMPLES, BATCH):
-        sps = [{"max_new_tokens": 3, "temperature": 1.0, "regex": "[v-z]{3}", "seed": 1000 + i}
-               for i in range(start, start + BATCH)]
+        sps = [{"max_new_tokens": 3, "temperature": 1.0, "regex": "[v-z]{3}",
+                **({"seed": 1000 + i} if seeded else {})} for i in range(start, start + BATCH)]
         for o in e.generate(input_ids=[prompt] * BATCH, sampling_params=sps):
             ids = o["output_ids"]
             assert len(ids) == 3, o

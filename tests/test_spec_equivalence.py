@@ -62,7 +62,9 @@ def test_greedy_equals_none(make_engine, llama_dir, drafter_dir, flat_sps, refer
     info = e.get_server_info()
     assert info["spec_stats"]["steps"] > 0
     if algo in ("DSPARK", "CHAIN", "TREE", "STANDALONE"):  # drafts really were verified
-        assert info["spec_stats"]["avg_verify_tokens_per_step"] > 1.5 * len(PROMPTS)
+        # per request and step: decode steps interleaved with chunked prefill carry fewer
+        # requests, so a per-step count would depend on the chunking
+        assert info["spec_stats"]["avg_verify_tokens_per_req_step"] > 1.5
     e.check_integrity()
 
 
@@ -108,10 +110,9 @@ def test_ngram_accepts_on_repetitive_text(make_engine, llama_dir, drafter_dir, f
 
 
 def test_sampling_seeded_deterministic_spec(make_engine, llama_dir, drafter_dir, flat_sps):
-    # the draft budget adapts to measured time, which changes what is drafted and so which
-    # random draws verification uses; with it off, seeded sampling repeats exactly
-    e = make_engine(llama_dir, **_spec_kwargs("DSPARK", llama_dir, drafter_dir, flat_sps),
-                    speculative_dspark_disable_draft_budget=True)
+    # seeded sampling is position-keyed (layers/coupling.py): it repeats exactly whatever the
+    # draft budget decides (tests/test_seeded_coupling.py checks it against NONE)
+    e = make_engine(llama_dir, **_spec_kwargs("DSPARK", llama_dir, drafter_dir, flat_sps))
     sp = {"max_new_tokens": 16, "temperature": 0.8, "seed": 3, "ignore_eos": True}
     a = e.generate(PROMPTS[:3], sp)
     b = e.generate(PROMPTS[:3], sp)

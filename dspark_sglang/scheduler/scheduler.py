@@ -30,6 +30,7 @@ import torch
 from dspark_sglang.core.forward_batch import ForwardMode
 from dspark_sglang.core.req import Req, ReqState
 from dspark_sglang.layers import sampler as smp
+from dspark_sglang.layers.coupling import coupled_sample
 from dspark_sglang.layers.logits_processing import RowSpec, adjust_logits_, sampling_info
 from dspark_sglang.mem_cache.cache_manager import CacheManager
 from dspark_sglang.model_executor.model_runner import (
@@ -351,7 +352,12 @@ class Scheduler:
         adjust_logits_(logits, [RowSpec(req, [], req.grammar)], self.output.eos_token_ids,
                        self.runner.config.vocab_size)
         info = sampling_info([req])
-        tok = int(smp.sample(smp.logits_to_probs(logits, info), info, logits=logits)[0])
+        probs = smp.logits_to_probs(logits, info)
+        if req.sampling_params.seed is not None and not req.sampling_params.is_greedy:
+            # position-keyed sample (layers/coupling.py): what every decoding mode emits here
+            tok = coupled_sample(probs[0], req.sampling_params.seed, len(req.output_ids))
+        else:
+            tok = int(smp.sample(probs, info, logits=logits)[0])
         lps = None
         if req.return_logprob:
             lp = smp.compute_logprobs(last_logits[None])[0]

@@ -174,9 +174,12 @@ class DSparkWorker(DraftWorker):
         hidden = hidden[:, :k]  # only the positions we draft need the LM head
         base = self.drafter.base_logits(hidden)  # [bs, k, V]
         grammar_walk = _GrammarWalk(reqs, base.shape[-1])
+        coupling = [(r.sampling_params.seed, len(r.output_ids))
+                    if r.sampling_params.seed is not None else None for r in reqs]
         chain = self.drafter.sample_chain(
             hidden, base, anchors, temps, [r.generator for r in reqs],
-            mask_fn=grammar_walk if grammar_walk.active else None, num_tokens=k)
+            mask_fn=grammar_walk if grammar_walk.active else None, num_tokens=k,
+            coupling=coupling)
         limits = [min(k, rooms[i], grammar_walk.valid_len(i, k)) for i in range(bs)]
         if self.mode == "DSPARK" and self.sps_table is not None:
             decision = schedule_prefix(chain.confidences.float(), self.sps_table,

@@ -21,6 +21,7 @@ import torch
 from dspark_sglang.core.forward_batch import ForwardMode
 from dspark_sglang.core.req import Req
 from dspark_sglang.layers import sampler as smp
+from dspark_sglang.layers.coupling import coupled_sample
 from dspark_sglang.layers.logits_processing import (
     RowSpec,
     adjust_logits_,
@@ -234,6 +235,18 @@ class SpecDecoder:
                     while m < len(d) and d.tokens[m] == tgt[m]:
                         m += 1
                     toks = d.tokens[:m] + [tgt[m]]
+                    path_rows = list(range(m + 1))
+                elif req.sampling_params.seed is not None:
+                    # seeded: the token at each output position is the Gumbel-max sample keyed by
+                    # (seed, position) -- the same as plain decoding makes; accept while equal
+                    assert probs is not None
+                    base = len(req.output_ids)
+                    m = 0
+                    tgt_m = coupled_sample(probs[off], req.sampling_params.seed, base)
+                    while m < len(d) and d.tokens[m] == tgt_m:
+                        m += 1
+                        tgt_m = coupled_sample(probs[off + m], req.sampling_params.seed, base + m)
+                    toks = d.tokens[:m] + [tgt_m]
                     path_rows = list(range(m + 1))
                 else:
                     assert probs is not None

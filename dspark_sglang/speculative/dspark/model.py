@@ -3,7 +3,7 @@
 Data flow for one request whose target has computed tokens ``0 .. p-1`` and just produced the
 anchor ``x_p`` (not yet run through the target)::
 
-    target hidden of token i at target_layer_ids ──► project_context ──► H_ctx[i]      (fc + RMSNorm)
+    target hidden of token i at target_layer_ids ──► project_context ──► H_ctx[i]  (fc + RMSNorm)
     H_ctx[i] ──► context_kv(positions=i) ──► per draft layer (K_i, V_i)   stored per KV slot
     [x_p, MASK, ..., MASK] at positions p .. p+gamma-1 ──► forward_block(ctx K/V of 0..p-1)
         every block row attends to all valid context entries and to every block row
@@ -25,6 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from dspark_sglang.layers.coupling import gumbel_argmax, position_gumbel
 from dspark_sglang.layers.layernorm import RMSNorm
 from dspark_sglang.layers.rotary import rope_inv_freq
 from dspark_sglang.layers.sampler import draw_uniforms, sample_with_uniforms
@@ -288,6 +289,7 @@ class DSparkDrafter(nn.Module):
         generators: Sequence[torch.Generator | None] | None = None,
         mask_fn: MaskFn | None = None,
         num_tokens: int | None = None,
+        coupling: Sequence[tuple[int, int] | None] | None = None,
     ) -> DraftChain:
         """Draw ``num_tokens`` (default gamma) drafts left to right.
 
@@ -296,6 +298,9 @@ class DSparkDrafter(nn.Module):
         (first maximum), others sample from ``softmax(logits / T)`` with one uniform per
         non-greedy row per step from that row's generator (or the global RNG). A mask must leave
         at least one token allowed per row. Masked tokens get probability 0 and are never drawn.
+        ``coupling[r] = (seed, position)`` makes sampled row ``r`` draw draft ``k`` by Gumbel-max
+        with the noise of output position ``position + k`` (layers/coupling.py), the noise the
+        target's own sample there uses, which maximises agreement.
         """
         bs, gamma, _ = block_hidden.shape
         k_total = gamma if num_tokens is None else int(num_tokens)
@@ -329,6 +334,11 @@ class DSparkDrafter(nn.Module):
                 u = torch.stack(draw_uniforms(sampled_gens, [1] * len(sampled_rows), device))
                 tok = argmax.clone()
                 tok[sampled_idx] = sample_with_uniforms(q[sampled_idx], u.squeeze(1))
+                for r in sampled_rows:
+                    if coupling is not None and coupling[r] is not None:
+                        seed, pos = coupling[r]
+                        tok[r] = gumbel_argmax(q[r], position_gumbel(seed, pos + k, q.shape[-1],
+                                                                     q.device))
                 q = torch.where(greedy.unsqueeze(1), one_hot, q)
             else:  # all greedy: the draft distribution is one-hot, skip the softmax
                 q = one_hot

@@ -30,6 +30,7 @@ from dspark_sglang.core.validation import (
     validate_sampling_params,
 )
 from dspark_sglang.entrypoints.model_setup import EngineParts, build_engine_parts
+from dspark_sglang.entrypoints.tokenize_pool import TokenizePool
 from dspark_sglang.server_args import ServerArgs
 
 logger = logging.getLogger(__name__)
@@ -67,6 +68,7 @@ class Engine:
         self._rid_counter = itertools.count(1)
         self._req_counter = itertools.count(1)  # default sampling seeds (never repeat)
         self._max_prompt_chars: int | None = None
+        self._tokenize_pool = TokenizePool(self.tokenizer)  # big texts: off the GIL
         self.started_at = time.time()
         self.metrics = self.parts.metrics
         self.parts.scheduler.interleave = not server_args.disable_prefill_decode_interleave
@@ -208,7 +210,7 @@ class Engine:
                 if len(p) > limit:  # reject before tokenizing: encode holds the GIL
                     raise ValueError(f"text has {len(p)} characters: more than the context "
                                      f"length {self.context_len} can hold in any tokenization")
-            ids_list = [self.tokenizer.encode(p) for p in prompts]
+            ids_list = [self._tokenize_pool.encode(p) for p in prompts]
         else:
             batched = isinstance(input_ids, list) and bool(input_ids) and \
                 isinstance(input_ids[0], list)
@@ -462,6 +464,7 @@ class Engine:
             pass
         self._stop.set()
         self._thread.join(timeout=10)
+        self._tokenize_pool.shutdown()
         if self.parts.runner.tp_driver is not None:  # tensor-parallel followers exit too
             self.parts.runner.tp_driver.stop()
 

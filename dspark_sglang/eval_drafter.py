@@ -101,7 +101,8 @@ def evaluate_set(
 
 def format_table(rows: list[dict[str, Any]]) -> str:
     head = (f"{'set':<10} {'n':>3} | {'DSPARK g':>8} {'DFlash g':>8} {'MTP1 g':>6} | "
-            f"{'DSPARK T1':>9} {'DFlash T1':>9} {'MTP1 T1':>7} | {'markov+%':>8} | "
+            f"{'DSPARK T1':>9} {'DFlash T1':>9} {'MTP1 T1':>7} {'seeded T1':>9} | "
+            f"{'markov+%':>8} | "
             f"{'AUC raw/sts':>11} {'ECE raw/sts':>11}")
     lines = [head, "-" * len(head)]
     for r in rows:
@@ -110,7 +111,8 @@ def format_table(rows: list[dict[str, Any]]) -> str:
         lines.append(
             f"{r['set']:<10} {r['num_prompts']:>3} | {r['greedy']['dspark']:>8.2f} "
             f"{r['greedy']['dflash']:>8.2f} {r['greedy']['mtp1']:>6.2f} | "
-            f"{r['t1']['dspark']:>9.2f} {r['t1']['dflash']:>9.2f} {r['t1']['mtp1']:>7.2f} | "
+            f"{r['t1']['dspark']:>9.2f} {r['t1']['dflash']:>9.2f} {r['t1']['mtp1']:>7.2f} "
+            f"{r.get('t1_seeded', float('nan')):>9.2f} | "
             f"{gain:>+7.1f}% | {c.get('auc_raw', float('nan')):>5.3f}/"
             f"{c.get('auc_sts', float('nan')):<5.3f} {c.get('ece_raw', float('nan')):>5.3f}/"
             f"{c.get('ece_sts', float('nan')):<5.3f}")
@@ -160,6 +162,8 @@ def main(argv: Sequence[str] | None = None) -> None:
                 "set": name, "num_prompts": len(prompts), "num_anchors": s.t1_n,
                 "greedy": {k: s.tau_greedy(k) for k in ("dspark", "dflash", "mtp1")},
                 "t1": {k: s.tau_t1(k) for k in ("dspark", "dflash", "mtp1")},
+                # seeded requests verify by Gumbel coupling instead of rejection sampling
+                "t1_seeded": s.tau_t1_coupled(),
                 "cond_accept": s.conditional_acceptance(),
                 "confidence": confidence_metrics(s, temps),
                 "seconds": time.monotonic() - t0,

@@ -29,3 +29,17 @@ def test_import_package_without_gpu_libraries(tmp_path):
     r = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True,
                        text=True, env={"PYTHONPATH": str(ROOT), "PATH": "/usr/bin:/bin"})
     assert r.returncode == 0, r.stderr
+
+
+def test_every_package_folder_is_installed():
+    """A subpackage missing from pyproject's list would be absent from an installed wheel."""
+    import tomllib
+
+    cfg = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]
+    listed = set(cfg["packages"])
+    found = {".".join(p.parent.relative_to(ROOT).parts)
+             for p in (ROOT / "dspark_sglang").rglob("__init__.py")}
+    assert found and not found - listed, sorted(found - listed)
+    # data files the package reads by path ship with it
+    assert "training/*.jsonl" in cfg["package-data"]["dspark_sglang"]
+    assert list((ROOT / "dspark_sglang" / "training").glob("*.jsonl"))

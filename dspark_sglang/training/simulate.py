@@ -37,8 +37,10 @@ class SeqTrace:
     alpha: np.ndarray  # [A, g] float, Σ min(p_d, p_t) at T=1
     alpha_base: np.ndarray  # [A, g] float
     valid: np.ndarray  # [A, g] bool (label inside the sequence)
-    conf_logits: np.ndarray | None  # [A, g]
-    remaining: np.ndarray  # [A] int, tokens left after the anchor (L - 1 - p)
+    alpha_coupled: np.ndarray | None = None  # [A, g] float, Gumbel-coupled match probability
+
+    conf_logits: np.ndarray | None = None  # [A, g]
+    remaining: np.ndarray | None = None  # [A] int, tokens left after the anchor (L - 1 - p)
 
 
 def trace_sequence(
@@ -51,7 +53,7 @@ def trace_sequence(
     if anchors.numel() == 0:
         return None
     outs: dict[str, list[np.ndarray]] = {k: [] for k in
-                                         ("acc", "accb", "al", "alb", "val", "conf")}
+                                         ("acc", "accb", "al", "alb", "val", "conf", "alc")}
     for a in anchors.split(chunk):
         idx = a[:, None] + torch.arange(1, gamma + 1)[None, :]  # [A, g] label positions
         valid = idx < n
@@ -64,12 +66,36 @@ def trace_sequence(
         for name, lg in (("al", draft), ("alb", base)):
             al = torch.minimum(torch.softmax(lg.float(), -1), p_t).sum(-1)
             outs[name].append((al * valid).numpy())
+        outs["alc"].append((coupled_match_prob(torch.softmax(draft.float(), -1), p_t)
+                            * valid).numpy())
         outs["val"].append(valid.numpy())
         if conf is not None:
             outs["conf"].append(conf.float().numpy())
     cat = {k: np.concatenate(v) if v else None for k, v in outs.items()}
-    return SeqTrace(cat["acc"], cat["accb"], cat["al"], cat["alb"], cat["val"], cat["conf"],
-                    (n - 1 - anchors).numpy())
+    return SeqTrace(cat["acc"], cat["accb"], cat["al"], cat["alb"], cat["val"],
+                    alpha_coupled=cat["alc"], conf_logits=cat["conf"],
+                    remaining=(n - 1 - anchors).numpy())
+
+
+def coupled_match_prob(q: torch.Tensor, p: torch.Tensor, top: int = 16) -> torch.Tensor:
+    """``P(argmax log q + G == argmax log p + G)`` for shared Gumbel noise ``G`` (the seeded
+    coupling of layers/coupling.py): ``Σ_v 1 / Σ_u max(p_u / p_v, q_u / q_v)``. Summed over the
+    ``top`` likeliest tokens of ``p`` and of ``q`` only, so a lower bound (a token's term is at
+    most ``min(p_v, q_v)``). ``q, p [..., V]`` -> ``[...]``."""
+    cand = torch.cat([p.topk(top, -1).indices, q.topk(top, -1).indices], -1)  # [..., 2top]
+    cand = torch.sort(cand, -1).values
+    dup = torch.zeros_like(cand, dtype=torch.bool)
+    dup[..., 1:] = cand[..., 1:] == cand[..., :-1]
+    out = torch.zeros(p.shape[:-1], dtype=torch.float64)
+    for j in range(cand.shape[-1]):
+        v = cand[..., j : j + 1]
+        pv, qv = p.gather(-1, v).double(), q.gather(-1, v).double()  # [..., 1]
+        denom = torch.maximum(p.double() / pv.clamp(min=1e-300),
+                              q.double() / qv.clamp(min=1e-300)).sum(-1)
+        term = torch.where((pv.squeeze(-1) > 0) & (qv.squeeze(-1) > 0), 1.0 / denom,
+                           torch.zeros_like(denom))
+        out += torch.where(dup[..., j], torch.zeros_like(term), term)
+    return out.float()
 
 
 def leading_true(flags: np.ndarray) -> np.ndarray:
@@ -98,6 +124,7 @@ class SimSummary:
     steps: dict[str, int] = field(default_factory=dict)
     t1_sum: dict[str, float] = field(default_factory=dict)
     t1_n: int = 0
+    coupled_sum: float = 0.0  # T=1 tau of the seeded (Gumbel-coupled) verification, DSPARK
     prefix_counts: np.ndarray | None = None  # [g + 1]: anchors with >= k accepted (valid)
     traces: list[SeqTrace] = field(default_factory=list)
 
@@ -113,6 +140,8 @@ class SimSummary:
                              ("mtp1", tr.alpha, 1)):
             tau = 1.0 + np.cumprod(al[:, :md], axis=1).sum(axis=1)
             self.t1_sum[name] = self.t1_sum.get(name, 0.0) + float(tau.sum())
+        if tr.alpha_coupled is not None:
+            self.coupled_sum += float((1.0 + np.cumprod(tr.alpha_coupled, axis=1).sum(1)).sum())
         self.t1_n += tr.alpha.shape[0]
         lead = leading_true(tr.accepted)
         counts = np.array([(lead >= k).sum() for k in range(g + 1)])
@@ -123,6 +152,10 @@ class SimSummary:
 
     def tau_t1(self, name: str) -> float:
         return self.t1_sum.get(name, 0.0) / max(self.t1_n, 1)
+
+    def tau_t1_coupled(self) -> float:
+        """Expected T=1 tau of DSPARK when requests carry a seed (position-keyed coupling)."""
+        return self.coupled_sum / max(self.t1_n, 1)
 
     def conditional_acceptance(self) -> list[float]:
         """``P(draft k ok | drafts < k ok)`` for ``k = 1..g`` (greedy, all anchors)."""

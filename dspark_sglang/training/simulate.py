@@ -77,7 +77,7 @@ def trace_sequence(
                     remaining=(n - 1 - anchors).numpy())
 
 
-def coupled_match_prob(q: torch.Tensor, p: torch.Tensor, top: int = 16) -> torch.Tensor:
+def coupled_match_prob(q: torch.Tensor, p: torch.Tensor, top: int = 4) -> torch.Tensor:
     """``P(argmax log q + G == argmax log p + G)`` for shared Gumbel noise ``G`` (the seeded
     coupling of layers/coupling.py): ``Σ_v 1 / Σ_u max(p_u / p_v, q_u / q_v)``. Summed over the
     ``top`` likeliest tokens of ``p`` and of ``q`` only, so a lower bound (a token's term is at
@@ -86,12 +86,11 @@ def coupled_match_prob(q: torch.Tensor, p: torch.Tensor, top: int = 16) -> torch
     cand = torch.sort(cand, -1).values
     dup = torch.zeros_like(cand, dtype=torch.bool)
     dup[..., 1:] = cand[..., 1:] == cand[..., :-1]
-    out = torch.zeros(p.shape[:-1], dtype=torch.float64)
+    out = torch.zeros(p.shape[:-1], dtype=torch.float32)
     for j in range(cand.shape[-1]):
         v = cand[..., j : j + 1]
-        pv, qv = p.gather(-1, v).double(), q.gather(-1, v).double()  # [..., 1]
-        denom = torch.maximum(p.double() / pv.clamp(min=1e-300),
-                              q.double() / qv.clamp(min=1e-300)).sum(-1)
+        pv, qv = p.gather(-1, v), q.gather(-1, v)  # [..., 1]
+        denom = torch.maximum(p / pv.clamp(min=1e-30), q / qv.clamp(min=1e-30)).sum(-1)
         term = torch.where((pv.squeeze(-1) > 0) & (qv.squeeze(-1) > 0), 1.0 / denom,
                            torch.zeros_like(denom))
         out += torch.where(dup[..., j], torch.zeros_like(term), term)

@@ -32,25 +32,14 @@ def target_dir(tiny_model_dir) -> str:
 
 def _no_head_drafter(model_dir: str, out: Path) -> str:
     """A random drafter like ``random_drafter_for``'s but without a confidence head."""
-    import dataclasses
     import json
 
     from dspark_sglang.models.config import ModelConfig
-    from dspark_sglang.speculative.dspark.checkpoint import save_dspark_checkpoint
-    from dspark_sglang.speculative.dspark.model import DSparkDrafter
-    from dspark_sglang.speculative.dspark.random_init import random_dspark_config
+    from dspark_sglang.speculative.dspark.random_init import write_random_dspark_checkpoint
 
     target = ModelConfig.from_hf_dict(json.loads((Path(model_dir) / "config.json").read_text()))
-    cfg = dataclasses.replace(random_dspark_config(target, block_size=4),
-                              enable_confidence_head=False, confidence_head_with_markov=False)
-    torch.manual_seed(0)
-    d = DSparkDrafter(cfg, torch.nn.Embedding(target.vocab_size, target.hidden_size),
-                      torch.nn.Linear(target.hidden_size, target.vocab_size, bias=False))
-    with torch.no_grad():
-        for p in d.parameters():
-            if p.dim() > 1:
-                p.normal_(0.0, 0.05)
-    return str(save_dspark_checkpoint(out / "no_head", d))
+    return str(write_random_dspark_checkpoint(out / "no_head", target, block_size=4,
+                                              confidence=False))
 
 
 @pytest.fixture(scope="module")

@@ -159,11 +159,16 @@ def target_block_logits(
     device: torch.device | str = "cpu",
 ) -> torch.Tensor:
     """Target logits for every block row: ``lm_head(final_hidden[p + k])`` -> ``[N, gamma, V]``."""
-    lmax = batch.final_hidden.shape[1]
-    idx = (batch.anchor_pos[:, None] + torch.arange(gamma)[None, :]).clamp(max=lmax - 1)
-    rows = batch.final_hidden[batch.seq_index[:, None], idx]  # [N, gamma, H]
+    rows = target_block_hidden(batch, gamma)  # [N, gamma, H]
     with torch.no_grad():
         return lm_head(rows.to(device)).float()
+
+
+def target_block_hidden(batch: BlockBatch, gamma: int) -> torch.Tensor:
+    """Target final hidden at every block row, ``final_hidden[p + k]``: ``[N, gamma, H]``."""
+    lmax = batch.final_hidden.shape[1]
+    idx = (batch.anchor_pos[:, None] + torch.arange(gamma)[None, :]).clamp(max=lmax - 1)
+    return batch.final_hidden[batch.seq_index[:, None], idx]
 
 
 def prev_tokens(batch: BlockBatch) -> torch.Tensor:

@@ -37,6 +37,7 @@ from dspark_sglang.training.blocks import (
     build_block_batch,
     prev_tokens,
     sample_anchors,
+    target_block_hidden,
     target_block_logits,
     truncate,
 )
@@ -179,9 +180,7 @@ def _fused_step_loss(
     if drafter.markov_head is not None:
         u = drafter.markov_head.block_rank_input(prev, hidden)[valid]  # [M, r]
         w2 = drafter.markov_head.markov_w2.weight  # [V, r]
-    lmax = batch.final_hidden.shape[1]
-    idx = (batch.anchor_pos[:, None] + torch.arange(g)[None, :]).clamp(max=lmax - 1)
-    tgt_h = batch.final_hidden[batch.seq_index[:, None], idx].to(device)  # [N, g, H]
+    tgt_h = target_block_hidden(batch, g).to(device)  # [N, g, H]
     head_w = lm_head.weight  # type: ignore[attr-defined]  # [V, H], frozen
     with torch.autocast(torch.device(device).type, enabled=False):
         l1_tok, ce_tok = fused_head_losses(

@@ -15,7 +15,8 @@ from dspark_sglang.speculative.dspark.model import DSparkDrafter
 
 def random_dspark_config(target: ModelConfig, block_size: int = 4, num_layers: int = 1,
                          markov_rank: int = 8, markov_head_type: str = "vanilla",
-                         target_layer_ids: tuple[int, ...] | None = None) -> DSparkConfig:
+                         target_layer_ids: tuple[int, ...] | None = None,
+                         confidence: bool = True) -> DSparkConfig:
     n = target.num_hidden_layers
     ids = target_layer_ids or tuple(sorted({0, n // 2, n - 1}))
     return DSparkConfig(
@@ -25,7 +26,8 @@ def random_dspark_config(target: ModelConfig, block_size: int = 4, num_layers: i
         num_key_value_heads=target.num_key_value_heads, head_dim=target.head_dim,
         block_size=block_size, target_layer_ids=ids, mask_token_id=0,
         markov_rank=markov_rank, markov_head_type=markov_head_type,
-        enable_confidence_head=True, confidence_head_with_markov=markov_rank > 0,
+        enable_confidence_head=confidence,
+        confidence_head_with_markov=confidence and markov_rank > 0,
         rms_norm_eps=target.rms_norm_eps, rope_theta=target.rope_theta,
         max_position_embeddings=target.max_position_embeddings)
 

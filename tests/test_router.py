@@ -182,6 +182,13 @@ def test_failover_then_rejoin(dep: RouterDeployment) -> None:
         if kind == "ok" and isinstance(detail, int):
             assert detail == 300
 
+    # until the router's health check has seen the dead replica fail (``--health-failure-threshold``
+    # checks, every ``--health-check-interval-secs``), a new request routed to it gets a 500; the
+    # router then serves everything from the survivor
+    deadline = time.monotonic() + 60
+    while victim.url in dep.healthy_workers():
+        assert time.monotonic() < deadline, "router never marked the killed replica unhealthy"
+        time.sleep(0.2)
     served_before = _cache_queries_one(survivor)
     for i in range(4):
         r = requests.post(url + "/generate", json={"text": f"after {i}",

@@ -10,6 +10,8 @@ tokens per step, and (greedy) how many outputs equal NONE's. See docs/benchmarks
 from __future__ import annotations
 
 import argparse
+import json
+from typing import Any
 
 from dspark_sglang.benchmark.engine_runner import ENGINE_MODES
 from dspark_sglang.benchmark.plots import write_plots
@@ -44,7 +46,24 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--plot", default=None, metavar="DIR", help="write PNG charts into DIR")
     p.add_argument("--profile-steps", action="store_true",
                    help="time each decode step's parts (draft, target, context update, accept)")
+    p.add_argument("--server-arg", action="append", default=[], metavar="KEY=VALUE",
+                   help="an extra Engine / ServerArgs field for every mode, e.g. "
+                        "speculative_token_map=none (repeatable)")
     return p
+
+
+def parse_server_args(items: list[str]) -> dict[str, Any]:
+    """``["k=v", ...]`` -> kwargs; values parse as JSON when they can (numbers, true, null)."""
+    out: dict[str, Any] = {}
+    for item in items:
+        key, sep, raw = item.partition("=")
+        if not sep or not key:
+            raise SystemExit(f"--server-arg wants KEY=VALUE, got {item!r}")
+        try:
+            out[key.replace("-", "_")] = json.loads(raw)
+        except json.JSONDecodeError:
+            out[key.replace("-", "_")] = raw
+    return out
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -56,7 +75,7 @@ def main(argv: list[str] | None = None) -> None:
         temperature=args.temperature, seed=args.seed, num_draft_tokens=args.num_draft_tokens,
         draft_model_path=args.draft_model_path, max_total_tokens=args.max_total_tokens,
         num_threads=args.num_threads, chat_template=not args.no_chat_template,
-        profile_steps=args.profile_steps)
+        profile_steps=args.profile_steps, engine_extra=parse_server_args(args.server_arg))
     report = run_spec_bench(cfg)
     print(f"wrote {write_json(args.output, report)}")
     if args.plot:

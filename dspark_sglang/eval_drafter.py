@@ -123,6 +123,16 @@ def format_table(rows: list[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
+def _token_map(drafter_dir: str | Path, choice: str | None,
+               size: int | None) -> list[int] | None:
+    from dspark_sglang.speculative.dspark.token_map import TOKEN_MAP_FILE, load_token_map
+
+    if choice is not None and choice.lower() == "none":
+        return None
+    path = Path(choice) if choice else Path(drafter_dir) / TOKEN_MAP_FILE
+    return load_token_map(path, size) if path.is_file() else None
+
+
 def main(argv: Sequence[str] | None = None) -> None:
     ap = argparse.ArgumentParser(prog="python -m dspark_sglang.eval_drafter")
     ap.add_argument("--drafter", default=None, help="checkpoint dir (default: shipped SmolLM2)")
@@ -134,6 +144,10 @@ def main(argv: Sequence[str] | None = None) -> None:
     ap.add_argument("--max-new-tokens", type=int, default=128)
     ap.add_argument("--num-threads", type=int, default=None)
     ap.add_argument("--out", default=None, help="write JSON here")
+    ap.add_argument("--token-map", default=None,
+                    help="draft over these ids (as --speculative-token-map; default: the "
+                         "drafter's token_map.json when present, 'none' = full vocabulary)")
+    ap.add_argument("--token-map-size", type=int, default=None)
     args = ap.parse_args(argv)
     if args.num_threads:
         torch.set_num_threads(args.num_threads)
@@ -147,6 +161,10 @@ def main(argv: Sequence[str] | None = None) -> None:
     drafter = load_dspark_checkpoint(args.drafter or DEFAULT_DRAFTER_DIR, target.embed_tokens,
                                      target.lm_head).eval()
     temps = drafter.sts_calibration().temperatures
+    token_map = _token_map(args.drafter or DEFAULT_DRAFTER_DIR, args.token_map,
+                           args.token_map_size)
+    if token_map is not None:
+        drafter.set_token_map(token_map)
     extractor = TargetHiddenExtractor(target, drafter.config.target_layer_ids, 4096, 2048)
     engine = Engine(model_path=args.model_path, dtype="float32", max_total_tokens=32768,
                     max_running_requests=max(args.num, 1), num_threads=args.num_threads)
@@ -172,9 +190,12 @@ def main(argv: Sequence[str] | None = None) -> None:
                   f"({rows[-1]['seconds']:.0f}s)", flush=True)
     finally:
         engine.shutdown()
+    print(f"token map: {'full vocabulary' if token_map is None else len(token_map)} ids")
     print(format_table(rows))
     if args.out:
         Path(args.out).write_text(json.dumps({"block_size": drafter.gamma, "sts": temps,
+                                              "token_map_size": (None if token_map is None
+                                                                 else len(token_map)),
                                               "max_new_tokens": args.max_new_tokens,
                                               "rows": rows}, indent=2))
 

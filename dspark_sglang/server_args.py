@@ -65,6 +65,12 @@ class ServerArgs:
     speculative_dspark_sps_table_path: str | None = _f(None, "SPS(B) table json; profiled and "
                                                              "cached at start when absent")
     speculative_dspark_confidence_sts_path: str | None = _f(None, "STS calibration json")
+    speculative_token_map: str | None = _f(None, "draft only over these token ids (.json / .pt, "
+                                                 "ranked; FR-Spec): default the drafter's "
+                                                 "token_map.json when it ships one, 'none' = "
+                                                 "the full vocabulary")
+    speculative_token_map_size: int | None = _f(None, "use the first N ids of the token map "
+                                                      "(default: all of them)")
     speculative_dspark_disable_draft_budget: bool = _f(
         False, "draft every step instead of skipping drafts that past acceptance and the "
                "measured draft cost say will not pay (the budget depends on timing, so seeded "

@@ -68,6 +68,9 @@ def _parse(argv: Sequence[str] | None) -> argparse.Namespace:
         else:
             ap.add_argument(flag, type=type(val), default=val)
     ap.add_argument("--no-resume", action="store_true")
+    ap.add_argument("--init-from", default=None,
+                    help="start from this drafter checkpoint's weights (same shape as the flags "
+                         "describe) instead of the target's layers; a resumed run ignores it")
     return ap.parse_args(argv)
 
 
@@ -79,6 +82,18 @@ def _load_target(model_path: str | None, device: str,
     loaded = load_model_files(model_path)
     return build_target_model(loaded.config, loaded.state_dict, dtype, device,
                               loaded.config.max_position_embeddings)
+
+
+def _init_from_checkpoint(drafter: torch.nn.Module, path: str, target: torch.nn.Module) -> None:
+    from dspark_sglang.speculative.dspark.checkpoint import load_dspark_checkpoint
+
+    src = load_dspark_checkpoint(path, target.embed_tokens, target.lm_head)
+    mine, theirs = drafter.state_dict(), src.state_dict()
+    bad = sorted(k for k in set(mine) | set(theirs)
+                 if k not in mine or k not in theirs or mine[k].shape != theirs[k].shape)
+    if bad:
+        raise ValueError(f"--init-from {path} does not match the drafter flags: {bad[:5]}")
+    drafter.load_state_dict(theirs)
 
 
 def main(argv: Sequence[str] | None = None) -> None:
@@ -142,7 +157,9 @@ def main(argv: Sequence[str] | None = None) -> None:
                                    args.markov_rank, args.mask_token_id, args.markov_head_type,
                                    qk_norm=args.qk_norm)
         drafter = DSparkDrafter(dcfg, target.embed_tokens, target.lm_head).to(args.device)
-        if args.init_layer != -2:
+        if args.init_from:
+            _init_from_checkpoint(drafter, args.init_from, target)
+        elif args.init_layer != -2:
             init_from_target(drafter, target, args.init_layer % target.config.num_hidden_layers)
         n_tok = sum(len(s.input_ids) for s in seqs)
         print(f"[train] {len(train_seqs)} train / {len(held)} held-out sequences, {n_tok} tokens, "

@@ -106,15 +106,30 @@ def _chi_square_p(counts: dict[tuple[int, int], int], law: dict[tuple[int, int],
                                          torch.tensor(stat / 2.0, dtype=torch.float64)))
 
 
-@pytest.mark.parametrize("head,threshold,seeded", [
-    ("confidence_head", 0.5, False),  # rejection sampling
-    ("no_confidence_head", 0.25, False),
-    ("confidence_head", 0.5, True),  # seeded: position-keyed Gumbel coupling
+def _token_map(tmp: Path, target_dir: str) -> str:
+    """A token map holding three of the five allowed letters (and some other ids): the draft
+    distribution is zero on the other two, so only rejection and the residual reach them."""
+    from dspark_sglang.models.tokenizer import Tokenizer
+    from dspark_sglang.speculative.dspark.token_map import save_token_map
+
+    tok = Tokenizer.from_dir(target_dir)
+    letters = [tok.encode(c, add_special_tokens=False)[0] for c in CHARS[:3]]
+    others = [t for t in range(40) if t not in letters]
+    path = tmp / "token_map.json"
+    save_token_map(path, letters + others, tok.vocab_size)
+    return str(path)
+
+
+@pytest.mark.parametrize("head,threshold,seeded,token_map", [
+    ("confidence_head", 0.5, False, False),  # rejection sampling
+    ("no_confidence_head", 0.25, False, False),
+    ("confidence_head", 0.5, True, False),  # seeded: position-keyed Gumbel coupling
+    ("confidence_head", 0.5, False, True),  # drafts over a reduced vocabulary
 ])
 def test_t1_dspark_with_grammar_follows_target(make_engine, target_dir, exact_pairs,
                                                tmp_path_factory, head, threshold,
-                                               seeded) -> None:
-    tmp = tmp_path_factory.mktemp(f"lossless_{head}_{seeded}")
+                                               seeded, token_map) -> None:
+    tmp = tmp_path_factory.mktemp(f"lossless_{head}_{seeded}_{token_map}")
     drafter = (random_drafter_for(target_dir, tmp / "d", block_size=4) if head == "confidence_head"
                else _no_head_drafter(target_dir, tmp))
     prompt, law = exact_pairs
@@ -122,7 +137,10 @@ def test_t1_dspark_with_grammar_follows_target(make_engine, target_dir, exact_pa
                     speculative_draft_model_path=drafter,
                     speculative_dspark_sps_table_path=_sps_table(tmp, threshold),
                     speculative_dspark_disable_draft_budget=True,
+                    speculative_token_map=_token_map(tmp, target_dir) if token_map else None,
                     max_running_requests=BATCH, max_total_tokens=8192)
+    vocab = e.parts.decoder.worker.drafter.draft_vocab
+    assert (vocab is not None and len(vocab) < 50) if token_map else vocab is None
     counts: dict[tuple[int, int], int] = {}
     for start in range(0, N_SAMPLES, BATCH):
         sps = [{"max_new_tokens": 3, "temperature": 1.0, "regex": "[v-z]{3}",

@@ -277,3 +277,20 @@ def test_packed_block_forward_matches_per_block(target: LlamaForCausalLM, cache:
     assert got.shape == ref.shape == (sum(len(a) for a in anchors), GAMMA,
                                       target.config.hidden_size)
     torch.testing.assert_close(got, ref, rtol=1e-4, atol=1e-5)
+
+
+def test_init_from_checkpoint_copies_weights_and_checks_shapes(target: LlamaForCausalLM,
+                                                               tmp_path: Path) -> None:
+    from dspark_sglang.train_drafter import _init_from_checkpoint
+
+    src = _drafter(target, seed=5)
+    with torch.no_grad():
+        for p in src.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    out = export_drafter(src, tmp_path / "ckpt", dtype="float32")
+    fresh = _drafter(target, seed=6)
+    _init_from_checkpoint(fresh, str(out), target)
+    for (name, a), (_, b) in zip(src.state_dict().items(), fresh.state_dict().items()):
+        assert torch.equal(a, b), name
+    with pytest.raises(ValueError, match="does not match"):
+        _init_from_checkpoint(_drafter(target, rank=8), str(out), target)

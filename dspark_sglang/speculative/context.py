@@ -26,6 +26,8 @@ class SpeculativeConfig:
     dspark_sps_table_path: str | None = None
     dspark_confidence_sts_path: str | None = None
     dspark_disable_draft_budget: bool = False
+    token_map: str | None = None
+    token_map_size: int | None = None
     ngram_max_match: int = 4
 
 

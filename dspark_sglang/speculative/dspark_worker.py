@@ -172,8 +172,10 @@ class DSparkWorker(DraftWorker):
             return self._propose_tree(reqs, hidden, base, anchors, temps, rooms)
         k = min(self.num_draft, max(rooms))
         hidden = hidden[:, :k]  # only the positions we draft need the LM head
+        vocab = self.drafter.draft_vocab
+        grammar_walk = _GrammarWalk(reqs, self.drafter.config.vocab_size,
+                                    None if vocab is None else vocab.token_ids)
         base = self.drafter.base_logits(hidden)  # [bs, k, V]
-        grammar_walk = _GrammarWalk(reqs, base.shape[-1])
         coupling = [(r.sampling_params.seed, len(r.output_ids))
                     if r.sampling_params.seed is not None else None for r in reqs]
         chain = self.drafter.sample_chain(
@@ -227,11 +229,14 @@ class DSparkWorker(DraftWorker):
 class _GrammarWalk:
     """``mask_fn`` for ``sample_chain``: advances a copy of each request's grammar along the chain
     and returns the additive mask for the next position. A request whose copy terminated or
-    rejected a token stops being drafted there (``valid_len``)."""
+    rejected a token stops being drafted there (``valid_len``), and so does one whose grammar
+    allows no token of the token map (``token_ids``; the drafter cannot propose any)."""
 
-    def __init__(self, reqs: list[Req], vocab: int) -> None:
+    def __init__(self, reqs: list[Req], vocab: int,
+                 token_ids: torch.Tensor | None = None) -> None:
         self.reqs = reqs
         self.vocab = vocab
+        self.token_ids = None if token_ids is None else token_ids.cpu()
         self.active = any(r.grammar is not None for r in reqs)
         self.states = [r.grammar.copy() if r.grammar is not None else None for r in reqs]
         self.stop_at: dict[int, int] = {}
@@ -257,6 +262,10 @@ class _GrammarWalk:
                 continue
             g.fill_bitmask(bitmask, j)
         allowed = bitmask_to_bool(bitmask, self.vocab)  # [rows, V]
+        if self.token_ids is not None:
+            for j in (~allowed[:, self.token_ids].any(dim=-1)).nonzero().flatten().tolist():
+                self.stop_at.setdefault(rows[j], k)
+                allowed[j] = True  # anything: the draft is cut at this position
         sub = torch.zeros((len(rows), self.vocab))
         sub[~allowed] = float("-inf")
         mask[torch.tensor(rows)] = sub
@@ -287,6 +296,7 @@ def create_dspark_worker(ctx: DraftContext, cfg: SpeculativeConfig) -> DSparkWor
     drafter.eval().requires_grad_(False)
     if drafter.config.vocab_size != ctx.config.vocab_size:
         raise ValueError("drafter vocab_size does not match the target model")
+    _install_token_map(drafter, path, cfg)
     block = cfg.dspark_block_size
     if block is not None and block != drafter.config.block_size:
         raise ValueError(f"speculative_dspark_block_size={block} but the drafter was trained "
@@ -301,3 +311,22 @@ def create_dspark_worker(ctx: DraftContext, cfg: SpeculativeConfig) -> DSparkWor
     return DSparkWorker(drafter, ctx.num_slots, ctx.cache.req_to_token, cfg.algorithm, sps,
                         num_draft_tokens, cfg.eagle_topk, ctx.context_len, runner.dtype,
                         runner.device, draft_budget=not cfg.dspark_disable_draft_budget)
+
+
+def _install_token_map(drafter: DSparkDrafter, drafter_dir: str, cfg: SpeculativeConfig) -> None:
+    """``--speculative-token-map``: a file, ``none``, or (default) the drafter's own map."""
+    from dspark_sglang.speculative.dspark.token_map import TOKEN_MAP_FILE, load_token_map
+
+    choice = cfg.token_map
+    if choice is not None and choice.lower() == "none":
+        return
+    path = Path(choice) if choice is not None else Path(drafter_dir) / TOKEN_MAP_FILE
+    if not path.is_file():
+        if choice is not None:
+            raise ValueError(f"speculative_token_map {choice!r} is not a file")
+        return
+    drafter.set_token_map(load_token_map(path, cfg.token_map_size))
+    vocab = drafter.draft_vocab
+    assert vocab is not None
+    logger.info("drafting over %d of %d tokens (%s, %s)", len(vocab), vocab.vocab_size,
+                path, vocab.dtype)

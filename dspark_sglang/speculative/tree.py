@@ -84,7 +84,8 @@ def build_topk_tree(draft_log_probs: torch.Tensor, topk: int, max_nodes: int) ->
 
 
 def tree_attention_mask(parents: torch.Tensor) -> torch.Tensor:
-    """Verify mask over ``[anchor, node_0..node_{n-1}]``: ``[n + 1, n + 1]`` bool, True = may attend.
+    """Verify mask over ``[anchor, node_0..node_{n-1}]``: ``[n + 1, n + 1]`` bool (True = may
+    attend).
 
     Row 0 (the anchor) sees only itself; row ``i + 1`` sees the anchor, its ancestors and itself.
     ``parents``: ``[n]`` int64 with ``-1`` for children of the anchor. Works for any node order

@@ -174,7 +174,8 @@ def tree_greedy_verify(
 ) -> TreeAcceptResult:
     """Greedy acceptance on a draft tree.
 
-    ``target_argmax``: ``[n + 1]`` target argmax at the verify rows ``[anchor, node_0..node_{n-1}]``;
+    ``target_argmax``: ``[n + 1]`` target argmax at the verify rows
+    ``[anchor, node_0..node_{n-1}]``;
     ``tokens``, ``parents``: ``[n]`` (``parents[i] == -1`` for children of the anchor). From the
     anchor, repeatedly step to the child whose token equals the target argmax at the current node
     (siblings carry distinct tokens, so at most one matches); stop when none does. The emitted

@@ -37,6 +37,7 @@ from dspark_sglang.speculative.dspark.confidence import (
 )
 from dspark_sglang.speculative.dspark.config import DSparkConfig
 from dspark_sglang.speculative.dspark.markov import MarkovHead, build_markov_head
+from dspark_sglang.speculative.dspark.token_map import DraftVocab
 
 # mask_fn(k, prev_tokens [bs]) -> additive mask [bs, V] (0 = allowed, -inf = banned) or None
 MaskFn = Callable[[int, torch.Tensor], "torch.Tensor | None"]
@@ -169,6 +170,7 @@ class DSparkDrafter(nn.Module):
             "inv_freq", rope_inv_freq(config.head_dim, config.rope_theta, config.rope_scaling),
             persistent=False)
         self.register_buffer("sts_temperatures", torch.ones(config.block_size), persistent=False)
+        self.draft_vocab: DraftVocab | None = None  # token map (set_token_map); None = full
 
     @property
     def gamma(self) -> int:
@@ -190,6 +192,18 @@ class DSparkDrafter(nn.Module):
         if len(temps) != self.gamma or any(not t > 0 for t in temps):
             raise ValueError(f"need {self.gamma} positive STS temperatures, got {temps}")
         self.sts_temperatures.copy_(torch.tensor(temps, dtype=torch.float32))
+
+    def set_token_map(self, token_ids: Sequence[int] | None, dtype: str = "auto") -> None:
+        """Draft over ``token_ids`` only (token_map.py); None restores the full vocabulary."""
+        if token_ids is None:
+            self.draft_vocab = None
+            return
+        weight = getattr(self.lm_head, "weight", None)
+        if weight is None:
+            raise ValueError("a token map needs an lm_head with a .weight")
+        markov = self.markov_head.markov_w2.weight if self.markov_head is not None else None
+        self.draft_vocab = DraftVocab(token_ids, weight, markov, dtype=dtype,
+                                      probe_rows=self.gamma)
 
     def sts_calibration(self) -> StsCalibration:
         return StsCalibration(temperatures=[float(t) for t in self.sts_temperatures.tolist()])
@@ -244,8 +258,11 @@ class DSparkDrafter(nn.Module):
             x = x + layer.mlp(layer.post_attention_layernorm(x))
         return self.norm(x)
 
-    def base_logits(self, block_hidden: torch.Tensor) -> torch.Tensor:
-        """``U_k`` through the shared lm_head: ``[..., H] -> [..., V]`` float32."""
+    def base_logits(self, block_hidden: torch.Tensor, full_vocab: bool = False) -> torch.Tensor:
+        """``U_k`` through the shared lm_head: ``[..., H] -> [..., V]`` float32; with a token
+        map (and not ``full_vocab``) only its rows are computed, the rest are ``-inf``."""
+        if self.draft_vocab is not None and not full_vocab:
+            return self.draft_vocab.logits(block_hidden)
         return self.lm_head(block_hidden).float()
 
     # ---- heads ----------------------------------------------------------------------------
@@ -272,7 +289,7 @@ class DSparkDrafter(nn.Module):
         (the true previous tokens). Returns ``draft_logits [..., k, V]`` (base + Markov bias)
         and raw ``confidence_logits [..., k]`` (or None).
         """
-        logits = self.base_logits(block_hidden)
+        logits = self.base_logits(block_hidden, full_vocab=True)
         if self.markov_head is not None:
             logits = logits + self.markov_head.block_bias(prev_tokens, block_hidden).float()
         return logits, self.confidence_logits(block_hidden, prev_tokens)
@@ -300,7 +317,9 @@ class DSparkDrafter(nn.Module):
         at least one token allowed per row. Masked tokens get probability 0 and are never drawn.
         ``coupling[r] = (seed, position)`` makes sampled row ``r`` draw draft ``k`` by Gumbel-max
         with the noise of output position ``position + k`` (layers/coupling.py), the noise the
-        target's own sample there uses, which maximises agreement.
+        target's own sample there uses, which maximises agreement. With a token map the Markov
+        bias is computed on the map's rows only (``base_logits`` is ``-inf`` elsewhere), and a
+        mask must leave at least one token of the map allowed per row.
         """
         bs, gamma, _ = block_hidden.shape
         k_total = gamma if num_tokens is None else int(num_tokens)
@@ -317,12 +336,17 @@ class DSparkDrafter(nn.Module):
         prev = anchor_ids.long().to(device)
         state = (self.markov_head.init_state((bs,), block_hidden)
                  if self.markov_head is not None else None)
+        sub = self.draft_vocab
         tokens, probs, confs, conf_logits = [], [], [], []
         for k in range(k_total):
             h_k = block_hidden[:, k]
             logits = base_logits[:, k].float()  # [bs, V]
             if self.markov_head is not None:
-                bias, state = self.markov_head.step(prev, h_k, state)
+                if sub is not None:
+                    u, state = self.markov_head.rank_step(prev, h_k, state)
+                    bias = sub.markov_bias(u)
+                else:
+                    bias, state = self.markov_head.step(prev, h_k, state)
                 logits = logits + bias.float()
             mask = mask_fn(k, prev) if mask_fn is not None else None
             masked = logits if mask is None else logits + mask.to(logits)

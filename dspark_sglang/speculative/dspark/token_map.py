@@ -1,0 +1,129 @@
+"""Reduced draft vocabulary ("token map", FR-Spec style; SGLang's ``--speculative-token-map``).
+
+On a CPU the drafter's cost per step is dominated by reading the target's LM head
+(49k x 576 floats for SmolLM2: 113 MB per call) and the Markov head's ``W2`` once per drafted
+position. Drafting only over the ``N`` most frequent tokens reads ``N / V`` of both. Tokens
+outside the map get logit ``-inf`` in the draft distribution, so they are never drafted; the
+target still verifies every draft, so greedy output and the sampled distribution are unchanged
+(a rejection-sampling draft may have zeros anywhere). Only acceptance can drop, by at most the
+map's miss rate on the target's own tokens.
+
+File formats read: ``.json`` (a list of ids or ``{"token_ids": [...]}``, ranked most frequent
+first) and ``.pt`` (a 1-D integer tensor, the format SGLang's EAGLE token maps ship in).
+``build_token_map`` ranks the answer tokens of self-distilled training data and fills the rest
+in id order (BPE ids are roughly frequency ranked).
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections import Counter
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+TOKEN_MAP_FILE = "token_map.json"
+FORMAT = "dspark_sglang.token_map/1"
+
+
+def build_token_map(answers: Iterable[Sequence[int]], vocab_size: int, size: int) -> list[int]:
+    """The ``size`` token ids ranked by frequency in ``answers``; ties and unseen ids follow in
+    ascending id order."""
+    counts: Counter[int] = Counter()
+    for ids in answers:
+        counts.update(int(t) for t in ids)
+    ranked = sorted((t for t in counts if 0 <= t < vocab_size), key=lambda t: (-counts[t], t))
+    seen = set(ranked)
+    ranked += [t for t in range(vocab_size) if t not in seen]
+    return ranked[: min(size, vocab_size)]
+
+
+def save_token_map(path: str | Path, token_ids: Sequence[int], vocab_size: int,
+                   source: dict[str, Any] | None = None) -> None:
+    Path(path).write_text(json.dumps({"format": FORMAT, "vocab_size": vocab_size,
+                                      "source": source or {}, "token_ids": list(token_ids)}))
+
+
+def load_token_map(path: str | Path, size: int | None = None) -> list[int]:
+    """Ranked ids from ``path`` (first ``size`` of them when given)."""
+    p = Path(path)
+    if p.suffix == ".pt":
+        ids = [int(t) for t in torch.load(p, map_location="cpu").flatten().tolist()]
+    else:
+        raw = json.loads(p.read_text())
+        ids = [int(t) for t in (raw["token_ids"] if isinstance(raw, dict) else raw)]
+    if size is not None:
+        if size < 1:
+            raise ValueError("token map size must be >= 1")
+        ids = ids[:size]
+    if not ids or len(set(ids)) != len(ids):
+        raise ValueError(f"token map {p} must list distinct ids")
+    return ids
+
+
+class DraftVocab:
+    """The sub-matrices of the LM head and the Markov ``W2`` for the map's rows.
+
+    ``logits`` / ``markov_bias`` return full-vocabulary tensors (``-inf`` / ``0`` outside the
+    map), so every caller keeps working in token ids. ``dtype`` is the matmul precision of the
+    sub-head: ``"auto"`` times float32 against bfloat16 on a block of the drafter's shape and
+    keeps the faster (drafts only; the target's verification is unaffected).
+    """
+
+    def __init__(self, token_ids: Sequence[int], head_weight: torch.Tensor,
+                 markov_weight: torch.Tensor | None, dtype: str = "auto",
+                 probe_rows: int = 7) -> None:
+        vocab = head_weight.shape[0]
+        ids = torch.tensor(list(token_ids), dtype=torch.long)
+        if int(ids.min()) < 0 or int(ids.max()) >= vocab:
+            raise ValueError(f"token map ids must lie in [0, {vocab})")
+        self.vocab_size = vocab
+        self.token_ids = ids.to(head_weight.device)
+        self.dtype = _pick_dtype(dtype, head_weight, self.token_ids, probe_rows)
+        self.head_weight = head_weight.detach()[self.token_ids].to(self.dtype).contiguous()
+        self.markov_weight = (None if markov_weight is None else
+                              markov_weight.detach()[self.token_ids].to(self.dtype).contiguous())
+
+    def __len__(self) -> int:
+        return int(self.token_ids.numel())
+
+    def _scatter(self, sub: torch.Tensor, fill: float) -> torch.Tensor:
+        out = torch.full((*sub.shape[:-1], self.vocab_size), fill, dtype=torch.float32,
+                         device=sub.device)
+        out[..., self.token_ids] = sub.float()
+        return out
+
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """``[..., H] -> [..., V]`` float32, ``-inf`` outside the map."""
+        return self._scatter(F.linear(hidden.to(self.dtype), self.head_weight), float("-inf"))
+
+    def markov_bias(self, u: torch.Tensor) -> torch.Tensor:
+        """``W2 · u`` on the map's rows: ``[..., r] -> [..., V]`` float32, 0 outside."""
+        assert self.markov_weight is not None
+        return self._scatter(F.linear(u.to(self.dtype), self.markov_weight), 0.0)
+
+
+def _pick_dtype(choice: str, weight: torch.Tensor, ids: torch.Tensor, rows: int) -> torch.dtype:
+    if choice in ("float32", "bfloat16", "float16"):
+        return getattr(torch, choice)
+    if choice != "auto":
+        raise ValueError(f"token map dtype must be auto|float32|bfloat16, got {choice!r}")
+    if weight.device.type != "cpu":
+        return weight.dtype
+    sub = weight.detach()[ids[:4096]]
+    x = torch.randn(rows, weight.shape[1])
+    best, best_t = weight.dtype, float("inf")
+    for dt in dict.fromkeys((weight.dtype, torch.float32, torch.bfloat16)):
+        w, xi = sub.to(dt), x.to(dt)
+        F.linear(xi, w)
+        t0 = time.perf_counter()
+        for _ in range(5):
+            F.linear(xi, w)
+        t = time.perf_counter() - t0
+        if t < best_t * 0.8:  # a lower precision must be clearly faster to be chosen
+            best, best_t = dt, t
+    return best

@@ -89,10 +89,14 @@ def test_drafter_drafts_only_mapped_tokens(markov: str) -> None:
 
 def test_token_map_dtype_choice() -> None:
     d = _drafter()
-    d.set_token_map(list(range(10)), dtype="auto")
-    assert d.draft_vocab is not None and d.draft_vocab.dtype in (torch.float32, torch.bfloat16)
+    d.set_token_map(list(range(10)))
+    assert d.draft_vocab is not None and d.draft_vocab.dtype == torch.float32
+    d.set_token_map(list(range(10)), dtype="bfloat16")
+    assert d.draft_vocab.head_weight.dtype == torch.bfloat16
     with pytest.raises(ValueError):
         d.set_token_map([V + 1], dtype="float32")
+    with pytest.raises(ValueError):
+        d.set_token_map([1], dtype="int8")
 
 
 @pytest.mark.parametrize("algo", ["DSPARK", "TREE"])

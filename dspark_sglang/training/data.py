@@ -165,6 +165,9 @@ def main(argv: Sequence[str] | None = None) -> None:
     ap.add_argument("--domain-max-new-tokens", nargs="*", default=["chat=512"],
                     help="per-domain overrides of --max-new-tokens, e.g. chat=512")
     ap.add_argument("--num-threads", type=int, default=None)
+    ap.add_argument("--attention-backend", default=None,
+                    help="engine attention backend (default: the engine's; 'cpu' decodes long "
+                         "float32 batches ~2x faster on CPUs, docs/benchmarks.md)")
     args = ap.parse_args(argv)
 
     from dspark_sglang.entrypoints.engine import Engine
@@ -177,7 +180,9 @@ def main(argv: Sequence[str] | None = None) -> None:
     longest = max([args.max_new_tokens, *limits.values()])
     engine = Engine(model_path=args.model_path, dtype=args.dtype,
                     max_total_tokens=max(8192, args.batch_size * (512 + longest)),
-                    max_running_requests=args.batch_size, num_threads=args.num_threads)
+                    max_running_requests=args.batch_size, num_threads=args.num_threads,
+                    **({"attention_backend": args.attention_backend}
+                       if args.attention_backend else {}))
     try:
         stats = generate_dataset(engine, prompts, args.out, args.max_new_tokens,
                                  args.batch_size, args.sample_fraction, args.seed,

@@ -193,7 +193,7 @@ class DSparkDrafter(nn.Module):
             raise ValueError(f"need {self.gamma} positive STS temperatures, got {temps}")
         self.sts_temperatures.copy_(torch.tensor(temps, dtype=torch.float32))
 
-    def set_token_map(self, token_ids: Sequence[int] | None, dtype: str = "auto") -> None:
+    def set_token_map(self, token_ids: Sequence[int] | None, dtype: str | None = None) -> None:
         """Draft over ``token_ids`` only (token_map.py); None restores the full vocabulary."""
         if token_ids is None:
             self.draft_vocab = None
@@ -202,8 +202,7 @@ class DSparkDrafter(nn.Module):
         if weight is None:
             raise ValueError("a token map needs an lm_head with a .weight")
         markov = self.markov_head.markov_w2.weight if self.markov_head is not None else None
-        self.draft_vocab = DraftVocab(token_ids, weight, markov, dtype=dtype,
-                                      probe_rows=self.gamma)
+        self.draft_vocab = DraftVocab(token_ids, weight, markov, dtype=dtype)
 
     def sts_calibration(self) -> StsCalibration:
         return StsCalibration(temperatures=[float(t) for t in self.sts_temperatures.tolist()])

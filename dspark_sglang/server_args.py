@@ -44,8 +44,9 @@ class ServerArgs:
     max_running_requests: int = _f(64, "max concurrently running requests")
     chunked_prefill_size: int = _f(2048, "max prefill tokens per forward (-1 = no chunking)")
     disable_radix_cache: bool = _f(False, "disable the radix prefix cache")
-    attention_backend: str = _f("torch_native", "attention kernels (cpu: C++ paged kernel for "
-                                                "decode/verify, SDPA for prefill)",
+    attention_backend: str = _f("auto", "attention kernels (auto: cpu on a CPU with float32, "
+                                        "else torch_native; cpu: C++ paged kernel for "
+                                        "decode/verify, SDPA for prefill)",
                                 attention_backend_names)
     disable_cuda_graph: bool = _f(False, "never capture CUDA graphs (always off on CPU)")
     num_threads: int | None = _f(None, "torch intra-op threads on CPU (default: torch's)")

@@ -14,3 +14,6 @@ if [ "${1:-}" = "test" ]; then
 else
   python -m pip install -q -e .
 fi
+# build the C++ CPU kernels once now (cached under ~/.cache/dspark_sglang), so the first server
+# start does not pay the ~1 min compile; a machine without a compiler falls back to torch paths
+python -c "from dspark_kernels.cpu_ops import load_cpu_ops; load_cpu_ops()" || true

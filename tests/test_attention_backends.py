@@ -103,7 +103,7 @@ def test_triton_on_cpu_without_interpreter_is_a_clear_error() -> None:
 
 
 def test_engine_rejects_triton_on_cpu_without_interpreter(tmp_path: Path) -> None:
-    from dspark_sglang.models.tiny import make_tiny_model
+    from dspark_sglang.benchmark.tiny_model import make_tiny_model
 
     make_tiny_model(tmp_path, layers=1, hidden=32, heads=2, kv_heads=1)
     result = _run_python(
@@ -291,7 +291,7 @@ def test_triton_backend_with_bf16_pool_and_host_metadata() -> None:
 @needs_interpreter
 def test_engine_with_triton_backend_matches_torch_native(tmp_path: Path) -> None:
     from dspark_sglang import Engine
-    from dspark_sglang.models.tiny import make_tiny_model
+    from dspark_sglang.benchmark.tiny_model import make_tiny_model
 
     make_tiny_model(tmp_path, layers=2, hidden=32, heads=2, kv_heads=1, vocab_size=384)
     prompts = ["The quick brown fox", "def add(a, b):"]
@@ -313,9 +313,9 @@ def test_engine_with_triton_backend_matches_torch_native(tmp_path: Path) -> None
 
 
 def _tiny_runner(backend: str) -> Any:
+    from dspark_sglang.benchmark.tiny_model import random_state_dict, tiny_config
     from dspark_sglang.model_executor.model_runner import ModelRunner
     from dspark_sglang.models.llama import LlamaForCausalLM
-    from dspark_sglang.models.tiny import random_state_dict, tiny_config
 
     cfg = tiny_config(layers=2, hidden=32, heads=2, kv_heads=1, vocab_size=64)
     model = LlamaForCausalLM(cfg, max_positions=128)
@@ -401,3 +401,25 @@ def test_triton_in_fresh_process() -> None:
     from tests.conftest import rerun_with_triton_interpreter
 
     rerun_with_triton_interpreter(__file__, allow_skips=True)
+
+
+def test_auto_backend_resolves_per_machine(monkeypatch) -> None:
+    import dspark_kernels.cpu_ops as cpu_ops
+
+    from dspark_sglang.layers.attention.registry import resolve_attention_backend
+
+    assert resolve_attention_backend("torch_native", "cpu", torch.float32) == "torch_native"
+    assert resolve_attention_backend("auto", "cpu", torch.bfloat16) == "torch_native"
+    assert resolve_attention_backend("auto", "cuda", torch.float32) == "torch_native"
+    want = "cpu" if cpu_ops.load_cpu_ops() is not None else "torch_native"
+    assert resolve_attention_backend("auto", "cpu", torch.float32) == want
+    monkeypatch.setenv("DSPARK_CPU_KERNELS", "0")  # no kernels: the torch reference path
+    assert resolve_attention_backend("auto", "cpu", torch.float32) == "torch_native"
+
+
+def test_engine_reports_the_resolved_backend(make_engine, llama_dir) -> None:
+    from dspark_sglang.layers.attention.registry import resolve_attention_backend
+
+    e = make_engine(llama_dir)
+    info = e.get_server_info()
+    assert info["attention_backend"] == resolve_attention_backend("auto", "cpu", torch.float32)

@@ -29,6 +29,7 @@ from dspark_sglang.core.validation import (
     check_text,
     validate_sampling_params,
 )
+from dspark_sglang.entrypoints.metrics import EmitObserver
 from dspark_sglang.entrypoints.model_setup import EngineParts, build_engine_parts
 from dspark_sglang.entrypoints.tokenize_pool import TokenizePool
 from dspark_sglang.server_args import ServerArgs
@@ -71,6 +72,8 @@ class Engine:
         self._tokenize_pool = TokenizePool(self.tokenizer)  # big texts: off the GIL
         self.started_at = time.time()
         self.metrics = self.parts.metrics
+        # copy-on-write: the scheduler thread iterates a snapshot while others add or remove
+        self._emit_observers: tuple[EmitObserver, ...] = (self.metrics,)
         self.parts.scheduler.interleave = not server_args.disable_prefill_decode_interleave
         self._thread = threading.Thread(target=self._loop, name="dspark-scheduler", daemon=True)
         self._thread.start()
@@ -130,7 +133,6 @@ class Engine:
             return
         try:
             out = self._make_output(req, finished)
-            self.metrics.on_emit(req, finished)
         except Exception as e:
             if not finished:
                 raise  # the scheduler fails this request alone (and emits it finished)
@@ -141,10 +143,27 @@ class Engine:
                    "meta_info": {"id": req.rid, "prompt_tokens": len(req.origin_input_ids),
                                  "completion_tokens": len(req.output_ids), "cached_tokens": 0,
                                  "finish_reason": req.finish_reason, "spec_verify_ct": 0}}
+        for observer in self._emit_observers:
+            try:
+                observer.on_emit(req, finished)
+            except Exception:  # metrics must not fail a request
+                logger.warning("emit observer failed on %s: %s", req.rid, traceback.format_exc())
         try:
             req.callback(out, finished)
         except Exception:  # a consumer that went away must not fail the step
             logger.warning("callback of %s failed: %s", req.rid, traceback.format_exc())
+
+    def add_emit_observer(self, observer: EmitObserver) -> None:
+        """Call ``observer.on_emit(req, finished)`` on the scheduler thread for every output
+        delivered from now on (entrypoints/metrics.py states the contract). An observer that
+        raises is logged; the request is unaffected."""
+        with self._lock:
+            self._emit_observers = (*self._emit_observers, observer)
+
+    def remove_emit_observer(self, observer: EmitObserver) -> None:
+        """Stop calling ``observer`` (no-op if it is not registered)."""
+        with self._lock:
+            self._emit_observers = tuple(o for o in self._emit_observers if o is not observer)
 
     def _make_output(self, req: Req, finished: bool) -> dict[str, Any]:
         op = self.parts.output
@@ -430,6 +449,7 @@ class Engine:
                 **{k: v for k, v in vars(self.server_args).items() if k != "api_key"},
                 "model_path": self.model_path,
                 "context_length": self.context_len,
+                "attention_backend": p.runner.attention_backend,  # resolved ("auto" -> name)
                 "speculative_algorithm": self.server_args.speculative_algorithm,
                 "avg_spec_accept_length": spec["avg_spec_accept_length"],
                 "spec_stats": spec,

@@ -13,6 +13,7 @@ import torch
 
 from dspark_sglang.core.forward_batch import ForwardBatch, ForwardMode, ModelOutput
 from dspark_sglang.layers.attention.base import AttentionBackend, create_attention_backend
+from dspark_sglang.layers.attention.registry import resolve_attention_backend
 from dspark_sglang.mem_cache.kv_pool import KVPool
 
 
@@ -64,7 +65,7 @@ def build_forward_batch(
 
 class ModelRunner:
     def __init__(self, model: torch.nn.Module, num_slots: int, dtype: torch.dtype,
-                 attention_backend: str = "torch_native", device: str = "cpu",
+                 attention_backend: str = "auto", device: str = "cpu",
                  disable_cuda_graph: bool = False) -> None:
         cfg = model.config  # a model from models/registry.py
         self.model: Any = model
@@ -74,6 +75,8 @@ class ModelRunner:
         heads, kv_heads = model.local_head_counts()  # this rank's share under TP
         self.kv_pool = KVPool(cfg.num_hidden_layers, num_slots, kv_heads, cfg.head_dim, dtype,
                               device)
+        attention_backend = resolve_attention_backend(attention_backend, device, dtype)
+        self.attention_backend = attention_backend  # the resolved name (never "auto")
         self.attn: AttentionBackend = create_attention_backend(
             attention_backend, device=device, num_heads=heads, num_kv_heads=kv_heads,
             head_dim=cfg.head_dim, dtype=dtype)

@@ -25,7 +25,24 @@ def register_attention_backend(name: str, target: str) -> None:
 
 
 def attention_backend_names() -> tuple[str, ...]:
-    return tuple(_BACKENDS)
+    """Every accepted ``--attention-backend`` value (``auto`` picks one per machine)."""
+    return ("auto", *_BACKENDS)
+
+
+def resolve_attention_backend(name: str, device: str, dtype: Any) -> str:
+    """``auto`` -> ``cpu`` on a CPU with a float32 KV pool when the C++ kernels build (decode
+    1.5-2.2x faster than ``torch_native`` on the machines measured, docs/benchmarks.md), else
+    ``torch_native``; any other name is returned unchanged."""
+    if name != "auto":
+        return name
+    import torch
+
+    if device == "cpu" and dtype == torch.float32:
+        from dspark_kernels.cpu_ops import load_cpu_ops
+
+        if load_cpu_ops() is not None:
+            return "cpu"
+    return "torch_native"
 
 
 def attention_backend_class(name: str) -> Any:

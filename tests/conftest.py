@@ -16,7 +16,7 @@ torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Callable[..., str]:
     """``tiny_model_dir(arch="llama", **kw) -> path``: cached per argument set."""
-    from dspark_sglang.models.tiny import make_tiny_model
+    from dspark_sglang.benchmark.tiny_model import make_tiny_model
 
     made: dict[tuple[Any, ...], str] = {}
 

@@ -15,8 +15,8 @@ import torch
 
 from dspark_sglang.benchmark.metrics import RequestResult, stats_delta, summarize
 from dspark_sglang.benchmark.report import format_table, ratio
+from dspark_sglang.benchmark.tiny_model import make_tiny_model
 from dspark_sglang.benchmark.workloads import load_prompt_file, load_prompts, sampling_for
-from dspark_sglang.models.tiny import make_tiny_model
 
 
 @pytest.fixture(scope="module")

@@ -310,8 +310,8 @@ def test_engine_on_gguf_blocks_matches_float_weights(make_engine, tmp_path, monk
                                                      arch: str, quant: str, tied: bool) -> None:
     from pathlib import Path
 
+    from dspark_sglang.benchmark.tiny_model import make_tiny_model
     from dspark_sglang.layers.quantized_linear import GGUFLinear
-    from dspark_sglang.models.tiny import make_tiny_model
     from tests.conftest import PROMPTS, greedy, random_drafter_for
     from tests.test_loader import write_tiny_gguf
 

@@ -16,10 +16,10 @@ import pytest
 import requests
 import torch
 
+from dspark_sglang.benchmark.tiny_model import make_tiny_model
 from dspark_sglang.core.forward_batch import ForwardMode
 from dspark_sglang.entrypoints.engine import Engine
 from dspark_sglang.entrypoints.http_server import BackgroundServer
-from dspark_sglang.models.tiny import make_tiny_model
 from dspark_sglang.server_args import ServerArgs, parse_args
 
 VICTIM = {"text": "The victim request keeps going", "sampling_params": {

@@ -10,11 +10,11 @@ import numpy as np
 import pytest
 import torch
 
+from dspark_sglang.benchmark.tiny_model import make_tiny_model, random_state_dict, tiny_config
 from dspark_sglang.models import default_model
 from dspark_sglang.models.config import ModelConfig
 from dspark_sglang.models.default_model import default_model_path, has_default_model
 from dspark_sglang.models.loader import LoadedModel, gguf_cache_dir, load_model_files
-from dspark_sglang.models.tiny import make_tiny_model, random_state_dict, tiny_config
 from dspark_sglang.models.tokenizer import Tokenizer
 
 torch.set_num_threads(1)

@@ -17,6 +17,7 @@ import pytest
 import requests
 import torch
 
+from dspark_sglang.benchmark.tiny_model import make_tiny_model
 from dspark_sglang.entrypoints.engine import Engine
 from dspark_sglang.entrypoints.http_server import BackgroundServer
 from dspark_sglang.entrypoints.openai_api import render_chat
@@ -27,7 +28,6 @@ from dspark_sglang.entrypoints.tool_calls import (
     parse_auto,
     resolve_tool_choice,
 )
-from dspark_sglang.models.tiny import make_tiny_model
 from dspark_sglang.models.tokenizer import Tokenizer
 from dspark_sglang.server_args import ServerArgs
 from dspark_sglang.speculative.dspark.random_init import write_random_dspark_checkpoint

@@ -16,9 +16,9 @@ import pytest
 import requests
 import torch
 
+from dspark_sglang.benchmark.tiny_model import make_tiny_model
 from dspark_sglang.entrypoints.engine import Engine
 from dspark_sglang.entrypoints.http_server import BackgroundServer
-from dspark_sglang.models.tiny import make_tiny_model
 from dspark_sglang.server_args import ServerArgs
 
 KEY = "s3cret-key"

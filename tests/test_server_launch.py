@@ -11,8 +11,8 @@ from pathlib import Path
 import pytest
 import requests
 
+from dspark_sglang.benchmark.tiny_model import make_tiny_model
 from dspark_sglang.entrypoints.runtime import Runtime, server_cli_args
-from dspark_sglang.models.tiny import make_tiny_model
 from dspark_sglang.server_args import ServerArgs, parse_args
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -25,10 +25,10 @@ import torch
 sgl = pytest.importorskip("sglang")
 test_programs = pytest.importorskip("sglang.test.test_programs")
 
+from dspark_sglang.benchmark.tiny_model import make_tiny_model  # noqa: E402
 from dspark_sglang.entrypoints.engine import Engine  # noqa: E402
 from dspark_sglang.entrypoints.http_server import BackgroundServer  # noqa: E402
 from dspark_sglang.entrypoints.runtime import RuntimeClient  # noqa: E402
-from dspark_sglang.models.tiny import make_tiny_model  # noqa: E402
 from dspark_sglang.server_args import ServerArgs  # noqa: E402
 
 # program -> the start of the source line of the only statement it may fail on (answer

@@ -220,7 +220,7 @@ def main(argv: list[str] | None = None) -> int:
 
         model = args.model_path
         if args.tiny:
-            from dspark_sglang.models.tiny import make_tiny_model
+            from dspark_sglang.benchmark.tiny_model import make_tiny_model
 
             model = tempfile.mkdtemp(prefix="soak_tiny_")
             make_tiny_model(model, seed=3)

@@ -1,6 +1,6 @@
 """Grammar backend registry with lazy imports.
 
-Measured with ``python -m dspark_sglang.constrained.bench`` on the shared 2-core CPU box (busy:
+Measured with ``python -m dspark_sglang.benchmark.grammar`` on the shared 2-core CPU box (busy:
 numbers vary ~2x between runs), SmolLM2 vocab (49,152 tokens), torch on 1 thread. Medians in ms.
 Schema: 4 properties incl. a string array; regex: ``[0-9]{4}-[0-9]{2}-[0-9]{2}``; long regex:
 ``[A-Za-z ,.]{1,400}``; mask = one ``fill_bitmask`` per token while walking a valid answer

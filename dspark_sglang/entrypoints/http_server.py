@@ -7,10 +7,12 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import threading
 import time
 import traceback
+from collections.abc import AsyncIterator
 
 import uvicorn
 from fastapi import FastAPI, Request
@@ -40,7 +42,18 @@ def _error_response(err: ApiError) -> JSONResponse:
 def create_app(engine: Engine, args: ServerArgs) -> FastAPI:
     """The app; it does not own ``engine`` (the caller shuts it down)."""
     state = ServerState(engine, args)
-    app = FastAPI(title="dspark_sglang", version="0.1.0", docs_url=None, redoc_url=None)
+    metrics = ServerMetrics(engine) if args.enable_metrics else None
+
+    @contextlib.asynccontextmanager
+    async def lifespan(_: FastAPI) -> AsyncIterator[None]:
+        try:
+            yield
+        finally:  # the engine outlives the app: stop feeding this app's histograms
+            if metrics is not None:
+                metrics.close()
+
+    app = FastAPI(title="dspark_sglang", version="0.1.0", docs_url=None, redoc_url=None,
+                  lifespan=lifespan)
     app.state.server = state
     app.include_router(build_native_router(state))
     app.include_router(build_openai_router(state))
@@ -75,7 +88,6 @@ def create_app(engine: Engine, args: ServerArgs) -> FastAPI:
         return _error_response(ApiError(500, f"internal error: {type(err).__name__}: {err}",
                                         "internal_error"))
 
-    metrics = ServerMetrics(engine) if args.enable_metrics else None
     if metrics is not None:
         @app.get("/metrics")
         async def _metrics() -> Response:

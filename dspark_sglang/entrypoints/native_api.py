@@ -14,7 +14,6 @@ cumulative text never shrinks.
 from __future__ import annotations
 
 import asyncio
-import json
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -31,6 +30,7 @@ from dspark_sglang.entrypoints.protocol import (
 )
 from dspark_sglang.entrypoints.router_api import parallel_info
 from dspark_sglang.entrypoints.server_state import ServerState, stop_holdback
+from dspark_sglang.entrypoints.sse import SSE_DONE, sse_event
 
 
 def _clean_sampling_params(sp: Any) -> Any:
@@ -43,10 +43,6 @@ def _clean_sampling_params(sp: Any) -> Any:
     if sp.get("stop_regex") in ([], "", None):
         sp.pop("stop_regex", None)
     return sp
-
-
-def _sse(obj: Any) -> bytes:
-    return b"data: " + json.dumps(obj, ensure_ascii=False).encode("utf-8") + b"\n\n"
 
 
 def _prompt_text(state: ServerState, body: GenerateReqInput, index: int) -> str:
@@ -231,7 +227,7 @@ async def _stream(state: ServerState, reqs: list[Any], with_text: bool) -> Async
                 obj["output_ids"] = ids_delta
             if len(reqs) > 1:
                 obj["index"] = i
-            yield _sse(obj)
-        yield b"data: [DONE]\n\n"
+            yield sse_event(obj)
+        yield SSE_DONE
     finally:
         await agen.aclose()

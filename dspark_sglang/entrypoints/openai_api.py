@@ -30,6 +30,7 @@ from dspark_sglang.entrypoints.protocol import (
     parse_body,
 )
 from dspark_sglang.entrypoints.server_state import ServerState, stop_holdback
+from dspark_sglang.entrypoints.sse import SSE_DONE, sse_event
 from dspark_sglang.entrypoints.tool_calls import (
     ToolCallParser,
     ToolMode,
@@ -177,10 +178,6 @@ def parse_openai(raw: bytes, model: type[M]) -> M:
             raise ApiError(400, "stream_options is only allowed when stream is true",
                            param="stream_options")
     return parse_body(json.dumps(value).encode("utf-8"), model)
-
-
-def _sse(obj: Any) -> bytes:
-    return b"data: " + json.dumps(obj, ensure_ascii=False).encode("utf-8") + b"\n\n"
 
 
 def build_openai_router(state: ServerState) -> APIRouter:
@@ -448,7 +445,7 @@ async def _stream(state: ServerState, reqs: list[Req], body: _SamplingFields, ci
                                "model": state.served_model_name, "choices": choices}
         if include_usage:
             obj["usage"] = usage
-        return _sse(obj)
+        return sse_event(obj)
 
     if chat:
         yield chunk([{"index": k, "delta": {"role": "assistant", "content": ""},
@@ -498,6 +495,6 @@ async def _stream(state: ServerState, reqs: list[Req], body: _SamplingFields, ci
                 yield chunk([choice])
         if include_usage:
             yield chunk([], _usage(reqs, finals, body.n))
-        yield b"data: [DONE]\n\n"
+        yield SSE_DONE
     finally:
         await agen.aclose()

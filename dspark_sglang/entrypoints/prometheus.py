@@ -1,14 +1,14 @@
 """Prometheus ``/metrics``: HTTP request counts, token counters, latency histograms, engine gauges.
 
-Latencies are observed on the scheduler thread as tokens are emitted (a tee in front of the
-engine's ``EngineMetrics.on_emit``), so non-streaming requests get a time to first token too.
+Latencies are observed on the scheduler thread as outputs are emitted (an emit observer on the
+engine, ``entrypoints/metrics.py:LatencyTracker``), so non-streaming requests get a time to first
+token too.
 Gauges (queues, KV slots, cache hit rate, speculation) are read from ``Engine.get_server_info``
 at scrape time. Every app gets its own ``CollectorRegistry``.
 """
 
 from __future__ import annotations
 
-import time
 from collections.abc import Iterator
 from typing import Any
 
@@ -19,41 +19,28 @@ from prometheus_client.registry import Collector
 
 from dspark_sglang.core.req import Req
 from dspark_sglang.entrypoints.engine import Engine
+from dspark_sglang.entrypoints.metrics import LatencyTracker
 
 _LAT_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.5, 0.75,
                 1.0, 2.0, 5.0, 10.0, 30.0, 60.0)
 _TAU_BUCKETS = (1.0, 1.25, 1.5, 1.75, 2.0, 2.5, 3.0, 3.5, 4.0, 5.0, 6.0, 7.0, 8.0, 12.0, 16.0)
 
 
-class _EmitTee:
-    """Stands in for ``engine.metrics``: forwards everything, observes latencies on emit."""
+class _LatencyObserver:
+    """Emit observer feeding the latency histograms of one ``ServerMetrics``."""
 
-    def __init__(self, inner: Any, ttft: Histogram, itl: Histogram, tau: Histogram) -> None:
-        self._inner = inner
+    def __init__(self, ttft: Histogram, itl: Histogram, tau: Histogram) -> None:
         self._ttft, self._itl, self._tau = ttft, itl, tau
-        self._last: dict[str, tuple[float, int]] = {}  # rid -> (time, tokens) at last emit
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self._inner, name)
+        self._tracker = LatencyTracker()
 
     def on_emit(self, req: Req, finished: bool) -> None:
-        self._inner.on_emit(req, finished)
-        now = time.monotonic()
-        n = len(req.output_ids)
-        prev = self._last.get(req.rid)
-        if prev is None and n:
-            first = req.first_token_at or now
-            self._ttft.observe(max(0.0, first - req.created_at))
-            if n > 1:
-                self._itl.observe(max(0.0, now - first) / (n - 1))
-        elif prev is not None and n > prev[1]:
-            self._itl.observe((now - prev[0]) / (n - prev[1]))
-        if finished:
-            self._last.pop(req.rid, None)
-            if req.spec_verify_ct:
-                self._tau.observe(n / req.spec_verify_ct)
-        elif n:
-            self._last[req.rid] = (now, n)
+        lat = self._tracker.on_emit(req, finished)
+        if lat.ttft is not None:
+            self._ttft.observe(lat.ttft)
+        if lat.itl is not None:
+            self._itl.observe(lat.itl)
+        if finished and req.spec_verify_ct:
+            self._tau.observe(len(req.output_ids) / req.spec_verify_ct)
 
 
 class _CountRequests:
@@ -123,7 +110,8 @@ class _EngineCollector(Collector):
 
 
 class ServerMetrics:
-    """The registry behind ``/metrics``; ``install`` adds the middleware and the tee."""
+    """The registry behind ``/metrics``. Observes ``engine``'s emits from construction until
+    ``close``; ``install`` adds the request-counting middleware."""
 
     def __init__(self, engine: Engine) -> None:
         self.registry = CollectorRegistry()
@@ -136,8 +124,13 @@ class ServerMetrics:
         tau = Histogram("dspark_request_spec_accept_length", "per-request tokens per verify "
                         "step", buckets=_TAU_BUCKETS, registry=self.registry)
         self.registry.register(_EngineCollector(engine))
-        if not isinstance(engine.metrics, _EmitTee):
-            engine.metrics = _EmitTee(engine.metrics, ttft, itl, tau)  # type: ignore[assignment]
+        self._engine = engine
+        self._observer = _LatencyObserver(ttft, itl, tau)
+        engine.add_emit_observer(self._observer)
+
+    def close(self) -> None:
+        """Stop observing the engine (the app's shutdown calls it)."""
+        self._engine.remove_emit_observer(self._observer)
 
     def install(self, app: FastAPI) -> None:
         """Count requests by route and status with a pure ASGI middleware (a ``@app.middleware``

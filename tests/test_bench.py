@@ -86,16 +86,22 @@ def test_bench_offline_runs(tiny_dir: Path, tmp_path: Path) -> None:
     out = tmp_path / "offline.json"
     torch.set_num_threads(1)
     main(["--model-path", str(tiny_dir), "--dtypes", "float32", "--batch-sizes", "1", "2",
-          "--prefill-len", "16", "--decode-prompt-len", "8", "--decode-tokens", "3",
-          "--num-threads", "1", "--output", str(out)])
+          "--prefill-len", "16", "--decode-prompt-len", "8", "--decode-tokens", "12",
+          "--repeats", "3",  # a decode too short to time on a busy machine reads as None
+          "--num-threads", "1", "--attention-backends", "auto", "torch_native",
+          "--output", str(out)])
     rep = json.loads(out.read_text())
     assert rep["benchmark"] == "bench_offline" and rep["machine"]["cpu_count"] >= 1
     systems = {r["system"]: r for r in rep["results"]}
-    assert set(systems) == {"ours", "transformers"}
+    assert set(systems) == {"ours", "ours-alt", "transformers"}
+    assert systems["ours-alt"]["attention"] == "torch_native"
+    assert systems["ours"]["attention"] in ("cpu", "torch_native")  # what auto resolved to
     for r in systems.values():
         assert "error" not in r, r
-        assert r["prefill_tok_s"] > 0 and r["decode_b1_tok_s"] > 0 and r["decode_b2_tok_s"] > 0
-    ratios = rep["ratios"][0]
+        assert r["prefill_tok_s"] > 0 and r["decode_b1_tok_s"] > 0 and r["decode_b2_tok_s"] > 0, r
+    cmp = next(r for r in rep["ratios"] if "compare" in r)
+    assert cmp["compare"].endswith("/torch_native") and cmp["decode_b2"] > 0
+    ratios = next(r for r in rep["ratios"] if "compare" not in r)
     assert ratios["dtype"] == "float32" and ratios["decode_b1_ours/hf"] > 0
     assert ratios["ours_b2/ours_b1"] > 0
 

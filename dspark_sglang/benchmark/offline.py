@@ -42,6 +42,9 @@ class OfflineConfig:
     repeats: int = 1
     num_threads: int | None = None
     with_transformers: bool = True
+    # ours once per backend ("auto" = the engine's default); the first is the one compared with
+    # transformers, the others are reported against it
+    attention_backends: list[str] = field(default_factory=lambda: ["auto"])
 
 
 def make_prompt_ids(tokenizer: Any, num: int, length: int, vocab_size: int) -> list[list[int]]:
@@ -85,7 +88,8 @@ def measure(gen: GenFn, tokenizer: Any, vocab_size: int, cfg: OfflineConfig) -> 
     return res
 
 
-def _measure_ours(cfg: OfflineConfig, dtype: str) -> tuple[dict[str, Any], Any]:
+def _measure_ours(cfg: OfflineConfig, dtype: str, attention_backend: str = "auto"
+                  ) -> tuple[dict[str, Any], Any]:
     from dspark_sglang.entrypoints.engine import Engine
 
     max_b = max(cfg.batch_sizes)
@@ -94,13 +98,16 @@ def _measure_ours(cfg: OfflineConfig, dtype: str) -> tuple[dict[str, Any], Any]:
     engine = Engine(cfg.model_path, dtype=dtype, max_running_requests=max_b,
                     max_total_tokens=total, disable_radix_cache=True,
                     num_threads=cfg.num_threads,
-                    chunked_prefill_size=max(2048, cfg.prefill_len))
+                    chunked_prefill_size=max(2048, cfg.prefill_len),
+                    attention_backend=attention_backend)
     try:
         def gen(batch: list[list[int]], n: int) -> Any:
             return engine.generate(input_ids=batch, sampling_params={
                 "max_new_tokens": n, "temperature": 0.0, "ignore_eos": True})
 
-        return measure(gen, engine.tokenizer, engine.parts.vocab_size, cfg), engine.tokenizer
+        res = measure(gen, engine.tokenizer, engine.parts.vocab_size, cfg)
+        res["attention"] = engine.parts.runner.attention_backend
+        return res, engine.tokenizer
     finally:
         engine.shutdown()
         gc.collect()
@@ -129,13 +136,16 @@ def run_offline_bench(cfg: OfflineConfig, log: Any = print) -> dict[str, Any]:
     rows: list[dict[str, Any]] = []
     hf_skip = peer_unavailable("hf") if cfg.with_transformers else "skipped: --no-transformers"
     for dtype in cfg.dtypes:
-        log(f"[bench_offline] ours {dtype} ...")
         tokenizer = None
-        try:
-            res, tokenizer = _measure_ours(cfg, dtype)
-            rows.append({"system": "ours", "dtype": dtype, **res})
-        except Exception as e:  # noqa: BLE001 - reported in the table, the run goes on
-            rows.append({"system": "ours", "dtype": dtype, "error": error_text(e)})
+        for i, backend in enumerate(cfg.attention_backends):
+            log(f"[bench_offline] ours {dtype} attention={backend} ...")
+            system = "ours" if i == 0 else "ours-alt"
+            try:
+                res, tokenizer = _measure_ours(cfg, dtype, backend)
+                rows.append({"system": system, "dtype": dtype, **res})
+            except Exception as e:  # noqa: BLE001 - reported in the table, the run goes on
+                rows.append({"system": system, "dtype": dtype, "attention": backend,
+                             "error": error_text(e)})
         if hf_skip:
             rows.append({"system": "transformers", "dtype": dtype, "error": hf_skip})
             continue
@@ -151,11 +161,14 @@ def run_offline_bench(cfg: OfflineConfig, log: Any = print) -> dict[str, Any]:
             rows.append({"system": "transformers", "dtype": dtype, "error": error_text(e)})
     ratios = compute_ratios(rows, cfg)
     dec_cols = [f"decode_b{b}_tok_s" for b in cfg.batch_sizes]
-    cols = ["system", "dtype", "prefill_tok_s", *dec_cols, "error"]
+    cols = ["system", "dtype", "attention", "prefill_tok_s", *dec_cols, "error"]
     log(format_table(rows, cols, f"prefill {cfg.prefill_len} tokens; decode "
                                  f"{cfg.decode_tokens} tokens after a {cfg.decode_prompt_len}-"
                                  "token prompt (tokens/s, aggregate over the batch)"))
-    log(format_table(ratios, list(ratios[0].keys()) if ratios else ["dtype"], "ratios"))
+    for kind in ("compare", None):  # backend against backend, then ours against transformers
+        part = [r for r in ratios if ("compare" in r) == (kind is not None)]
+        if part:
+            log(format_table(part, list(part[0].keys()), "ratios"))
     return {"benchmark": "bench_offline", "machine": machine_info(),
             "config": vars(cfg), "results": rows, "ratios": ratios}
 
@@ -167,6 +180,13 @@ def compute_ratios(rows: list[dict[str, Any]], cfg: OfflineConfig) -> list[dict[
     for dtype in cfg.dtypes:
         ours = next((r for r in rows if r["system"] == "ours" and r["dtype"] == dtype), {})
         hf = next((r for r in rows if r["system"] == "transformers" and r["dtype"] == dtype), {})
+        for alt in (r for r in rows if r["system"] == "ours-alt" and r["dtype"] == dtype):
+            # the first backend's decode speed over another's, per batch size
+            out.append({"dtype": dtype, "compare": f"{ours.get('attention')}/"
+                                                   f"{alt.get('attention')}",
+                        **{f"decode_b{b}": ratio(ours.get(f"decode_b{b}_tok_s"),
+                                                 alt.get(f"decode_b{b}_tok_s"))
+                           for b in cfg.batch_sizes}})
         out.append({
             "dtype": dtype,
             "prefill_ours/hf": ratio(ours.get("prefill_tok_s"), hf.get("prefill_tok_s")),

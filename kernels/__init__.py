@@ -6,9 +6,10 @@ Modules (each holds a Triton wrapper and a torch reference with the same signatu
   (``verify_attention``, ``verify_attention_ref``, ``mask_indptr_from_extend_lens``);
 - ``kv_store``: scatter K/V into slots (``store_kv``, ``store_kv_ref``);
 - ``bitmask``: grammar token bitmask on logits (``apply_token_bitmask_inplace``,
-  ``apply_token_bitmask_inplace_ref``, ``unpack_token_bitmask``);
-- ``accept``: greedy chain / tree acceptance (``greedy_accept_chain``, ``greedy_accept_tree`` and
-  their ``_ref`` twins).
+  ``apply_token_bitmask_inplace_ref``, ``unpack_token_bitmask``).
+
+Draft acceptance has no kernel: ``dspark_sglang/speculative/verify.py`` is the one library the
+spec decoder runs (vectorised torch, on whatever device the logits are).
 
 Importing this package or any of those modules does not import triton: the ``@triton.jit``
 kernels live in ``dspark_kernels.jit`` and are imported on the first Triton call. The torch

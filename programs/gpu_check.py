@@ -6,7 +6,8 @@ Runs on one CUDA device in under 8 minutes (H200), installs nothing, and prints 
    bf16 and fp32 (outputs pre-filled with NaN where the kernel takes an output buffer, so rows it
    forgets to write show up), head dims 64 / 80 / 128, GQA 1 and 4, causal / chain / tree masks;
 2. FlashInfer ``BatchPrefillWithPagedKVCacheWrapper`` with a custom mask (page size 1, page
-   indices from ``req_to_token``) against the same reference, when flashinfer imports;
+   indices from ``req_to_token``) against the same reference, when flashinfer imports; the
+   verification library (``speculative/verify.py``) on device tensors against its CPU run;
 3. the ``triton`` and ``flashinfer`` attention backends (store + attention of one layer, EXTEND /
    DECODE / TARGET_VERIFY with tree masks) against ``torch_native``;
 4. greedy output equality on the embedded default model: triton == torch_native (fp32),
@@ -159,32 +160,33 @@ def check_bitmask(device: str, dtype: torch.dtype, seed: int) -> CheckRow:
     return row
 
 
-def check_accept(device: str, seed: int) -> list[CheckRow]:
-    from dspark_kernels import accept
+def check_verify_library(device: str, seed: int) -> list[CheckRow]:
+    """``speculative/verify.py`` (what ``SpecDecoder`` runs) on device tensors == its CPU run."""
+    from dspark_sglang.speculative import verify as vfy
 
     gen = torch.Generator().manual_seed(seed)
     rows = []
-    bs, L = 256, 7
+    bs, L, vocab = 256, 7, 50
     draft = torch.randint(0, 3, (bs, L), generator=gen)
     target = torch.randint(0, 3, (bs, L + 1), generator=gen)
     target[: bs // 4, :L] = draft[: bs // 4]
     lens = torch.randint(0, L + 1, (bs,), generator=gen)
-    args = [t.to(device) for t in (draft, lens, target)]
-    got, want = accept.greedy_accept_chain(*args), accept.greedy_accept_chain_ref(*args)
-    ok = all(torch.equal(g, w) for g, w in zip(got, want, strict=True))
-    rows.append(CheckRow("accept_chain", "int64", f"bs={bs} L={L}", "PASS" if ok else "FAIL"))
-    bs, n = 64, 16
-    parents = torch.zeros(bs, n, dtype=torch.int64)
-    for i in range(1, n):
-        parents[:, i] = torch.randint(0, i, (bs,), generator=gen)
-    parents[:, 0] = -1
-    tree = [torch.randint(0, 3, (bs, n), generator=gen), parents,
-            torch.randint(1, n + 1, (bs,), generator=gen),
-            torch.randint(0, 3, (bs, n), generator=gen)]
-    tree = [t.to(device) for t in tree]
-    got, want = accept.greedy_accept_tree(*tree), accept.greedy_accept_tree_ref(*tree)
-    ok = all(torch.equal(g, w) for g, w in zip(got, want, strict=True))
-    rows.append(CheckRow("accept_tree", "int64", f"bs={bs} nodes={n}", "PASS" if ok else "FAIL"))
+    want = vfy.padded_to_lists(vfy.greedy_verify_padded(target, draft, lens))
+    got = vfy.padded_to_lists(vfy.greedy_verify_padded(
+        target.to(device), draft.to(device), lens.to(device)))
+    rows.append(CheckRow("verify_greedy", "int64", f"bs={bs} L={L}",
+                         "PASS" if got == want else "FAIL"))
+    probs = torch.softmax(torch.randn(L + 1, vocab, generator=gen), -1)
+    toks = probs[:L].argmax(-1).tolist()
+    same = vfy.coupled_verify(probs.to(device), toks, 7, 3) == vfy.coupled_verify(probs, toks, 7, 3)
+    parents = [-1, -1, 0, 1, 2, 2, 4]
+    walks = []
+    for p in (probs, probs.to(device)):
+        g = torch.Generator().manual_seed(seed)
+        walks.append(vfy.tree_rejection_verify(p, toks, parents, g))
+    same = same and walks[0] == walks[1]
+    rows.append(CheckRow("verify_sampled", "float32", f"L={L} vocab={vocab}",
+                         "PASS" if same else "FAIL"))
     return rows
 
 
@@ -582,10 +584,10 @@ def correctness_rows(device: str, smoke: bool) -> list[CheckRow]:
             rows.append(guarded("bitmask", dtype_name(dtype), "",
                                 lambda d=dtype: check_bitmask(device, d, 12)))
     try:
-        rows.extend(check_accept(device, 13))
+        rows.extend(check_verify_library(device, 13))
     except Exception as e:  # noqa: BLE001
         traceback.print_exc(file=sys.stderr)
-        rows.append(CheckRow("accept", "int64", "", "ERROR", note=f"{type(e).__name__}: {e}"))
+        rows.append(CheckRow("verify", "int64", "", "ERROR", note=f"{type(e).__name__}: {e}"))
     return rows
 
 

@@ -68,7 +68,6 @@ needs_triton = pytest.mark.skipif(
 va = importlib.import_module("dspark_kernels.verify_attention")
 kvs = importlib.import_module("dspark_kernels.kv_store")
 bm = importlib.import_module("dspark_kernels.bitmask")
-acc = importlib.import_module("dspark_kernels.accept")
 kt = importlib.import_module("dspark_kernels.testing")
 
 
@@ -216,77 +215,6 @@ def test_bitmask_matches_ref_and_bit_loop(dtype: torch.dtype, vocab: int, num_wo
     assert torch.isfinite(got[0, :32]).all()
 
 
-# ------------------------------------------------------------------------------------- accept
-
-
-@needs_triton
-def test_chain_accept_examples_and_random() -> None:
-    draft = torch.tensor([[5, 6, 7, 8], [5, 6, 7, 8], [1, 2, -1, -1], [9, 9, 9, 9], [4, 4, 4, 4]])
-    lens = torch.tensor([4, 4, 2, 0, 3])
-    target = torch.tensor([[5, 6, 7, 8, 3], [5, 0, 7, 8, 3], [1, 2, 7, 7, 7],
-                           [9, 9, 9, 9, 9], [4, 4, 4, 4, 4]])
-    n, out = acc.greedy_accept_chain(draft, lens, target)
-    assert n.tolist() == [4, 1, 2, 0, 3]
-    assert out.tolist() == [[5, 6, 7, 8, 3], [5, 0, -1, -1, -1], [1, 2, 7, -1, -1],
-                            [9, -1, -1, -1, -1], [4, 4, 4, 4, -1]]
-    n_ref, out_ref = acc.greedy_accept_chain_ref(draft, lens, target)
-    assert n_ref.tolist() == n.tolist() and out_ref.tolist() == out.tolist()
-
-    gen = torch.Generator().manual_seed(3)
-    draft = torch.randint(0, 3, (16, 7), generator=gen)
-    lens = torch.randint(0, 8, (16,), generator=gen)
-    target = torch.randint(0, 3, (16, 8), generator=gen)
-    target[:4, :7] = draft[:4]  # some full matches
-    got = acc.greedy_accept_chain(draft, lens, target)
-    want = acc.greedy_accept_chain_ref(draft, lens, target)
-    assert got[0].tolist() == want[0].tolist() and got[1].tolist() == want[1].tolist()
-    assert (got[0] <= lens).all()
-
-
-def _random_trees(bs: int, n: int, seed: int) -> tuple[torch.Tensor, ...]:
-    gen = torch.Generator().manual_seed(seed)
-    parents = torch.zeros(bs, n, dtype=torch.int64)
-    for i in range(1, n):
-        parents[:, i] = torch.randint(0, i, (bs,), generator=gen)
-    parents[:, 0] = -1
-    tokens = torch.randint(0, 3, (bs, n), generator=gen)
-    target = torch.randint(0, 3, (bs, n), generator=gen)
-    num_nodes = torch.randint(1, n + 1, (bs,), generator=gen)
-    return tokens, parents, num_nodes, target
-
-
-@needs_triton
-def test_tree_accept_example_and_random() -> None:
-    # root 0 -> {1: 'a'=10, 2: 'b'=11}; 1 -> {3: 12}; 2 -> {4: 13}; target after 0 is 11, after 2
-    # is 13, after 4 is 99: path 0, 2, 4 and tokens 11, 13, 99.
-    tokens = torch.tensor([[0, 10, 11, 12, 13]])
-    parents = torch.tensor([[-1, 0, 0, 1, 2]])
-    target = torch.tensor([[11, 12, 13, 0, 99]])
-    num_nodes = torch.tensor([5])
-    n, path, out = acc.greedy_accept_tree(tokens, parents, num_nodes, target)
-    assert n.tolist() == [2] and path.tolist() == [[0, 2, 4, -1, -1]]
-    assert out.tolist() == [[11, 13, 99, -1, -1]]
-
-    batch = _random_trees(24, 9, seed=4)
-    got = acc.greedy_accept_tree(*batch)
-    want = acc.greedy_accept_tree_ref(*batch)
-    for g, w in zip(got, want, strict=True):
-        assert g.tolist() == w.tolist()
-    assert int(got[0].max()) >= 2, "random trees should include a deep acceptance"
-
-
-def test_tree_ref_on_a_chain_equals_chain_ref() -> None:
-    gen = torch.Generator().manual_seed(6)
-    draft = torch.randint(0, 2, (8, 5), generator=gen)
-    target = torch.randint(0, 2, (8, 6), generator=gen)
-    lens = torch.full((8,), 5)
-    chain_n, chain_out = acc.greedy_accept_chain_ref(draft, lens, target)
-    tokens = torch.cat([torch.zeros(8, 1, dtype=torch.int64), draft], 1)
-    parents = torch.arange(-1, 5).expand(8, 6).contiguous()
-    tree_n, _, tree_out = acc.greedy_accept_tree_ref(tokens, parents, lens + 1, target)
-    assert tree_n.tolist() == chain_n.tolist() and tree_out.tolist() == chain_out.tolist()
-
-
 # ----------------------------------------------------------------------------------- imports
 
 
@@ -303,11 +231,7 @@ def test_import_without_triton() -> None:
         import torch
         from dspark_kernels import has_triton
         from dspark_kernels.verify_attention import verify_attention, verify_attention_ref
-        from dspark_kernels.accept import greedy_accept_chain_ref
         assert not has_triton()
-        t = torch.tensor
-        n, _ = greedy_accept_chain_ref(t([[1]]), t([1]), t([[1, 2]]))
-        assert n.tolist() == [1]
         try:
             verify_attention(torch.zeros(1, 1, 16), torch.zeros(1, 1, 16), torch.zeros(1, 1, 16),
                              torch.zeros(1, 1, dtype=torch.long), torch.zeros(1, dtype=torch.long),
@@ -330,7 +254,7 @@ def test_import_does_not_load_triton() -> None:
         """
         import sys
         import dspark_kernels.verify_attention, dspark_kernels.kv_store
-        import dspark_kernels.bitmask, dspark_kernels.accept
+        import dspark_kernels.bitmask
         print("triton" in sys.modules, dspark_kernels.__name__, dspark_kernels.has_triton())
         """
     )

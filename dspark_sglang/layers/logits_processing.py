@@ -38,7 +38,8 @@ def needs_adjust(rows: list[RowSpec], logits_vocab: int, vocab_size: int) -> boo
 def adjust_logits_(logits: torch.Tensor, rows: list[RowSpec], eos_ids: set[int],
                    vocab_size: int) -> None:
     """In place on ``logits [len(rows), V]``: logit_bias, penalties, min_new_tokens, grammar
-    masks (bias first, so a masked token stays masked)."""
+    masks (bias first, so a masked token stays masked). A grammar row whose matcher allows no
+    token at all (a dead end) is left unmasked, so sampling stays defined there."""
     if logits.shape[-1] > vocab_size:
         logits[:, vocab_size:] = float("-inf")
     for i, r in enumerate(rows):
@@ -59,6 +60,9 @@ def adjust_logits_(logits: torch.Tensor, rows: list[RowSpec], eos_ids: set[int],
                     bitmask[k, e // 32] |= (1 << (e % 32)) if e % 32 != 31 else -(1 << 31)
             else:
                 g.fill_bitmask(bitmask, k)
+        # a dead end (a live state that allows no token) stays unmasked: the live matcher refuses
+        # the token drawn there and OutputProcessor ends the request (finish_reason abort)
+        bitmask[~bitmask.any(dim=1)] = -1
         sub = logits[grammar_rows]
         apply_bitmask_(sub, bitmask)
         logits[grammar_rows] = sub

@@ -1,8 +1,9 @@
 """Append accepted tokens to requests, checking every stop condition at every position.
 
 A speculative step can hand a request several tokens at once; EOS, stop token ids, stop strings,
-stop regexes, a terminated grammar and ``max_new_tokens`` are checked after *each* of them, and
-whatever follows the stop is dropped (its KV is freed by the cache manager on release).
+stop regexes, a terminated grammar, a grammar dead end and ``max_new_tokens`` are checked at
+*each* of them, and whatever follows the stop is dropped (its KV is freed by the cache manager on
+release).
 
 Detokenization is incremental: each request keeps an ``IncrementalDecoder`` and
 ``Req.decoded_text`` grows by the newly completed characters only (a character split over several
@@ -24,6 +25,14 @@ def _compiled(pattern: str) -> re.Pattern[str]:
     return re.compile(pattern)
 
 
+def grammar_dead_end(num_output_tokens: int, token: int) -> dict[str, Any]:
+    """The finish reason of a request whose grammar allows no further token (SGLang aborts a
+    request whose grammar refuses a sampled token in the same way)."""
+    return {"type": "abort", "status_code": 400, "message": (
+        f"grammar dead end: the grammar allows no token after {num_output_tokens} output "
+        f"tokens and is not complete (token {token} refused)")}
+
+
 class OutputProcessor:
     def __init__(self, tokenizer: Any, eos_token_ids: set[int]) -> None:
         self.tokenizer = tokenizer
@@ -34,13 +43,20 @@ class OutputProcessor:
         """Append ``tokens`` one by one until the request finishes; returns how many were kept.
 
         Advances the live grammar matcher and the request's detokenizer by exactly the kept
-        tokens.
+        tokens. A token the live grammar refuses is not kept and ends the request with
+        :func:`grammar_dead_end`: with every row masked, only a grammar dead end (a state that
+        allows no token, left unmasked by ``adjust_logits_``) lets one through.
         """
         sp = req.sampling_params
         if req.detokenizer is None:
             req.detokenizer = self.tokenizer.incremental_decoder(sp.skip_special_tokens)
         kept = 0
         for i, tok in enumerate(tokens):
+            g = req.grammar
+            if g is not None and not g.is_terminated() and not g.accept_token(tok):
+                req.finish_reason = grammar_dead_end(len(req.output_ids), tok)
+                req.decoded_text += req.detokenizer.finish()
+                break
             req.output_ids.append(tok)
             kept += 1
             if logprobs is not None:
@@ -49,8 +65,6 @@ class OutputProcessor:
             prev_len = len(req.decoded_text)
             req.decoded_text += req.detokenizer.step((tok,))
             n_out = len(req.output_ids)
-            if req.grammar is not None and not req.grammar.is_terminated():
-                req.grammar.accept_token(tok)
             if tok in self.eos_token_ids and not sp.ignore_eos:
                 req.finish_reason = {"type": "stop", "matched": tok}
             elif tok in sp.stop_token_ids:

@@ -230,7 +230,8 @@ class _GrammarWalk:
     """``mask_fn`` for ``sample_chain``: advances a copy of each request's grammar along the chain
     and returns the additive mask for the next position. A request whose copy terminated or
     rejected a token stops being drafted there (``valid_len``), and so does one whose grammar
-    allows no token of the token map (``token_ids``; the drafter cannot propose any)."""
+    allows no token at all (a dead end) or none of the token map (``token_ids``; the drafter
+    cannot propose any)."""
 
     def __init__(self, reqs: list[Req], vocab: int,
                  token_ids: torch.Tensor | None = None) -> None:
@@ -262,10 +263,10 @@ class _GrammarWalk:
                 continue
             g.fill_bitmask(bitmask, j)
         allowed = bitmask_to_bool(bitmask, self.vocab)  # [rows, V]
-        if self.token_ids is not None:
-            for j in (~allowed[:, self.token_ids].any(dim=-1)).nonzero().flatten().tolist():
-                self.stop_at.setdefault(rows[j], k)
-                allowed[j] = True  # anything: the draft is cut at this position
+        reach = allowed if self.token_ids is None else allowed[:, self.token_ids]
+        for j in (~reach.any(dim=-1)).nonzero().flatten().tolist():  # dead end / off the map
+            self.stop_at.setdefault(rows[j], k)
+            allowed[j] = True  # anything: the draft is cut at this position
         sub = torch.zeros((len(rows), self.vocab))
         sub[~allowed] = float("-inf")
         mask[torch.tensor(rows)] = sub

@@ -6,6 +6,9 @@ target produced (not yet in KV). Row ``j`` of the target's logits decides the to
 sampling keeps it with probability ``min(1, p/q)``; either way one more token (correction or
 bonus) comes from the target. With an empty draft this is exactly plain decoding.
 
+Acceptance rules live in ``speculative/verify.py`` and the tree mask in ``speculative/tree.py``;
+this file only routes each request to its rule, so their unit tests test what the server runs.
+
 Slots: ``1 + l`` slots are allocated per request; the anchor's and accepted drafts' slots are
 written to ``req_to_token`` (tree paths are compacted, positions already match their depth), the
 rest are freed at once.
@@ -21,7 +24,6 @@ import torch
 from dspark_sglang.core.forward_batch import ForwardMode
 from dspark_sglang.core.req import Req
 from dspark_sglang.layers import sampler as smp
-from dspark_sglang.layers.coupling import coupled_sample
 from dspark_sglang.layers.logits_processing import (
     RowSpec,
     adjust_logits_,
@@ -35,6 +37,7 @@ from dspark_sglang.model_executor.model_runner import (
     build_forward_batch,
 )
 from dspark_sglang.speculative import verify as vfy
+from dspark_sglang.speculative.tree import node_depths, tree_attention_mask
 from dspark_sglang.speculative.worker import Draft, DraftWorker
 
 
@@ -44,6 +47,15 @@ class StepResult:
     tokens: list[int]  # accepted drafts + one target token
     logprobs: list[tuple[Any, Any]] | None
     num_drafted: int
+
+
+@dataclass
+class _Saved:
+    """What a step restores when it is cancelled before its commit (``SpecDecoder.step``)."""
+
+    draft_states: list[tuple[Req, dict[str, Any]]]
+    generators: list[tuple[torch.Generator, torch.Tensor]]
+    worker: Any
 
 
 @dataclass
@@ -96,25 +108,6 @@ class SpecStats:
         }
 
 
-def tree_attention_mask(parents: list[int]) -> torch.Tensor:
-    """[n+1, n+1] bool over [anchor, nodes...]: each node sees the anchor, its ancestors, itself."""
-    n = len(parents)
-    m = torch.zeros((n + 1, n + 1), dtype=torch.bool)
-    m[:, 0] = True
-    for i, p in enumerate(parents):
-        m[i + 1, i + 1] = True
-        if p >= 0:
-            m[i + 1] |= m[p + 1]
-    return m
-
-
-def node_depths(parents: list[int]) -> list[int]:
-    depth: list[int] = []
-    for p in parents:
-        depth.append(1 if p < 0 else depth[p] + 1)
-    return depth
-
-
 class SpecDecoder:
     def __init__(self, runner: ModelRunner, cache: CacheManager, worker: DraftWorker,
                  eos_ids: set[int], vocab_size: int) -> None:
@@ -138,25 +131,51 @@ class SpecDecoder:
             if forced:
                 drafts[i] = Draft(tokens=list(forced), forced=True)
                 req.draft_state.pop("proposed", None)  # the drafter's proposal was replaced
-                self.stats.forced_tokens += len(forced)
 
     def step(self, reqs: list[Req]) -> list[StepResult] | None:
-        """Run one step. Returns None (and changes nothing) when KV slots ran out. If it raises
-        before the commit, the slots it allocated are freed again."""
-        drafts = self.worker.propose(reqs)
-        if self.jump_forward:
-            self._apply_jump_forward(reqs, drafts)
-        total = sum(1 + len(d) for d in drafts)
-        slots = self.cache.alloc_slots(total)
-        if slots is None:
-            return None
+        """Run one step; None when KV slots ran out.
+
+        A step that returns None or raises before its commit leaves no trace: the slots it
+        allocated are freed, and what drafting changed is restored -- each request's
+        ``draft_state`` and random generator, and the worker's own state
+        (``DraftWorker.snapshot``); ``stats`` change only at the commit. A retry (after a
+        retraction, or request by request after a failure) therefore drafts as this step did.
+        """
+        saved = self._save(reqs)
+        slots = None
         try:
+            drafts = self.worker.propose(reqs)
+            if self.jump_forward:
+                self._apply_jump_forward(reqs, drafts)
+            total = sum(1 + len(d) for d in drafts)
+            slots = self.cache.alloc_slots(total)
+            if slots is None:
+                self._restore(saved)
+                return None
             specs, results = self._verify(reqs, drafts, slots, total)
         except BaseException:
-            self.cache.free_slots(slots)  # nothing is committed yet: the step left no trace
+            if slots is not None:
+                self.cache.free_slots(slots)
+            self._restore(saved)
             raise
         self._commit(reqs, drafts, specs, results)
         return results
+
+    def _save(self, reqs: list[Req]) -> _Saved:
+        return _Saved(
+            draft_states=[(r, dict(r.draft_state)) for r in reqs],
+            generators=[(r.generator, r.generator.get_state())
+                        for r in reqs if r.generator is not None],
+            worker=self.worker.snapshot(),
+        )
+
+    def _restore(self, saved: _Saved) -> None:
+        for req, state in saved.draft_states:
+            req.draft_state.clear()
+            req.draft_state.update(state)
+        for gen, gen_state in saved.generators:
+            gen.set_state(gen_state)
+        self.worker.restore(saved.worker)
 
     def _verify(self, reqs: list[Req], drafts: list[Draft], slots: torch.Tensor, total: int
                 ) -> tuple[list[BatchRequestSpec], list[StepResult]]:
@@ -170,7 +189,7 @@ class SpecDecoder:
             off += n
             mask, positions = None, None
             if d.parents is not None:
-                mask = tree_attention_mask(d.parents)
+                mask = tree_attention_mask(torch.tensor(d.parents, dtype=torch.int64))
                 positions = [req.kv_len] + [req.kv_len + x for x in node_depths(d.parents)]
             self.cache.req_to_token_pool.write(req.req_pool_idx, req.kv_len, loc)
             specs.append(BatchRequestSpec(req.req_pool_idx, [req.output_ids[-1]] + d.tokens,
@@ -209,6 +228,8 @@ class SpecDecoder:
 
     def _accept(self, reqs: list[Req], drafts: list[Draft], logits: torch.Tensor
                 ) -> list[StepResult]:
+        """Acceptance for every request (rules in ``verify.py``); sets
+        ``draft_state["accepted_rows"]`` (verify rows whose KV is kept) for the commit."""
         rows: list[RowSpec] = []
         for req, d in zip(reqs, drafts):
             rows.extend(self._rows(req, d))
@@ -217,103 +238,74 @@ class SpecDecoder:
             logits = logits.clone()
             adjust_logits_(logits, rows, self.eos_ids, self.vocab_size)
         rows_per_req = [1 + len(d) for d in drafts]
+        offsets = [0]
+        for n in rows_per_req:
+            offsets.append(offsets[-1] + n)
         probs = None
         if any(not r.sampling_params.is_greedy for r in reqs):
             info = sampling_info(reqs).expand(rows_per_req)
             probs = smp.logits_to_probs(logits, info)  # [rows, V]
-        greedy_tok = logits.argmax(dim=-1)
+        greedy_tok = logits.argmax(dim=-1)  # [rows]
         want_lp = any(r.return_logprob for r in reqs)
         logp = smp.compute_logprobs(raw_logits) if want_lp else None
+        chains = [i for i, (r, d) in enumerate(zip(reqs, drafts))
+                  if d.parents is None and r.sampling_params.is_greedy]
+        tokens: dict[int, list[int]] = dict(zip(
+            chains, self._greedy_chains([drafts[i] for i in chains],
+                                        [offsets[i] for i in chains], greedy_tok)))
         results: list[StepResult] = []
-        off = 0
-        for req, d in zip(reqs, drafts):
-            n = 1 + len(d)
-            if d.parents is None:
-                if req.sampling_params.is_greedy:
-                    tgt = greedy_tok[off : off + n].tolist()
-                    m = 0
-                    while m < len(d) and d.tokens[m] == tgt[m]:
-                        m += 1
-                    toks = d.tokens[:m] + [tgt[m]]
-                    path_rows = list(range(m + 1))
-                elif req.sampling_params.seed is not None:
-                    # seeded: the token at each output position is the Gumbel-max sample keyed by
-                    # (seed, position) -- the same as plain decoding makes; accept while equal
+        for i, (req, d) in enumerate(zip(reqs, drafts)):
+            off, n = offsets[i], rows_per_req[i]
+            sp = req.sampling_params
+            if d.parents is not None:
+                if sp.is_greedy:
+                    tree = vfy.tree_greedy_verify(greedy_tok[off : off + n], d.tokens, d.parents)
+                else:
                     assert probs is not None
-                    base = len(req.output_ids)
-                    m = 0
-                    tgt_m = coupled_sample(probs[off], req.sampling_params.seed, base)
-                    while m < len(d) and d.tokens[m] == tgt_m:
-                        m += 1
-                        tgt_m = coupled_sample(probs[off + m], req.sampling_params.seed, base + m)
-                    toks = d.tokens[:m] + [tgt_m]
-                    path_rows = list(range(m + 1))
+                    tree = vfy.tree_rejection_verify(probs[off : off + n], d.tokens, d.parents,
+                                                     req.generator)
+                toks, path_rows = tree.output_ids, tree.verify_rows()
+            else:
+                if i in tokens:
+                    toks = tokens[i]
+                elif sp.seed is not None:
+                    assert probs is not None
+                    toks = vfy.coupled_verify(probs[off : off + n], d.tokens, sp.seed,
+                                              len(req.output_ids))
                 else:
                     assert probs is not None
                     q = d.probs if d.probs is not None else _one_hot(d.tokens, probs.shape[-1])
                     toks = vfy.rejection_verify(
-                        [probs[off : off + n]], [q.to(probs.dtype)],
-                        [torch.tensor(d.tokens, dtype=torch.int64)], [req.generator])[0]
-                    path_rows = list(range(len(toks)))
-            else:
-                toks, path_rows = self._accept_tree(
-                    req, d, greedy_tok[off : off + n],
-                    probs[off : off + n] if probs is not None else None)
+                        [probs[off : off + n]], [q.to(device=probs.device, dtype=probs.dtype)],
+                        [torch.tensor(d.tokens, dtype=torch.int64, device=probs.device)],
+                        [req.generator])[0]
+                path_rows = list(range(len(toks)))
             lps = None
             if req.return_logprob and logp is not None:
                 lps = [_logprob_entry(logp[off + r], t, req.top_logprobs_num)
                        for r, t in zip(path_rows, toks)]
             results.append(StepResult(req, toks, lps, len(d)))
             req.draft_state["accepted_rows"] = path_rows
-            off += n
         return results
 
-    def _accept_tree(self, req: Req, d: Draft, greedy_tok: torch.Tensor,
-                     probs: torch.Tensor | None) -> tuple[list[int], list[int]]:
-        """Greedy: follow the child whose token equals the target's choice at its parent.
-
-        Sampling: walk the tree, at each node try children in order with rejection sampling over
-        the residual distribution (multi-draft speculative sampling, SpecInfer-style).
-        """
-        assert d.parents is not None
-        children: dict[int, list[int]] = {}
-        for i, p in enumerate(d.parents):
-            children.setdefault(p, []).append(i)
-        toks: list[int] = []
-        rows = [0]
-        node = -1
-        greedy = req.sampling_params.is_greedy
-        while True:
-            row = node + 1
-            if greedy:
-                want = int(greedy_tok[row])
-                nxt = next((c for c in children.get(node, []) if d.tokens[c] == want), None)
-                if nxt is None:
-                    toks.append(want)
-                    return toks, rows
-            else:
-                assert probs is not None
-                p = probs[row].clone()
-                nxt = None
-                for c in children.get(node, []):
-                    t = d.tokens[c]
-                    u = torch.rand((), generator=req.generator)
-                    if float(u) < float(p[t]):  # q is one-hot on t for tree drafts
-                        nxt = c
-                        break
-                    p[t] = 0.0
-                    s = p.sum()
-                    if s <= 0:  # all residual mass was on t (p[t] rounded below 1): accept it
-                        nxt = c
-                        break
-                    p = p / s
-                if nxt is None:
-                    t = int(torch.multinomial(p, 1, generator=req.generator))
-                    toks.append(t)
-                    return toks, rows
-            toks.append(d.tokens[nxt])
-            rows.append(nxt + 1)
-            node = nxt
+    @staticmethod
+    def _greedy_chains(drafts: list[Draft], offsets: list[int], greedy_tok: torch.Tensor
+                       ) -> list[list[int]]:
+        """Greedy chain acceptance for several requests in one ``greedy_verify_padded`` call;
+        request ``r``'s verify rows start at ``offsets[r]`` of ``greedy_tok [rows]``."""
+        if not drafts:
+            return []
+        width = max(len(d) for d in drafts)
+        # [bs, L + 1] row of each (request, position), clamped to the request's last row
+        index = [[off + min(j, len(d)) for j in range(width + 1)]
+                 for d, off in zip(drafts, offsets)]
+        device = greedy_tok.device
+        target = greedy_tok[torch.tensor(index, dtype=torch.int64, device=device)]
+        draft = torch.tensor([d.tokens + [-1] * (width - len(d)) for d in drafts],
+                             dtype=torch.int64, device=device).reshape(len(drafts), width)
+        lens = torch.tensor([len(d) for d in drafts], dtype=torch.int64, device=device)
+        res = vfy.greedy_verify_padded(target, draft, lens)
+        return vfy.padded_to_lists(res)
 
     # ---- commit -------------------------------------------------------------------------------
     def _commit(self, reqs: list[Req], drafts: list[Draft], specs: list[BatchRequestSpec],
@@ -343,7 +335,9 @@ class SpecDecoder:
             st.drafted += len(d)
             st.accepted += accepted
             st.emitted += len(res.tokens)
-            if d.parents is None and not d.forced:  # the drafter's per-position acceptance
+            if d.forced:
+                st.forced_tokens += len(d)
+            elif d.parents is None:  # the drafter's per-position acceptance
                 st.record_position(len(d), accepted)
 
 

@@ -108,6 +108,15 @@ def tree_attention_mask(parents: torch.Tensor) -> torch.Tensor:
     return mask
 
 
+def node_depths(parents: list[int]) -> list[int]:
+    """Depth of each node (``1`` for children of the anchor); needs ``parents[i] < i``."""
+    depth: list[int] = []
+    for p in parents:
+        assert p < len(depth), "parents must precede their children"
+        depth.append(1 if p < 0 else depth[p] + 1)
+    return depth
+
+
 def tree_position_offsets(depths: torch.Tensor) -> torch.Tensor:
     """Position offsets of ``[anchor, nodes...]`` relative to the anchor: ``[n + 1]`` int64."""
     zero = torch.zeros(1, dtype=torch.int64, device=depths.device)

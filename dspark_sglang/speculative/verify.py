@@ -1,4 +1,4 @@
-"""Accepting draft tokens against the target: greedy matching and lossless rejection sampling.
+"""Accepting draft tokens against the target: the one verification library ``SpecDecoder`` calls.
 
 Terms (as in vLLM's rejection sampler): a request proposes ``l`` draft tokens; the target verify
 forward gives ``l + 1`` distributions (row 0 scores the anchor's successor = draft 1, ..., row
@@ -6,6 +6,14 @@ forward gives ``l + 1`` distributions (row 0 scores the anchor's successor = dra
 token is emitted: the *recovered* token (sampled from the residual at the first rejection) or,
 when all ``l`` drafts are accepted, the *bonus* token (sampled from row ``l``). Every result list
 therefore has length ``num_accepted + 1``.
+
+Which rule a request gets (``SpecDecoder._accept``):
+
+- chain, greedy: :func:`greedy_verify_padded` (one call for the batch's greedy chains);
+- chain, T > 0 with a ``seed``: :func:`coupled_verify` (accept while the draft equals the
+  position-keyed Gumbel-max sample, ``layers/coupling.py``);
+- chain, T > 0 without a seed: :func:`rejection_verify`;
+- tree: :func:`tree_greedy_verify` (greedy) or :func:`tree_rejection_verify` (T > 0).
 
 Randomness contract of :func:`rejection_verify`: request ``r`` draws ``l_r`` acceptance uniforms
 (all of them, up front, in position order) and then one more uniform for the recovered / bonus
@@ -19,7 +27,9 @@ from collections.abc import Sequence
 from typing import NamedTuple
 
 import torch
+from torch.nn.utils.rnn import pad_sequence
 
+from dspark_sglang.layers.coupling import coupled_sample
 from dspark_sglang.layers.sampler import draw_uniforms, sample_with_uniforms
 
 
@@ -28,7 +38,8 @@ class PaddedVerifyResult(NamedTuple):
     output_ids: torch.Tensor  # [bs, L + 1] int64, accepted drafts then recovered/bonus, -1 padded
 
 
-def _to_lists(res: PaddedVerifyResult) -> list[list[int]]:
+def padded_to_lists(res: PaddedVerifyResult) -> list[list[int]]:
+    """Per request: the accepted drafts, then the recovered / bonus token."""
     counts = (res.num_accepted + 1).tolist()
     rows = res.output_ids.tolist()
     return [row[:c] for row, c in zip(rows, counts)]
@@ -62,16 +73,42 @@ def greedy_verify(
 ) -> list[list[int]]:
     """Per-request greedy acceptance: ``target_argmax[r]`` is ``[l_r + 1]``, drafts ``[l_r]``.
 
-    Returns, per request, the accepted drafts followed by the correction / bonus token.
+    Returns, per request, the accepted drafts followed by the correction / bonus token (the rule
+    of :func:`greedy_verify_padded`, which this pads for).
     """
-    out: list[list[int]] = []
-    for tgt, drf in zip(target_argmax, draft_tokens):
-        tgt_l, drf_l = tgt.tolist(), drf.tolist()
-        assert len(tgt_l) == len(drf_l) + 1, "target rows must be one more than drafts"
-        n = 0
-        while n < len(drf_l) and drf_l[n] == tgt_l[n]:
-            n += 1
-        out.append(drf_l[:n] + [tgt_l[n]])
+    if not draft_tokens:
+        return []
+    for tgt, drf in zip(target_argmax, draft_tokens, strict=True):
+        assert tgt.shape[0] == drf.shape[0] + 1, "target rows must be one more than drafts"
+    lens = torch.tensor([int(d.shape[0]) for d in draft_tokens], dtype=torch.int64,
+                        device=target_argmax[0].device)
+    tgt = pad_sequence([t.to(torch.int64) for t in target_argmax], batch_first=True,
+                       padding_value=-1)  # [bs, L + 1]
+    drf = pad_sequence([d.to(torch.int64) for d in draft_tokens], batch_first=True,
+                       padding_value=-1)  # [bs, L]
+    return padded_to_lists(greedy_verify_padded(tgt, drf, lens))
+
+
+def coupled_verify(
+    target_probs: torch.Tensor, draft_tokens: Sequence[int], seed: int, first_position: int
+) -> list[int]:
+    """Seeded sampling: accept drafts while each equals the target's sample at its position.
+
+    ``target_probs``: ``[l + 1, V]`` processed target distributions at the verify rows;
+    ``draft_tokens``: ``l`` ids; row ``j`` decides output position ``first_position + j``. The
+    sample there is :func:`coupled_sample` ``(target_probs[j], seed, first_position + j)`` -- the
+    token plain decoding with this seed emits at that position -- so the result is the accepted
+    drafts followed by the first sample that differs (or the bonus sample). Exactly lossless: each
+    emitted token is that position's Gumbel-max sample of the target distribution.
+    """
+    assert target_probs.dim() == 2 and target_probs.shape[0] == len(draft_tokens) + 1, (
+        "target_probs must be [l + 1, V]")
+    out: list[int] = []
+    for j in range(len(draft_tokens) + 1):
+        tok = coupled_sample(target_probs[j], seed, first_position + j)
+        out.append(tok)
+        if j == len(draft_tokens) or draft_tokens[j] != tok:
+            break
     return out
 
 
@@ -161,16 +198,33 @@ def rejection_verify(
         dp[r, :l_r] = draft_probs[r]
         dt[r, :l_r] = draft_tokens[r]
         lens[r] = l_r
-    return _to_lists(rejection_verify_padded(tp, dp, dt, lens, generators))
+    return padded_to_lists(rejection_verify_padded(tp, dp, dt, lens, generators))
 
 
 class TreeAcceptResult(NamedTuple):
     path: list[int]  # accepted node indices (into the tree's node arrays), root to leaf
     output_ids: list[int]  # tokens of the accepted nodes, then the correction / bonus token
 
+    def verify_rows(self) -> list[int]:
+        """Verify-block rows of the anchor and the accepted nodes (node ``i`` is row ``i + 1``)."""
+        return [0] + [i + 1 for i in self.path]
+
+
+def _as_list(x: torch.Tensor | Sequence[int]) -> list[int]:
+    return x.tolist() if isinstance(x, torch.Tensor) else [int(v) for v in x]
+
+
+def _children(parents: list[int]) -> dict[int, list[int]]:
+    """Children of each node (``-1`` = the anchor), in node order."""
+    children: dict[int, list[int]] = {}
+    for i, p in enumerate(parents):
+        children.setdefault(p, []).append(i)
+    return children
+
 
 def tree_greedy_verify(
-    target_argmax: torch.Tensor, tokens: torch.Tensor, parents: torch.Tensor
+    target_argmax: torch.Tensor | Sequence[int], tokens: torch.Tensor | Sequence[int],
+    parents: torch.Tensor | Sequence[int],
 ) -> TreeAcceptResult:
     """Greedy acceptance on a draft tree.
 
@@ -178,16 +232,13 @@ def tree_greedy_verify(
     ``[anchor, node_0..node_{n-1}]``;
     ``tokens``, ``parents``: ``[n]`` (``parents[i] == -1`` for children of the anchor). From the
     anchor, repeatedly step to the child whose token equals the target argmax at the current node
-    (siblings carry distinct tokens, so at most one matches); stop when none does. The emitted
-    token after the path is the target argmax at the last accepted node.
+    (the lowest-index one if several do); stop when none does. The emitted token after the path is
+    the target argmax at the last accepted node. A chain (``parents[i] == i - 1``) gives
+    :func:`greedy_verify`'s result.
     """
-    tgt = target_argmax.tolist()
-    tok = tokens.tolist()
-    par = parents.tolist()
+    tgt, tok, par = _as_list(target_argmax), _as_list(tokens), _as_list(parents)
     assert len(tgt) == len(tok) + 1 and len(par) == len(tok)
-    children: dict[int, list[int]] = {}
-    for i, p in enumerate(par):
-        children.setdefault(p, []).append(i)
+    children = _children(par)
     path: list[int] = []
     cur = -1
     while True:
@@ -198,3 +249,48 @@ def tree_greedy_verify(
         path.append(nxt)
         cur = nxt
     return TreeAcceptResult(path, [tok[i] for i in path] + [tgt[cur + 1]])
+
+
+def tree_rejection_verify(
+    target_probs: torch.Tensor, tokens: torch.Tensor | Sequence[int],
+    parents: torch.Tensor | Sequence[int], generator: torch.Generator | None,
+) -> TreeAcceptResult:
+    """Multi-draft rejection sampling on a tree of deterministic (one-hot) drafts.
+
+    ``target_probs``: ``[n + 1, V]`` processed target distributions at the verify rows. From the
+    anchor, the children of the current node are tried in node order: child token ``t`` is
+    accepted with probability ``r(t)``, where ``r`` starts as the target distribution at the node
+    and, after each rejected child, loses that child's token and is renormalised (sampling without
+    replacement, SpecInfer-style). When every child is rejected the emitted token is drawn from
+    what is left of ``r``. If a rejection leaves ``r`` with no mass (all of it was on the rejected
+    token, up to rounding), that child is accepted. The emitted tokens follow the target
+    distribution exactly.
+
+    Randomness: one uniform per child tried, then one ``multinomial`` draw, from ``generator``
+    (a CPU generator; the global RNG when None), in walk order.
+    """
+    tok, par = _as_list(tokens), _as_list(parents)
+    assert target_probs.dim() == 2 and target_probs.shape[0] == len(tok) + 1 == len(par) + 1
+    children = _children(par)
+    path: list[int] = []
+    node = -1
+    while True:
+        r = target_probs[node + 1].to("cpu", copy=True)  # [V]; the generators live on the CPU
+        nxt = None
+        for c in children.get(node, []):
+            t = tok[c]
+            u = torch.rand((), generator=generator)
+            if float(u) < float(r[t]):
+                nxt = c
+                break
+            r[t] = 0.0
+            s = r.sum()
+            if s <= 0:
+                nxt = c
+                break
+            r = r / s
+        if nxt is None:
+            t = int(torch.multinomial(r, 1, generator=generator))
+            return TreeAcceptResult(path, [tok[i] for i in path] + [t])
+        path.append(nxt)
+        node = nxt

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -55,6 +55,19 @@ class DraftWorker(ABC):
 
     def max_draft_len(self) -> int:
         return 0
+
+    def snapshot(self) -> dict[str, Any]:
+        """The worker state ``propose`` may change, for :meth:`restore` when the step is cancelled
+        before its commit (``SpecDecoder.step``). The default keeps the instance's attribute
+        bindings: enough for a worker whose ``propose`` only rebinds attributes (counters, EMAs,
+        the last decision); one that changes a container or buffer in place overrides both."""
+        return dict(vars(self))
+
+    def restore(self, snapshot: dict[str, Any]) -> None:
+        """Put back what :meth:`snapshot` returned (attributes set since then are dropped)."""
+        state = vars(self)
+        state.clear()
+        state.update(snapshot)
 
 
 class NoDraftWorker(DraftWorker):

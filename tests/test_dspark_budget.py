@@ -3,9 +3,13 @@ requests. Pure bookkeeping over past outcomes, so tested without a model."""
 
 from __future__ import annotations
 
+import itertools
 from types import SimpleNamespace
 
-from dspark_sglang.speculative.dspark_worker import DSparkWorker
+from dspark_sglang.speculative.dspark_worker import BudgetState, DSparkWorker
+from dspark_sglang.speculative.worker import StepResult
+
+_rids = itertools.count()
 
 
 class _SPS:
@@ -19,21 +23,22 @@ def _worker(draft_time: float = 0.1) -> DSparkWorker:
     w.sps_table, w._draft_time, w._last_batch = _SPS(), draft_time, 1  # draft = 1 step
     w.min_probe_every, w.max_probe_every = 4, 16
     w.probe_every, w._skipped_in_row, w._probing, w._acc_prior = 4, 0, False, None
+    w.budget_states = {}
     return w
 
 
 def _req() -> SimpleNamespace:
-    return SimpleNamespace(draft_state={})
+    return SimpleNamespace(rid=f"r{next(_rids)}")
 
 
 def _step(w: DSparkWorker, reqs: list[SimpleNamespace], accepted: int) -> bool:
     """One scheduler step: budget, then (when drafted) record the outcome. True if drafted."""
     rooms = w._draft_budget(reqs, [10] * len(reqs))
     drafted = max(rooms) > 0
-    for r, n in zip(reqs, rooms):
-        if n:
-            r.draft_state["proposed"] = n
-            r.draft_state["last_accepted"] = accepted
+    for r, n in zip(reqs, rooms):  # what _propose records
+        w.budget_states[r.rid] = BudgetState(w.budget_states[r.rid].acc_ema, proposed=n)
+    w.on_verified([StepResult(r, [0] * (1 + min(n, accepted)), None, n)  # type: ignore[arg-type]
+                   for r, n in zip(reqs, rooms)])
     return drafted
 
 
@@ -78,8 +83,27 @@ def test_large_batch_weighs_mean_acceptance_against_batch_step_cost() -> None:
     w = _worker()
     reqs = [_req() for _ in range(32)]
     for r in reqs:
-        r.draft_state["acc_ema"] = 0.5
+        w.budget_states[r.rid] = BudgetState(acc_ema=0.5)
     assert w._draft_budget(reqs, [10] * 32) == [0] * 32
     for r in reqs:
-        r.draft_state["acc_ema"] = 1.5
+        w.budget_states[r.rid] = BudgetState(acc_ema=1.5)
     assert w._draft_budget(reqs, [10] * 32) == [3] * 32
+
+
+def test_jump_forward_outcome_is_not_learned_and_release_drops_state() -> None:
+    """Forced (jump-forward) tokens replaced the proposal: their acceptance does not move the
+    EMA; a finished request's record is dropped."""
+    w = _worker()
+    r = _req()
+    w._draft_budget([r], [10])
+    ema = w.budget_states[r.rid].acc_ema
+    w.budget_states[r.rid] = BudgetState(ema, proposed=9)
+    w.on_verified([StepResult(r, [0] * 6, None, 5, forced=True)])  # type: ignore[arg-type]
+    w._draft_budget([r], [10])
+    assert w.budget_states[r.rid].acc_ema == ema and w._acc_prior is None
+    w.budget_states[r.rid] = BudgetState(ema, proposed=9)
+    w.on_verified([StepResult(r, [0] * 6, None, 9)])  # type: ignore[arg-type]
+    w._draft_budget([r], [10])
+    assert w.budget_states[r.rid].acc_ema == 0.6 * ema + 0.4 * 5 and w._acc_prior == 5.0
+    w.release(r)  # type: ignore[arg-type]
+    assert w.budget_states == {}

@@ -1,8 +1,8 @@
 """A speculative step that cannot finish changes nothing (issue 14).
 
 ``SpecDecoder.step`` returns None when KV slots run out after the drafter proposed, and re-raises
-when anything before its commit fails; either way each request's ``draft_state`` and generator,
-the worker's state (the DSpark draft budget's EMAs, probe counters, timings), ``stats`` and the
+when anything before its commit fails; either way each request's generator, the worker's state
+(the DSpark draft budget's per-request records, probe counters, timings), ``stats`` and the
 slot pool must be as before the step, and decoding that goes on must equal plain decoding.
 """
 
@@ -30,7 +30,7 @@ def flat_sps(tmp_path_factory: pytest.TempPathFactory) -> str:
 def _state(dec: Any, reqs: list[Any]) -> dict[str, Any]:
     return {
         "worker": dict(vars(dec.worker)),
-        "draft_state": [dict(r.draft_state) for r in reqs],
+        "budget_states": dict(dec.worker.budget_states),
         "generators": [None if r.generator is None else r.generator.get_state() for r in reqs],
         "stats": dec.stats.as_dict(),
         "reqs": [(r.kv_len, list(r.output_ids)) for r in reqs],
@@ -42,7 +42,7 @@ def _same(before: dict[str, Any], after: dict[str, Any]) -> list[str]:
     """Names of what changed (worker attributes compared by identity: a restore rebinds them)."""
     diffs = [f"worker.{k}" for k in set(before["worker"]) | set(after["worker"])
              if before["worker"].get(k, before) is not after["worker"].get(k, after)]
-    for key in ("draft_state", "stats", "reqs", "free_slots"):
+    for key in ("budget_states", "stats", "reqs", "free_slots"):
         if before[key] != after[key]:
             diffs.append(key)
     for g0, g1 in zip(before["generators"], after["generators"], strict=True):
@@ -112,4 +112,5 @@ def test_cancelled_step_changes_nothing(make_engine: Any, llama_dir: str, drafte
     assert all(d == [] for d in diffs), diffs
     assert got == want
     assert got_seeded == want_seeded
+    assert dec.worker.budget_states == {}  # released when each request finished
     e.check_integrity()

@@ -48,7 +48,6 @@ class Req:
     spec_verify_ct: int = 0
     spec_accepted_drafts: int = 0
     spec_draft_tokens: int = 0
-    draft_state: dict[str, Any] = field(default_factory=dict)  # worker-private per-request state
     # streaming / output bookkeeping
     decoded_text: str = ""  # output decoded so far (complete characters; OutputProcessor)
     detokenizer: Any = None  # models.tokenizer.IncrementalDecoder behind decoded_text

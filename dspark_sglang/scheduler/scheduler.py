@@ -413,7 +413,7 @@ class Scheduler:
         if req in self.prefilling:
             self.prefilling.remove(req)
         req.state = ReqState.WAITING
-        req.draft_state.clear()
+        self.decoder.release(req)
         self.waiting.appendleft(req)
         self.num_retractions += 1
         self._admission_paused = True
@@ -426,7 +426,7 @@ class Scheduler:
         if req in self.waiting:
             self.waiting.remove(req)
         req.state = ReqState.FINISHED
-        req.draft_state.clear()
+        self.decoder.release(req)
         self._admission_paused = False
         self.finished_count += 1
         self.emit(req, True)

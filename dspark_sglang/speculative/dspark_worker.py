@@ -17,6 +17,7 @@ radix tree always carries valid draft context too.
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -30,12 +31,23 @@ from dspark_sglang.speculative.dspark import DSparkDrafter, load_dspark_checkpoi
 from dspark_sglang.speculative.dspark.config import dspark_num_draft_from_num_draft_tokens
 from dspark_sglang.speculative.prefix_scheduler import schedule_prefix
 from dspark_sglang.speculative.sps_profile import SPSTable
-from dspark_sglang.speculative.worker import Draft, DraftWorker
+from dspark_sglang.speculative.worker import Draft, DraftWorker, StepResult
 
 logger = logging.getLogger(__name__)
 
 DEFAULT_DRAFTER_DIR = Path(__file__).resolve().parent.parent / "assets" / "drafters" / \
     "smollm2_135m"
+
+
+@dataclass(frozen=True)
+class BudgetState:
+    """One request's draft-budget record (``DSparkWorker.budget_states[rid]``). Created at the
+    request's first budgeted step, replaced rather than mutated (so a snapshot is a shallow copy
+    of the dict), dropped by ``release``."""
+
+    acc_ema: float  # EMA of drafts accepted per drafting step
+    proposed: int = 0  # positions proposed last step (0: none, or replaced by jump-forward)
+    last_accepted: int = 0  # drafts accepted last step
 
 
 class DSparkWorker(DraftWorker):
@@ -71,6 +83,7 @@ class DSparkWorker(DraftWorker):
         self._acc_prior: float | None = None  # engine-wide EMA of accepted drafts per step
         self._draft_time: float | None = None  # EMA of seconds per propose call
         self._last_batch = 1
+        self.budget_states: dict[str, BudgetState] = {}  # rid -> record; DSPARK budget only
 
     def max_draft_len(self) -> int:
         return self.tree_nodes if self.mode == "TREE" else self.num_draft
@@ -83,7 +96,28 @@ class DSparkWorker(DraftWorker):
         for layer_id, (k, v) in enumerate(self.drafter.context_kv(h_ctx, fb.positions)):
             self.ctx_pool.store(layer_id, fb.out_cache_loc, k, v)
 
-    # ---- drafting ----------------------------------------------------------------------------
+    # ---- per-request state -------------------------------------------------------------------
+    def on_verified(self, results: list[StepResult]) -> None:
+        if not self.draft_budget:
+            return
+        for res in results:
+            st = self.budget_states.get(res.req.rid)
+            if st is not None:  # forced tokens replaced the proposal: nothing to learn
+                self.budget_states[res.req.rid] = replace(
+                    st, proposed=0 if res.forced else st.proposed,
+                    last_accepted=res.num_accepted)
+
+    def release(self, req: Req) -> None:
+        self.budget_states.pop(req.rid, None)
+
+    def snapshot(self) -> dict[str, Any]:
+        return {"attrs": super().snapshot(), "budget_states": dict(self.budget_states)}
+
+    def restore(self, snapshot: dict[str, Any]) -> None:
+        super().restore(snapshot["attrs"])  # rebinds the same dict object; refill it
+        self.budget_states.clear()
+        self.budget_states.update(snapshot["budget_states"])
+
     # ---- draft budget (DSPARK only) ---------------------------------------------------------
     def _draft_budget(self, reqs: list[Req], rooms: list[int]) -> list[int]:
         """How many positions to draft per request this step, from *past* steps only.
@@ -102,16 +136,17 @@ class DSparkWorker(DraftWorker):
             return rooms
         emas = []
         for r in reqs:
-            st = r.draft_state
-            ema = st.get("acc_ema")
-            if ema is None:
+            st = self.budget_states.get(r.rid)
+            if st is None:
                 ema = float(self.gamma) if self._acc_prior is None else self._acc_prior
-            if st.pop("proposed", 0) > 0:  # drafted last step (verified or not)
-                acc = st.get("last_accepted", 0)
-                ema = 0.6 * ema + 0.4 * acc
-                self._acc_prior = (float(acc) if self._acc_prior is None
-                                   else 0.9 * self._acc_prior + 0.1 * acc)
-            st["acc_ema"] = ema
+            else:
+                ema = st.acc_ema
+                if st.proposed > 0:  # drafted last step (verified or not)
+                    acc = st.last_accepted
+                    ema = 0.6 * ema + 0.4 * acc
+                    self._acc_prior = (float(acc) if self._acc_prior is None
+                                       else 0.9 * self._acc_prior + 0.1 * acc)
+            self.budget_states[r.rid] = BudgetState(acc_ema=ema)
             emas.append(ema)
         # a batch step yields one token per request; drafting pays when the expected accepted
         # drafts per request (mean EMA, in steps saved) exceed the draft's cost in batch steps
@@ -135,6 +170,7 @@ class DSparkWorker(DraftWorker):
             return 0.0
         return self._draft_time * self.sps_table.sps(max(1, self._last_batch))
 
+    # ---- drafting ----------------------------------------------------------------------------
     @torch.inference_mode()
     def propose(self, reqs: list[Req]) -> list[Draft]:
         import time
@@ -190,10 +226,12 @@ class DSparkWorker(DraftWorker):
             self.last_decision = decision
         else:
             lengths = limits
+        if self.draft_budget:
+            for r, limit in zip(reqs, limits):
+                self.budget_states[r.rid] = replace(self.budget_states[r.rid], proposed=limit)
         toks = chain.tokens.tolist()
         out = []
         for i in range(bs):
-            reqs[i].draft_state["proposed"] = limits[i]
             n = lengths[i]
             sampled = not reqs[i].sampling_params.is_greedy
             out.append(Draft(tokens=toks[i][:n],

@@ -38,22 +38,15 @@ from dspark_sglang.model_executor.model_runner import (
 )
 from dspark_sglang.speculative import verify as vfy
 from dspark_sglang.speculative.tree import node_depths, tree_attention_mask
-from dspark_sglang.speculative.worker import Draft, DraftWorker
+from dspark_sglang.speculative.worker import Draft, DraftWorker, StepResult
 
-
-@dataclass
-class StepResult:
-    req: Req
-    tokens: list[int]  # accepted drafts + one target token
-    logprobs: list[tuple[Any, Any]] | None
-    num_drafted: int
+__all__ = ["SpecDecoder", "SpecStats", "StepResult"]
 
 
 @dataclass
 class _Saved:
     """What a step restores when it is cancelled before its commit (``SpecDecoder.step``)."""
 
-    draft_states: list[tuple[Req, dict[str, Any]]]
     generators: list[tuple[torch.Generator, torch.Tensor]]
     worker: Any
 
@@ -130,16 +123,16 @@ class SpecDecoder:
             forced = g.find_jump_forward_tokens()[: min(limit, req.draft_room())]
             if forced:
                 drafts[i] = Draft(tokens=list(forced), forced=True)
-                req.draft_state.pop("proposed", None)  # the drafter's proposal was replaced
 
     def step(self, reqs: list[Req]) -> list[StepResult] | None:
         """Run one step; None when KV slots ran out.
 
         A step that returns None or raises before its commit leaves no trace: the slots it
-        allocated are freed, and what drafting changed is restored -- each request's
-        ``draft_state`` and random generator, and the worker's own state
-        (``DraftWorker.snapshot``); ``stats`` change only at the commit. A retry (after a
-        retraction, or request by request after a failure) therefore drafts as this step did.
+        allocated are freed, and what drafting changed is restored -- each request's random
+        generator and the worker's state, its per-request state included
+        (``DraftWorker.snapshot``); ``stats`` change and ``worker.on_verified`` is called only at
+        the commit. A retry (after a retraction, or request by request after a failure)
+        therefore drafts as this step did.
         """
         saved = self._save(reqs)
         slots = None
@@ -152,33 +145,33 @@ class SpecDecoder:
             if slots is None:
                 self._restore(saved)
                 return None
-            specs, results = self._verify(reqs, drafts, slots, total)
+            specs, results, kept_rows = self._verify(reqs, drafts, slots, total)
         except BaseException:
             if slots is not None:
                 self.cache.free_slots(slots)
             self._restore(saved)
             raise
-        self._commit(reqs, drafts, specs, results)
+        self._commit(reqs, drafts, specs, results, kept_rows)
         return results
+
+    def release(self, req: Req) -> None:
+        """``req`` finished, aborted or was retracted: the worker drops its per-request state."""
+        self.worker.release(req)
 
     def _save(self, reqs: list[Req]) -> _Saved:
         return _Saved(
-            draft_states=[(r, dict(r.draft_state)) for r in reqs],
             generators=[(r.generator, r.generator.get_state())
                         for r in reqs if r.generator is not None],
             worker=self.worker.snapshot(),
         )
 
     def _restore(self, saved: _Saved) -> None:
-        for req, state in saved.draft_states:
-            req.draft_state.clear()
-            req.draft_state.update(state)
         for gen, gen_state in saved.generators:
             gen.set_state(gen_state)
         self.worker.restore(saved.worker)
 
     def _verify(self, reqs: list[Req], drafts: list[Draft], slots: torch.Tensor, total: int
-                ) -> tuple[list[BatchRequestSpec], list[StepResult]]:
+                ) -> tuple[list[BatchRequestSpec], list[StepResult], list[list[int]]]:
         """Target forward over ``[anchor] + draft`` per request and acceptance; writes only
         ``req_to_token`` entries past each ``kv_len`` (so a failure here is undone by freeing
         ``slots``)."""
@@ -200,7 +193,7 @@ class SpecDecoder:
         out = self.runner.forward(fb)
         self.worker.on_target_forward(fb, out)
         assert out.logits is not None
-        return specs, self._accept(reqs, drafts, out.logits)
+        return (specs, *self._accept(reqs, drafts, out.logits))
 
     # ---- acceptance ---------------------------------------------------------------------------
     def _rows(self, req: Req, d: Draft) -> list[RowSpec]:
@@ -227,9 +220,9 @@ class SpecDecoder:
         return rows
 
     def _accept(self, reqs: list[Req], drafts: list[Draft], logits: torch.Tensor
-                ) -> list[StepResult]:
-        """Acceptance for every request (rules in ``verify.py``); sets
-        ``draft_state["accepted_rows"]`` (verify rows whose KV is kept) for the commit."""
+                ) -> tuple[list[StepResult], list[list[int]]]:
+        """Acceptance for every request (rules in ``verify.py``): the results, and per request
+        the verify rows whose KV the commit keeps (anchor + accepted draft nodes)."""
         rows: list[RowSpec] = []
         for req, d in zip(reqs, drafts):
             rows.extend(self._rows(req, d))
@@ -254,6 +247,7 @@ class SpecDecoder:
             chains, self._greedy_chains([drafts[i] for i in chains],
                                         [offsets[i] for i in chains], greedy_tok)))
         results: list[StepResult] = []
+        kept_rows: list[list[int]] = []
         for i, (req, d) in enumerate(zip(reqs, drafts)):
             off, n = offsets[i], rows_per_req[i]
             sp = req.sampling_params
@@ -284,9 +278,9 @@ class SpecDecoder:
             if req.return_logprob and logp is not None:
                 lps = [_logprob_entry(logp[off + r], t, req.top_logprobs_num)
                        for r, t in zip(path_rows, toks)]
-            results.append(StepResult(req, toks, lps, len(d)))
-            req.draft_state["accepted_rows"] = path_rows
-        return results
+            results.append(StepResult(req, toks, lps, len(d), forced=d.forced))
+            kept_rows.append(path_rows)
+        return results, kept_rows
 
     @staticmethod
     def _greedy_chains(drafts: list[Draft], offsets: list[int], greedy_tok: torch.Tensor
@@ -309,7 +303,7 @@ class SpecDecoder:
 
     # ---- commit -------------------------------------------------------------------------------
     def _commit(self, reqs: list[Req], drafts: list[Draft], specs: list[BatchRequestSpec],
-                results: list[StepResult]) -> None:
+                results: list[StepResult], kept_rows: list[list[int]]) -> None:
         st = self.stats
         st.steps += 1
         st.req_steps += len(reqs)
@@ -317,17 +311,15 @@ class SpecDecoder:
         st.last_lengths = [len(d) for d in drafts]
         dec = getattr(self.worker, "last_decision", None)
         st.last_expected_tau = dec.expected_tau if dec is not None else None
-        for req, d, spec, res in zip(reqs, drafts, specs, results):
-            rows = req.draft_state.pop("accepted_rows")
-            keep_rows = rows  # anchor row 0 + accepted draft rows (the last token is not in KV)
+        for req, d, spec, res, keep_rows in zip(reqs, drafts, specs, results, kept_rows):
+            # keep_rows: anchor row 0 + accepted draft rows (the last token is not in KV)
             keep = spec.out_cache_loc[torch.tensor(keep_rows, dtype=torch.int64)]
             drop_mask = torch.ones(spec.out_cache_loc.numel(), dtype=torch.bool)
             drop_mask[torch.tensor(keep_rows, dtype=torch.int64)] = False
             self.cache.free_slots(spec.out_cache_loc[drop_mask])
             self.cache.req_to_token_pool.write(req.req_pool_idx, req.kv_len, keep)
             req.kv_len += len(keep_rows)
-            accepted = len(res.tokens) - 1
-            req.draft_state["last_accepted"] = accepted
+            accepted = res.num_accepted
             if self.worker.name != "NONE":  # SGLang reports verify steps only with speculation
                 req.spec_verify_ct += 1
             req.spec_accepted_drafts += accepted
@@ -339,6 +331,7 @@ class SpecDecoder:
                 st.forced_tokens += len(d)
             elif d.parents is None:  # the drafter's per-position acceptance
                 st.record_position(len(d), accepted)
+        self.worker.on_verified(results)
 
 
 def _one_hot(tokens: list[int], vocab: int) -> torch.Tensor:

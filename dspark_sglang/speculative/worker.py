@@ -41,8 +41,30 @@ class Draft:
         return len(self.tokens)
 
 
+@dataclass
+class StepResult:
+    """What one committed verify step did for one request: handed to the scheduler (tokens to
+    append) and to :meth:`DraftWorker.on_verified` (acceptance the drafter may learn from)."""
+
+    req: Req
+    tokens: list[int]  # accepted drafts + one target token (correction or bonus)
+    logprobs: list[tuple[Any, Any]] | None
+    num_drafted: int  # draft tokens verified this step
+    forced: bool = False  # they were grammar jump-forward tokens, not the drafter's proposal
+
+    @property
+    def num_accepted(self) -> int:
+        return len(self.tokens) - 1
+
+
 class DraftWorker(ABC):
-    """What the spec decoder needs from a drafter. Called only from the scheduler thread."""
+    """What the spec decoder needs from a drafter. Called only from the scheduler thread.
+
+    Per-request state a drafter keeps (e.g. acceptance estimates) is its own, keyed by
+    ``Req.rid``: it learns outcomes from :meth:`on_verified` and drops a request's state in
+    :meth:`release`, which the scheduler calls whenever a request finishes, aborts or is
+    retracted. Such state must be covered by :meth:`snapshot` / :meth:`restore`.
+    """
 
     name: str = "NONE"
     capture_layer_ids: tuple[int, ...] = ()  # target layers whose hidden states it needs
@@ -55,6 +77,13 @@ class DraftWorker(ABC):
 
     def max_draft_len(self) -> int:
         return 0
+
+    def on_verified(self, results: list[StepResult]) -> None:  # noqa: B027
+        """Called once per committed step with every verified request's result (not for a
+        step that was cancelled before its commit)."""
+
+    def release(self, req: Req) -> None:  # noqa: B027
+        """``req`` left the running set (finished, aborted or retracted): drop its state."""
 
     def snapshot(self) -> dict[str, Any]:
         """The worker state ``propose`` may change, for :meth:`restore` when the step is cancelled

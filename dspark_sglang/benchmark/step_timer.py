@@ -1,23 +1,24 @@
-"""Where a decode step's time goes: wall-clock timers wrapped around one engine's components.
+"""Where a decode step's time goes: wall-clock timers on one engine's components.
 
-``StepTimer(engine.parts)`` wraps, on the engine's own objects (nothing global is patched):
-``decoder.step`` (one speculative/decode step), inside it ``worker.propose`` (drafting),
-``runner.forward`` (the target's batched forward), ``worker.on_target_forward`` (drafter context
-update) and ``decoder._accept`` + ``decoder._commit`` (acceptance, KV bookkeeping); and, outside
-steps, the target's prefill forwards. ``summary(wall)`` gives milliseconds per step for each part,
-the rest of the step as ``other_ms`` (worker bookkeeping, batch building, Python), and the shares
-of the wall time spent in steps and in prefill (the remainder is scheduling, tokenization and
-idle time between requests).
+``StepTimer(engine.parts)`` installs itself as the decoder's ``phase_timer``
+(``SpecDecoder.phase_timer``), which times each step (``step``) and inside it drafting
+(``draft``: ``worker.propose``), the target's batched forward (``target``), the drafter context
+update (``ctx_update``: ``worker.on_target_forward``) and acceptance plus KV bookkeeping
+(``accept``). Outside steps it times the target's prefill forwards and the drafter's context
+update after them, by wrapping ``runner.forward`` and ``worker.on_target_forward`` on the
+engine's own objects (nothing global is patched). ``summary(wall)`` gives milliseconds per step
+for each part, the rest of the step as ``other_ms`` (worker bookkeeping, batch building, Python),
+and the shares of the wall time spent in steps and in prefill (the remainder is scheduling,
+tokenization and idle time between requests).
 """
 
 from __future__ import annotations
 
-import functools
 import time
 from collections import defaultdict
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from typing import Any
-
-from dspark_sglang.core.forward_batch import ForwardMode
 
 STEP_PARTS = ("draft", "target", "ctx_update", "accept")
 
@@ -27,48 +28,40 @@ class StepTimer:
         self.totals: dict[str, float] = defaultdict(float)
         self.steps = 0
         self._in_step = False
-        decoder, worker, runner = parts.decoder, parts.decoder.worker, parts.runner
-        self._wrap(decoder, "step", self._time_step)
-        self._wrap(worker, "propose", functools.partial(self._time_part, "draft"))
-        self._wrap(worker, "on_target_forward",
-                   functools.partial(self._time_part, "ctx_update"))
-        self._wrap(decoder, "_accept", functools.partial(self._time_part, "accept"))
-        self._wrap(decoder, "_commit", functools.partial(self._time_part, "accept"))
-        self._wrap(runner, "forward", self._time_forward)
+        decoder = parts.decoder
+        decoder.phase_timer = self.phase
+        self._time_outside_steps(parts.runner, "forward", "prefill")
+        self._time_outside_steps(decoder.worker, "on_target_forward", "prefill_ctx_update")
 
-    @staticmethod
-    def _wrap(obj: Any, name: str, timer: Any) -> None:
-        inner = getattr(obj, name)
-        setattr(obj, name, functools.partial(timer, inner))
-
-    def _time_step(self, inner: Any, *args: Any, **kw: Any) -> Any:
-        self._in_step = True
+    @contextmanager
+    def phase(self, name: str) -> Iterator[None]:
+        """The decoder's ``phase_timer``: adds the phase's wall time to ``totals[name]``."""
+        if name == "step":
+            self._in_step = True
         t0 = time.perf_counter()
         try:
-            return inner(*args, **kw)
+            yield
         finally:
-            self.totals["step"] += time.perf_counter() - t0
-            self.steps += 1
-            self._in_step = False
+            self.totals[name] += time.perf_counter() - t0
+            if name == "step":
+                self.steps += 1
+                self._in_step = False
 
-    def _time_part(self, part: str, inner: Any, *args: Any, **kw: Any) -> Any:
-        t0 = time.perf_counter()
-        try:
-            return inner(*args, **kw)
-        finally:
-            key = part if self._in_step else f"prefill_{part}"
-            self.totals[key] += time.perf_counter() - t0
+    def _time_outside_steps(self, obj: Any, method: str, key: str) -> None:
+        """Wrap ``obj.method`` so calls outside a step (prefill) add to ``totals[key]``; calls
+        inside a step are timed by the decoder's phases."""
+        inner: Callable[..., Any] = getattr(obj, method)
 
-    def _time_forward(self, inner: Any, fb: Any) -> Any:
-        t0 = time.perf_counter()
-        try:
-            return inner(fb)
-        finally:
-            dt = time.perf_counter() - t0
-            if self._in_step and fb.mode != ForwardMode.EXTEND:
-                self.totals["target"] += dt
-            else:
-                self.totals["prefill"] += dt
+        def timed(*args: Any, **kw: Any) -> Any:
+            if self._in_step:
+                return inner(*args, **kw)
+            t0 = time.perf_counter()
+            try:
+                return inner(*args, **kw)
+            finally:
+                self.totals[key] += time.perf_counter() - t0
+
+        setattr(obj, method, timed)
 
     def reset(self) -> None:
         self.totals.clear()

@@ -16,6 +16,8 @@ rest are freed at once.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
 from typing import Any
 
@@ -40,7 +42,10 @@ from dspark_sglang.speculative import verify as vfy
 from dspark_sglang.speculative.tree import node_depths, tree_attention_mask
 from dspark_sglang.speculative.worker import Draft, DraftWorker, StepResult
 
-__all__ = ["SpecDecoder", "SpecStats", "StepResult"]
+__all__ = ["PhaseTimer", "SpecDecoder", "SpecStats", "StepResult"]
+
+# ``with phase_timer(name):`` around each phase of a step (SpecDecoder.phase_timer)
+PhaseTimer = Callable[[str], AbstractContextManager[Any]]
 
 
 @dataclass
@@ -113,6 +118,13 @@ class SpecDecoder:
         # grammar jump-forward rides on speculation: forced tokens replace the draft and are
         # verified like any draft (lossless); plain decoding (NONE) stays one token per step
         self.jump_forward = worker.name != "NONE"
+        # profiling hook (benchmark/step_timer.py), entered around: "step" (the whole call),
+        # inside it "draft" (worker.propose), "target" (the verify forward), "ctx_update"
+        # (worker.on_target_forward) and "accept" (acceptance, then again the commit)
+        self.phase_timer: PhaseTimer | None = None
+
+    def _phase(self, name: str) -> AbstractContextManager[Any]:
+        return nullcontext() if self.phase_timer is None else self.phase_timer(name)
 
     def _apply_jump_forward(self, reqs: list[Req], drafts: list[Draft]) -> None:
         limit = max(self.worker.max_draft_len(), 8)
@@ -134,10 +146,15 @@ class SpecDecoder:
         the commit. A retry (after a retraction, or request by request after a failure)
         therefore drafts as this step did.
         """
+        with self._phase("step"):
+            return self._step(reqs)
+
+    def _step(self, reqs: list[Req]) -> list[StepResult] | None:
         saved = self._save(reqs)
         slots = None
         try:
-            drafts = self.worker.propose(reqs)
+            with self._phase("draft"):
+                drafts = self.worker.propose(reqs)
             if self.jump_forward:
                 self._apply_jump_forward(reqs, drafts)
             total = sum(1 + len(d) for d in drafts)
@@ -151,7 +168,8 @@ class SpecDecoder:
                 self.cache.free_slots(slots)
             self._restore(saved)
             raise
-        self._commit(reqs, drafts, specs, results, kept_rows)
+        with self._phase("accept"):
+            self._commit(reqs, drafts, specs, results, kept_rows)
         return results
 
     def release(self, req: Req) -> None:
@@ -190,10 +208,13 @@ class SpecDecoder:
         mode = ForwardMode.DECODE if total == len(reqs) else ForwardMode.TARGET_VERIFY
         fb = build_forward_batch(mode, specs, self.cache.req_to_token,
                                  capture_layer_ids=self.worker.capture_layer_ids)
-        out = self.runner.forward(fb)
-        self.worker.on_target_forward(fb, out)
+        with self._phase("target"):
+            out = self.runner.forward(fb)
+        with self._phase("ctx_update"):
+            self.worker.on_target_forward(fb, out)
         assert out.logits is not None
-        return (specs, *self._accept(reqs, drafts, out.logits))
+        with self._phase("accept"):
+            return (specs, *self._accept(reqs, drafts, out.logits))
 
     # ---- acceptance ---------------------------------------------------------------------------
     def _rows(self, req: Req, d: Draft) -> list[RowSpec]:

@@ -23,6 +23,7 @@ from typing import Any
 
 import torch
 
+from dspark_sglang.constrained.draft_walk import DraftWalk
 from dspark_sglang.core.forward_batch import ForwardBatch, ModelOutput
 from dspark_sglang.core.req import Req
 from dspark_sglang.mem_cache.kv_pool import KVPool
@@ -265,11 +266,11 @@ class DSparkWorker(DraftWorker):
 
 
 class _GrammarWalk:
-    """``mask_fn`` for ``sample_chain``: advances a copy of each request's grammar along the chain
-    and returns the additive mask for the next position. A request whose copy terminated or
-    rejected a token stops being drafted there (``valid_len``), and so does one whose grammar
-    allows no token at all (a dead end) or none of the token map (``token_ids``; the drafter
-    cannot propose any)."""
+    """``mask_fn`` for ``sample_chain``: walks each request's grammar along the chain
+    (``DraftWalk``) and returns the additive mask for the next position. A request whose walk
+    terminated or met a refused token stops being drafted there (``valid_len``), and so does one
+    whose grammar allows no token at all (a dead end) or none of the token map (``token_ids``;
+    the drafter cannot propose any)."""
 
     def __init__(self, reqs: list[Req], vocab: int,
                  token_ids: torch.Tensor | None = None) -> None:
@@ -277,29 +278,27 @@ class _GrammarWalk:
         self.vocab = vocab
         self.token_ids = None if token_ids is None else token_ids.cpu()
         self.active = any(r.grammar is not None for r in reqs)
-        self.states = [r.grammar.copy() if r.grammar is not None else None for r in reqs]
+        self.walks = [DraftWalk(r.grammar) if r.grammar is not None else None for r in reqs]
         self.stop_at: dict[int, int] = {}
 
     def __call__(self, k: int, prev: torch.Tensor) -> torch.Tensor | None:
         from dspark_sglang.constrained.base import allocate_bitmask, bitmask_to_bool
 
-        rows = [i for i, g in enumerate(self.states) if g is not None]
+        rows = [i for i, w in enumerate(self.walks) if w is not None]
         if not rows:
             return None
         mask = torch.zeros((len(self.reqs), self.vocab))
         bitmask = allocate_bitmask(len(rows), self.vocab)
         prev_l = prev.tolist()
         for j, i in enumerate(rows):
-            g = self.states[i]
-            assert g is not None
-            ok = True
-            if k > 0:
-                ok = not g.is_terminated() and g.accept_token(prev_l[i])
-            if not ok or g.is_terminated():
+            walk = self.walks[i]
+            assert walk is not None
+            ok = walk.advance(prev_l[i]) if k > 0 else True
+            if not ok or walk.grammar.is_terminated():
                 self.stop_at.setdefault(i, k)
                 bitmask[j].fill_(-1)  # anything: the draft is cut at this position
                 continue
-            g.fill_bitmask(bitmask, j)
+            walk.grammar.fill_bitmask(bitmask, j)
         allowed = bitmask_to_bool(bitmask, self.vocab)  # [rows, V]
         reach = allowed if self.token_ids is None else allowed[:, self.token_ids]
         for j in (~reach.any(dim=-1)).nonzero().flatten().tolist():  # dead end / off the map

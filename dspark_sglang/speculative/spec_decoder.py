@@ -23,6 +23,7 @@ from typing import Any
 
 import torch
 
+from dspark_sglang.constrained.draft_walk import DraftWalk
 from dspark_sglang.core.forward_batch import ForwardMode
 from dspark_sglang.core.req import Req
 from dspark_sglang.layers import sampler as smp
@@ -224,20 +225,20 @@ class SpecDecoder:
         else:
             parents = d.parents
         rows = [RowSpec(req, [], req.grammar)]
-        states = [req.grammar]
+        walks = [None if req.grammar is None else DraftWalk(req.grammar)]
         paths: list[list[int]] = [[]]
         for tok, p in zip(d.tokens, parents):
             parent_row = p + 1
             path = paths[parent_row] + [tok]
-            g = None
-            pg = states[parent_row]
-            if pg is not None:
-                g = pg.copy()
-                if g.is_terminated() or not g.accept_token(tok):
-                    g = None  # invalid path: row unused (the token cannot be accepted)
-            states.append(g)
+            parent = walks[parent_row]
+            walk = None
+            if parent is not None:
+                walk = parent.branch()
+                if not walk.advance(tok):
+                    walk = None  # invalid path: row unused (the token cannot be accepted)
+            walks.append(walk)
             paths.append(path)
-            rows.append(RowSpec(req, path, g if req.grammar is not None else None))
+            rows.append(RowSpec(req, path, None if walk is None else walk.grammar))
         return rows
 
     def _accept(self, reqs: list[Req], drafts: list[Draft], logits: torch.Tensor

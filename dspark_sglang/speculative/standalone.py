@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import torch
 
+from dspark_sglang.constrained.draft_walk import valid_draft_prefix
 from dspark_sglang.core.forward_batch import ForwardBatch, ForwardMode, ModelOutput
 from dspark_sglang.core.req import Req
 from dspark_sglang.model_executor.model_loader import build_target_model
@@ -20,7 +21,7 @@ from dspark_sglang.model_executor.model_runner import (
 )
 from dspark_sglang.models.loader import load_model_files
 from dspark_sglang.speculative.context import DraftContext, SpeculativeConfig
-from dspark_sglang.speculative.worker import Draft, DraftWorker, _grammar_filter_prefix
+from dspark_sglang.speculative.worker import Draft, DraftWorker
 
 
 class StandaloneWorker(DraftWorker):
@@ -83,5 +84,5 @@ class StandaloneWorker(DraftWorker):
                 last = nxt
         finally:
             self.cache.free_slots(scratch)
-        return [Draft(tokens=_grammar_filter_prefix(r, d[: rooms[i]]))
+        return [Draft(tokens=valid_draft_prefix(r.grammar, d[: rooms[i]]))
                 for i, (r, d) in enumerate(zip(reqs, drafts))]

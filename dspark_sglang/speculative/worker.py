@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from dspark_sglang.constrained.draft_walk import valid_draft_prefix
 from dspark_sglang.core.forward_batch import ForwardBatch, ModelOutput
 from dspark_sglang.core.req import Req
 
@@ -132,19 +133,6 @@ class NgramWorker(DraftWorker):
         out = []
         for req in reqs:
             toks = self.proposer.propose(req.fill_ids)[: req.draft_room(self.context_len)]
-            toks = _grammar_filter_prefix(req, toks)
+            toks = valid_draft_prefix(req.grammar, toks)  # drafts are never grammar-invalid
             out.append(Draft(tokens=list(toks)))
         return out
-
-
-def _grammar_filter_prefix(req: Req, toks: list[int]) -> list[int]:
-    """Cut a weight-free draft at its first grammar-invalid token (drafts are never invalid)."""
-    if req.grammar is None or not toks:
-        return toks
-    g = req.grammar.copy()
-    kept: list[int] = []
-    for t in toks:
-        if g.is_terminated() or not g.accept_token(t):
-            break
-        kept.append(t)
-    return kept

@@ -130,3 +130,12 @@ def test_the_checker_sees_function_level_and_relative_imports() -> None:
     assert ("dspark_sglang.entrypoints.engine", 2) in found
     assert ("dspark_sglang.server_args", 3) in found
     assert ("dspark_sglang.speculative.verify", 4) in found
+
+
+def test_sampling_lives_in_the_decoder_not_the_scheduler() -> None:
+    """The scheduler hands the prefill's last logits to ``SpecDecoder.sample_first_token``; it
+    imports neither the sampler nor logits processing."""
+    sampling = {"dspark_sglang.layers.sampler", "dspark_sglang.layers.coupling",
+                "dspark_sglang.layers.logits_processing"}
+    for path in (PKG / "scheduler").glob("*.py"):
+        assert not sampling & {m for m, _ in _imports(path)}, path

@@ -29,9 +29,6 @@ import torch
 
 from dspark_sglang.core.forward_batch import ForwardMode
 from dspark_sglang.core.req import Req, ReqState
-from dspark_sglang.layers import sampler as smp
-from dspark_sglang.layers.coupling import coupled_sample
-from dspark_sglang.layers.logits_processing import RowSpec, adjust_logits_, sampling_info
 from dspark_sglang.mem_cache.cache_manager import CacheManager
 from dspark_sglang.model_executor.model_runner import (
     BatchRequestSpec,
@@ -348,24 +345,7 @@ class Scheduler:
             self._finish(req, cache=True)
             return
         assert last_logits is not None
-        logits = last_logits[None].clone()
-        adjust_logits_(logits, [RowSpec(req, [], req.grammar)], self.output.eos_token_ids,
-                       self.runner.config.vocab_size)
-        info = sampling_info([req])
-        probs = smp.logits_to_probs(logits, info)
-        if req.sampling_params.seed is not None and not req.sampling_params.is_greedy:
-            # position-keyed sample (layers/coupling.py): what every decoding mode emits here
-            tok = coupled_sample(probs[0], req.sampling_params.seed, len(req.output_ids))
-        else:
-            tok = int(smp.sample(probs, info, logits=logits)[0])
-        lps = None
-        if req.return_logprob:
-            lp = smp.compute_logprobs(last_logits[None])[0]
-            top = None
-            if req.top_logprobs_num:
-                v, i = lp.topk(req.top_logprobs_num)
-                top = list(zip(v.tolist(), i.tolist()))
-            lps = [((float(lp[tok]), tok), top)]
+        tok, lps = self.decoder.sample_first_token(req, last_logits)
         req.first_token_at = time.monotonic()
         req.state = ReqState.RUNNING
         self.prefilling.remove(req)

@@ -27,6 +27,7 @@ from dspark_sglang.constrained.draft_walk import DraftWalk
 from dspark_sglang.core.forward_batch import ForwardMode
 from dspark_sglang.core.req import Req
 from dspark_sglang.layers import sampler as smp
+from dspark_sglang.layers.coupling import coupled_sample
 from dspark_sglang.layers.logits_processing import (
     RowSpec,
     adjust_logits_,
@@ -172,6 +173,28 @@ class SpecDecoder:
         with self._phase("accept"):
             self._commit(reqs, drafts, specs, results, kept_rows)
         return results
+
+    def sample_first_token(self, req: Req, logits: torch.Tensor
+                           ) -> tuple[int, list[tuple[Any, Any]] | None]:
+        """The token after the prompt from the prefill's last logits row (``[V]``, unchanged):
+        processed like a verify row (penalties, min tokens, grammar mask), then the argmax when
+        greedy, the position-keyed sample when seeded (``layers/coupling.py``: what every
+        decoding mode emits at this position), else a draw from the request's generator. Also
+        the token's logprob entry when the request returns logprobs."""
+        processed = logits[None].clone()  # [1, V]
+        adjust_logits_(processed, [RowSpec(req, [], req.grammar)], self.eos_ids, self.vocab_size)
+        info = sampling_info([req])
+        probs = smp.logits_to_probs(processed, info)
+        sp = req.sampling_params
+        if sp.seed is not None and not sp.is_greedy:
+            tok = coupled_sample(probs[0], sp.seed, len(req.output_ids))
+        else:
+            tok = int(smp.sample(probs, info, logits=processed)[0])
+        lps = None
+        if req.return_logprob:
+            logp = smp.compute_logprobs(logits[None])[0]  # raw logits, as verify rows report
+            lps = [_logprob_entry(logp, tok, req.top_logprobs_num)]
+        return tok, lps
 
     def release(self, req: Req) -> None:
         """``req`` finished, aborted or was retracted: the worker drops its per-request state."""

@@ -19,7 +19,7 @@ class _SPS:
 
 def _worker(draft_time: float = 0.1) -> DSparkWorker:
     w = object.__new__(DSparkWorker)
-    w.mode, w.gamma, w.draft_budget = "DSPARK", 7, True
+    w.gamma, w.draft_budget = 7, True
     w.sps_table, w._draft_time, w._last_batch = _SPS(), draft_time, 1  # draft = 1 step
     w.min_probe_every, w.max_probe_every = 4, 16
     w.probe_every, w._skipped_in_row, w._probing, w._acc_prior = 4, 0, False, None

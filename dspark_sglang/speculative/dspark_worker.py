@@ -1,13 +1,7 @@
-"""DSpark draft worker: block drafting over the shared draft context pool, then a verify length
-per request from the hardware-aware prefix scheduler.
-
-Modes served by the same drafter (``--speculative-algorithm``):
-- ``DSPARK``: chain of up to ``block_size`` drafts, lengths chosen by the prefix scheduler from
-  calibrated confidences and the profiled SPS table;
-- ``CHAIN``: the whole chain, no scheduler (``--speculative-num-draft-tokens`` caps it);
-- ``MTP1``: exactly one draft token per step, always verified;
-- ``TREE``: a top-k tree from the drafter's per-position distributions (greedy verification of
-  the tree; sampled requests are verified with multi-draft rejection sampling).
+"""DSpark draft worker: block drafting over the shared draft context pool; how much is drafted
+and verified per request is the algorithm's draft-length policy (``draft_length.py``: DSPARK's
+prefix scheduler, CHAIN, MTP1, TREE). Trees are verified greedily, or with multi-draft rejection
+sampling for sampled requests.
 
 Draft context pool: per KV slot and draft layer, the K/V of ``H_ctx`` (the projected target hidden
 states) — written in ``on_target_forward`` for every token the target computes, so a slot in the
@@ -28,9 +22,9 @@ from dspark_sglang.core.forward_batch import ForwardBatch, ModelOutput
 from dspark_sglang.core.req import Req
 from dspark_sglang.mem_cache.kv_pool import KVPool
 from dspark_sglang.speculative.context import DraftContext, SpeculativeConfig
+from dspark_sglang.speculative.draft_length import Tree, draft_length_policy
 from dspark_sglang.speculative.dspark import DSparkDrafter, load_dspark_checkpoint
 from dspark_sglang.speculative.dspark.config import dspark_num_draft_from_num_draft_tokens
-from dspark_sglang.speculative.prefix_scheduler import schedule_prefix
 from dspark_sglang.speculative.sps_profile import SPSTable
 from dspark_sglang.speculative.worker import Draft, DraftWorker, StepResult
 
@@ -61,21 +55,17 @@ class DSparkWorker(DraftWorker):
             raise ValueError("target_layer_ids < 0 (embedding output) are not supported")
         self.name = mode
         self.drafter = drafter
-        self.mode = mode
         self.gamma = cfg.block_size
-        self.num_draft = min(self.gamma, num_draft_tokens or self.gamma)
-        if mode == "MTP1":
-            self.num_draft = 1
-        self.tree_topk = tree_topk
-        self.tree_nodes = num_draft_tokens or 2 * self.gamma
-        self.sps_table = sps_table
+        self.policy = draft_length_policy(mode, self.gamma, num_draft_tokens, sps_table,
+                                          tree_topk)
+        self.sps_table = sps_table  # also prices drafting for the draft budget
         self.context_len = context_len
         self.req_to_token = req_to_token
         self.capture_layer_ids = tuple(cfg.target_layer_ids)
         self.ctx_pool = KVPool(cfg.num_hidden_layers, num_slots, cfg.num_key_value_heads,
                                cfg.head_dim, dtype, device)
         self.last_decision: Any = None
-        self.draft_budget = draft_budget and mode == "DSPARK"
+        self.draft_budget = draft_budget and self.policy.budgeted
         self.min_probe_every = 16
         self.max_probe_every = 256
         self.probe_every = self.min_probe_every
@@ -87,7 +77,7 @@ class DSparkWorker(DraftWorker):
         self.budget_states: dict[str, BudgetState] = {}  # rid -> record; DSPARK budget only
 
     def max_draft_len(self) -> int:
-        return self.tree_nodes if self.mode == "TREE" else self.num_draft
+        return self.policy.max_draft_len()
 
     # ---- context pool ------------------------------------------------------------------------
     @torch.inference_mode()
@@ -204,10 +194,10 @@ class DSparkWorker(DraftWorker):
         temps = torch.tensor([0.0 if r.sampling_params.is_greedy
                               else float(r.sampling_params.temperature) for r in reqs],
                              device=dev)
-        if self.mode == "TREE":
+        if self.policy.tree:
             base = self.drafter.base_logits(hidden)  # [bs, g, V]
             return self._propose_tree(reqs, hidden, base, anchors, temps, rooms)
-        k = min(self.num_draft, max(rooms))
+        k = min(self.policy.num_draft, max(rooms))
         hidden = hidden[:, :k]  # only the positions we draft need the LM head
         vocab = self.drafter.draft_vocab
         grammar_walk = _GrammarWalk(reqs, self.drafter.config.vocab_size,
@@ -220,13 +210,9 @@ class DSparkWorker(DraftWorker):
             mask_fn=grammar_walk if grammar_walk.active else None, num_tokens=k,
             coupling=coupling)
         limits = [min(k, rooms[i], grammar_walk.valid_len(i, k)) for i in range(bs)]
-        if self.mode == "DSPARK" and self.sps_table is not None:
-            decision = schedule_prefix(chain.confidences.float(), self.sps_table,
-                                       max_lengths=limits)
-            lengths = decision.lengths
+        lengths, decision = self.policy.verify_lengths(chain.confidences, limits)
+        if decision is not None:
             self.last_decision = decision
-        else:
-            lengths = limits
         if self.draft_budget:
             for r, limit in zip(reqs, limits):
                 self.budget_states[r.rid] = replace(self.budget_states[r.rid], proposed=limit)
@@ -245,6 +231,8 @@ class DSparkWorker(DraftWorker):
                       ) -> list[Draft]:
         from dspark_sglang.speculative.tree import build_topk_tree
 
+        policy = self.policy
+        assert isinstance(policy, Tree)
         # per-position distributions along the drafter's greedy chain (Markov bias included)
         chain = self.drafter.sample_chain(hidden, base, anchors, torch.zeros_like(temps),
                                           num_tokens=self.gamma)
@@ -256,11 +244,11 @@ class DSparkWorker(DraftWorker):
         for i, req in enumerate(reqs):
             depth = min(self.gamma, rooms[i])
             if depth == 0 or req.grammar is not None:
-                n = min(self.num_draft, rooms[i]) if req.grammar is None else 0
+                n = min(policy.num_draft, rooms[i]) if req.grammar is None else 0
                 out.append(Draft(tokens=chain.tokens[i, :n].tolist()))
                 continue
             lp = torch.log_softmax(logits[i, :depth], dim=-1)
-            tree = build_topk_tree(lp, self.tree_topk, self.tree_nodes)
+            tree = build_topk_tree(lp, policy.topk, policy.num_nodes)
             out.append(Draft(tokens=tree.tokens.tolist(), parents=tree.parents.tolist()))
         return out
 

@@ -182,7 +182,7 @@ def test_engine_dspark_draft_length_from_num_draft_tokens(
                       speculative_dspark_sps_table_path=str(sps),
                       speculative_num_draft_tokens=3)
     worker = eng.parts.decoder.worker
-    assert worker.gamma == 4 and worker.num_draft == 2
+    assert worker.gamma == 4 and worker.policy.num_draft == 2
 
 
 

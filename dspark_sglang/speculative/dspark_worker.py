@@ -64,7 +64,7 @@ class DSparkWorker(DraftWorker):
         self.capture_layer_ids = tuple(cfg.target_layer_ids)
         self.ctx_pool = KVPool(cfg.num_hidden_layers, num_slots, cfg.num_key_value_heads,
                                cfg.head_dim, dtype, device)
-        self.last_decision: Any = None
+        self.last_decision = None
         self.draft_budget = draft_budget and self.policy.budgeted
         self.min_probe_every = 16
         self.max_probe_every = 256

@@ -354,7 +354,7 @@ class SpecDecoder:
         st.req_steps += len(reqs)
         st.verify_tokens += sum(len(s.input_ids) for s in specs)
         st.last_lengths = [len(d) for d in drafts]
-        dec = getattr(self.worker, "last_decision", None)
+        dec = self.worker.last_decision
         st.last_expected_tau = dec.expected_tau if dec is not None else None
         for req, d, spec, res, keep_rows in zip(reqs, drafts, specs, results, kept_rows):
             # keep_rows: anchor row 0 + accepted draft rows (the last token is not in KV)

@@ -20,6 +20,7 @@ from dspark_sglang.core.req import Req
 
 if TYPE_CHECKING:
     from dspark_sglang.speculative.context import DraftContext, SpeculativeConfig
+    from dspark_sglang.speculative.prefix_scheduler import ScheduleDecision
 
 
 @dataclass
@@ -69,6 +70,8 @@ class DraftWorker(ABC):
 
     name: str = "NONE"
     capture_layer_ids: tuple[int, ...] = ()  # target layers whose hidden states it needs
+    # the prefix scheduler's last decision (DSPARK), reported in SpecStats.last_expected_tau
+    last_decision: ScheduleDecision | None = None
 
     @abstractmethod
     def propose(self, reqs: list[Req]) -> list[Draft]: ...

@@ -24,7 +24,8 @@ V, H, GAMMA = 100, 32, 4
 
 def make_config(**kw: object) -> DSparkConfig:
     base = {"vocab_size": V, "hidden_size": H, "intermediate_size": 64, "num_hidden_layers": 2,
-                "num_attention_heads": 4, "num_key_value_heads": 2, "head_dim": 8, "block_size": GAMMA,
+                "num_attention_heads": 4, "num_key_value_heads": 2, "head_dim": 8,
+                "block_size": GAMMA,
                 "target_layer_ids": (0, 2), "mask_token_id": V - 1, "markov_rank": 8,
                 "markov_head_type": "vanilla", "enable_confidence_head": True,
                 "confidence_head_with_markov": True, "rope_theta": 10000.0}

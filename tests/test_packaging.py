@@ -12,7 +12,8 @@ ROOT = Path(__file__).resolve().parent.parent
 
 def test_no_code_imports_top_level_kernels():
     pat = re.compile(r"^\s*(from|import)\s+kernels(\.|\s|$)", re.M)
-    offenders = [str(p) for p in (ROOT / "dspark_sglang").rglob("*.py") if pat.search(p.read_text())]
+    offenders = [str(p) for p in (ROOT / "dspark_sglang").rglob("*.py")
+                 if pat.search(p.read_text())]
     assert offenders == []
 
 

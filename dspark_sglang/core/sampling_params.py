@@ -103,7 +103,8 @@ class SamplingParams:
             raise ValueError(f"sampling_params.stop_token_ids must be ids in [0, {vocab_size})")
         if not isinstance(self.n, int) or not 1 <= self.n <= 64:
             raise ValueError(f"sampling_params.n must be in [1, 64], got {self.n!r}")
-        if self.seed is not None and (isinstance(self.seed, bool) or not isinstance(self.seed, int)):
+        seed = self.seed
+        if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
             raise ValueError(f"sampling_params.seed must be an integer, got {self.seed!r}")
         kinds = [x for x in (self.regex, self.json_schema, self.ebnf) if x is not None]
         if len(kinds) > 1:

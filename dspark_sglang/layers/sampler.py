@@ -29,7 +29,8 @@ import torch
 
 
 def make_generator(seed: int, device: torch.device | str = "cpu") -> torch.Generator:
-    """A fresh generator for a seeded request. The request owns it and it advances with every draw."""
+    """A fresh generator for a seeded request. The request owns it and it advances with every
+    draw."""
     gen = torch.Generator(device=device)
     gen.manual_seed(int(seed))
     return gen

@@ -15,6 +15,7 @@ import functools
 import hashlib
 import logging
 import os
+import time
 from pathlib import Path
 from types import ModuleType
 
@@ -65,6 +66,27 @@ def kernels_enabled() -> bool:
     return os.environ.get("DSPARK_CPU_KERNELS", "1").strip().lower() not in ("0", "false", "off")
 
 
+STALE_LOCK_SECONDS = 600.0  # a build takes ~1.5 min on 2 busy cores
+
+
+def clear_stale_build_lock(build_dir: Path, max_age_s: float = STALE_LOCK_SECONDS) -> bool:
+    """Remove ``build_dir/lock`` when it is older than ``max_age_s``.
+
+    torch's extension builder holds that file while it compiles and waits, without limit, for it
+    to vanish; a build killed mid-way leaves it behind and every later start would hang. A
+    lock older than any real build is such a leftover. Returns True when one was removed."""
+    lock = build_dir / "lock"
+    try:
+        age = time.time() - lock.stat().st_mtime
+    except FileNotFoundError:
+        return False
+    if age <= max_age_s:
+        return False
+    logger.warning("removing a stale kernel build lock (%.0f s old): %s", age, lock)
+    lock.unlink(missing_ok=True)
+    return True
+
+
 @functools.cache
 def _build(isa: str) -> ModuleType | None:
     from torch.utils import cpp_extension
@@ -76,6 +98,7 @@ def _build(isa: str) -> ModuleType | None:
     name = f"dspark_cpu_ops_{tag}_{digest.hexdigest()[:10]}"
     build_dir = _cache_root() / "torch_extensions" / name
     build_dir.mkdir(parents=True, exist_ok=True)
+    clear_stale_build_lock(build_dir)
     try:
         return cpp_extension.load(
             name=name, sources=[str(CSRC / "cpu_ops.cpp")], build_directory=str(build_dir),

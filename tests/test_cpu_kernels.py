@@ -340,3 +340,19 @@ def test_engine_on_gguf_blocks_matches_float_weights(make_engine, tmp_path, monk
                        speculative_algorithm="DSPARK", speculative_draft_model_path=drafter,
                        speculative_dspark_disable_draft_budget=True)
     assert [o["output_ids"] for o in spec.generate(PROMPTS, greedy(12))] == want
+
+
+def test_stale_build_lock_is_removed_fresh_one_kept(tmp_path) -> None:
+    """A build killed mid-way leaves torch's ``lock`` file; torch waits for it forever."""
+    import os
+    import time
+
+    from dspark_kernels.cpu_ops import clear_stale_build_lock
+
+    assert not clear_stale_build_lock(tmp_path)  # no lock: nothing to do
+    lock = tmp_path / "lock"
+    lock.touch()
+    assert not clear_stale_build_lock(tmp_path) and lock.exists()  # a build in progress
+    old = time.time() - 3600
+    os.utime(lock, (old, old))
+    assert clear_stale_build_lock(tmp_path) and not lock.exists()

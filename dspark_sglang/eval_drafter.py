@@ -123,16 +123,6 @@ def format_table(rows: list[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
-def _token_map(drafter_dir: str | Path, choice: str | None,
-               size: int | None) -> list[int] | None:
-    from dspark_sglang.speculative.dspark.token_map import TOKEN_MAP_FILE, load_token_map
-
-    if choice is not None and choice.lower() == "none":
-        return None
-    path = Path(choice) if choice else Path(drafter_dir) / TOKEN_MAP_FILE
-    return load_token_map(path, size) if path.is_file() else None
-
-
 def main(argv: Sequence[str] | None = None) -> None:
     ap = argparse.ArgumentParser(prog="python -m dspark_sglang.eval_drafter")
     ap.add_argument("--drafter", default=None, help="checkpoint dir (default: shipped SmolLM2)")
@@ -154,6 +144,7 @@ def main(argv: Sequence[str] | None = None) -> None:
 
     from dspark_sglang.entrypoints.engine import Engine
     from dspark_sglang.speculative.dspark.checkpoint import load_dspark_checkpoint
+    from dspark_sglang.speculative.dspark.token_map import resolve_token_map
     from dspark_sglang.speculative.dspark_worker import DEFAULT_DRAFTER_DIR
     from dspark_sglang.train_drafter import _load_target
 
@@ -161,8 +152,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     drafter = load_dspark_checkpoint(args.drafter or DEFAULT_DRAFTER_DIR, target.embed_tokens,
                                      target.lm_head).eval()
     temps = drafter.sts_calibration().temperatures
-    token_map = _token_map(args.drafter or DEFAULT_DRAFTER_DIR, args.token_map,
-                           args.token_map_size)
+    token_map = resolve_token_map(args.drafter or DEFAULT_DRAFTER_DIR, args.token_map,
+                                  args.token_map_size)
     if token_map is not None:
         drafter.set_token_map(token_map)
     extractor = TargetHiddenExtractor(target, drafter.config.target_layer_ids, 4096, 2048)

@@ -341,18 +341,12 @@ def create_dspark_worker(ctx: DraftContext, cfg: SpeculativeConfig) -> DSparkWor
 
 def _install_token_map(drafter: DSparkDrafter, drafter_dir: str, cfg: SpeculativeConfig) -> None:
     """``--speculative-token-map``: a file, ``none``, or (default) the drafter's own map."""
-    from dspark_sglang.speculative.dspark.token_map import TOKEN_MAP_FILE, load_token_map
+    from dspark_sglang.speculative.dspark.token_map import resolve_token_map
 
-    choice = cfg.token_map
-    if choice is not None and choice.lower() == "none":
+    ids = resolve_token_map(drafter_dir, cfg.token_map, cfg.token_map_size)
+    if ids is None:
         return
-    path = Path(choice) if choice is not None else Path(drafter_dir) / TOKEN_MAP_FILE
-    if not path.is_file():
-        if choice is not None:
-            raise ValueError(f"speculative_token_map {choice!r} is not a file")
-        return
-    drafter.set_token_map(load_token_map(path, cfg.token_map_size))
+    drafter.set_token_map(ids)
     vocab = drafter.draft_vocab
     assert vocab is not None
-    logger.info("drafting over %d of %d tokens (%s, %s)", len(vocab), vocab.vocab_size,
-                path, vocab.dtype)
+    logger.info("drafting over %d of %d tokens (%s)", len(vocab), vocab.vocab_size, vocab.dtype)

@@ -64,6 +64,21 @@ def load_token_map(path: str | Path, size: int | None = None) -> list[int]:
     return ids
 
 
+def resolve_token_map(drafter_dir: str | Path, choice: str | None,
+                      size: int | None = None) -> list[int] | None:
+    """``--speculative-token-map`` semantics: ``"none"`` = full vocabulary (None); a path = that
+    file (an error when it is not one); unset = the drafter directory's ``token_map.json`` when
+    it ships one, else None."""
+    if choice is not None and choice.lower() == "none":
+        return None
+    path = Path(choice) if choice is not None else Path(drafter_dir) / TOKEN_MAP_FILE
+    if not path.is_file():
+        if choice is not None:
+            raise ValueError(f"speculative_token_map {choice!r} is not a file")
+        return None
+    return load_token_map(path, size)
+
+
 class DraftVocab:
     """The sub-matrices of the LM head and the Markov ``W2`` for the map's rows.
 

@@ -31,7 +31,7 @@ def attention_backend_names() -> tuple[str, ...]:
 
 def resolve_attention_backend(name: str, device: str, dtype: Any) -> str:
     """``auto`` -> ``cpu`` on a CPU with a float32 KV pool when the C++ kernels build (decode
-    1.5-2.2x faster than ``torch_native`` on the machines measured, docs/benchmarks.md), else
+    1.1-2.1x faster than ``torch_native`` in the runs measured, docs/benchmarks.md), else
     ``torch_native``; any other name is returned unchanged."""
     if name != "auto":
         return name

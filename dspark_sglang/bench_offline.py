@@ -30,6 +30,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--attention-backends", nargs="+", default=["auto"],
                    help="measure ours once per backend (the first is compared with "
                         "transformers), e.g. auto torch_native")
+    p.add_argument("--llamacpp", action="store_true",
+                   help="also measure llama.cpp on the GGUF with its llama-bench "
+                        "(scripts/build_llamacpp.sh)")
+    p.add_argument("--llama-bench", default=None, help="llama-bench binary")
     p.add_argument("--output", default="bench_offline.json", help="JSON report path")
     return p
 
@@ -42,7 +46,8 @@ def main(argv: list[str] | None = None) -> None:
                         prefill_len=a.prefill_len, decode_prompt_len=a.decode_prompt_len,
                         decode_tokens=a.decode_tokens, repeats=a.repeats,
                         num_threads=a.num_threads, with_transformers=not a.no_transformers,
-                        attention_backends=a.attention_backends)
+                        attention_backends=a.attention_backends, with_llamacpp=a.llamacpp,
+                        llama_bench=a.llama_bench)
     print(f"wrote {write_json(a.output, run_offline_bench(cfg))}")
 
 

@@ -2,6 +2,8 @@
 
     python -m dspark_sglang.bench_serving --launch --modes NONE MTP1 DSPARK NGRAM \
         --concurrency 1 8 32 --peers hf hf-prompt-lookup llamacpp --plot plots/
+    python -m dspark_sglang.bench_serving --modes NONE DSPARK --concurrency 1 8 \
+        --peers llamacpp-server llamacpp-server-dspark --llama-server PATH/llama-server
 
 Launches one server per mode (or drives ``--url``), runs a concurrency sweep and/or Poisson
 request rates over prompt files and JSON-schema task files, and prints a table, ratios against
@@ -28,7 +30,7 @@ def build_parser() -> argparse.ArgumentParser:
     target.add_argument("--url", default=None, help="drive this running server")
     target.add_argument("--launch", action="store_true",
                         help="launch our server once per --modes entry (the default)")
-    p.add_argument("--modes", nargs="+", default=["NONE", "NGRAM"], choices=list(ENGINE_MODES))
+    p.add_argument("--modes", nargs="*", default=["NONE", "NGRAM"], choices=list(ENGINE_MODES))
     p.add_argument("--model-path", default=None, help="default: the embedded SmolLM2-135M")
     p.add_argument("--dtype", default="bfloat16", choices=["float32", "bfloat16"])
     p.add_argument("--api", default="native", choices=["native", "openai"])
@@ -49,6 +51,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--peer-prompts", type=int, default=None, help="prompts per peer")
     p.add_argument("--install-peers", action="store_true",
                    help="pip-install missing peer packages (transformers, cyllama) first")
+    p.add_argument("--llama-server", default=None,
+                   help="llama-server binary for the llamacpp-server peers (default: "
+                        "$DSPARK_LLAMA_SERVER, then PATH)")
+    p.add_argument("--llamacpp-draft-max", type=int, default=7,
+                   help="llamacpp-server-dspark: --spec-draft-n-max")
+    p.add_argument("--dspark-drafter", default=None,
+                   help="drafter exported for llamacpp-server-dspark (default: the shipped one)")
+    p.add_argument("--log-dir", default=None, help="logs of the llama-server peers")
     p.add_argument("--assistant-model-path", default=None, help="hf-assisted draft model")
     p.add_argument("--draft-model-path", default=None, help="STANDALONE draft model")
     p.add_argument("--num-draft-tokens", type=int, default=None)
@@ -79,7 +89,9 @@ def main(argv: list[str] | None = None) -> None:
         assistant_model_path=a.assistant_model_path, draft_model_path=a.draft_model_path,
         num_draft_tokens=a.num_draft_tokens, num_threads=a.num_threads,
         max_total_tokens=a.max_total_tokens, max_running_requests=a.max_running_requests,
-        chat_template=not a.no_chat_template)
+        chat_template=not a.no_chat_template, llama_server=a.llama_server,
+        dspark_drafter=a.dspark_drafter, llamacpp_draft_max=a.llamacpp_draft_max,
+        log_dir=a.log_dir)
     report = run_serving_bench(cfg)
     print(f"wrote {write_json(a.output, report)}")
     if a.plot:

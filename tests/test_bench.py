@@ -169,7 +169,7 @@ def test_bench_serving_url_native_openai_and_peers(
         assert "llamacpp" in peers
         if plot:
             assert len(list((tmp_path / "plots").glob("*.png"))) == 4
-        assert [g["target"] for g in rep["goals"]] == [1.85, 1.0, 3.0, 1.0]
+        assert [g["target"] for g in rep["goals"]] == [1.85, 1.0, 3.0, 1.0, 1.0, 1.0]
 
         out2 = tmp_path / "openai.json"
         main(["--url", rt.url, "--model-path", str(tiny_dir), "--api", "openai",

@@ -3,7 +3,9 @@
 APIs: ``native`` posts SGLang's ``/generate`` (``meta_info`` gives ``completion_tokens`` and
 ``spec_verify_ct`` per request, so tau is measured per request and per domain); ``openai`` posts
 ``/v1/completions`` (``/v1/chat/completions`` with ``response_format`` for JSON-schema tasks) and
-reads ``usage``. With ``stream`` the native API is read as SSE and time to first token recorded.
+reads ``usage``; ``llamacpp`` posts llama-server's ``/completion`` (see
+:mod:`dspark_sglang.benchmark.llamacpp_server`). With ``stream`` the native API is read as SSE and
+time to first token recorded.
 """
 
 from __future__ import annotations
@@ -70,6 +72,13 @@ async def send_request(session: Any, base_url: str, api: str, item: PromptItem, 
         if stream:
             return await _native_stream(session, base_url + "/generate", payload, t0)
         return await _post_json(session, base_url + "/generate", payload), None
+    if api == "llamacpp":
+        from dspark_sglang.benchmark.llamacpp_server import completion_output, completion_payload
+
+        body = completion_payload(text, sp)
+        if item.schema is not None:
+            body["json_schema"] = item.schema
+        return completion_output(await _post_json(session, base_url + "/completion", body)), None
     common: dict[str, Any] = {"model": model_name, "max_tokens": sp["max_new_tokens"],
                               "temperature": sp.get("temperature", 0.0)}
     if "seed" in sp:

@@ -9,6 +9,12 @@ Method, identical for every system:
 Prompts are token ids (no tokenizer in the timing), distinct per request; our engine runs with
 the radix cache off so no run reuses an earlier one's KV. Each time is the median of
 ``repeats`` runs.
+
+llama.cpp (``with_llamacpp``) is measured by its own ``llama-bench`` on the GGUF file (its own
+quantized weights): prefill = its ``pp`` test of ``prefill_len`` tokens, batch-1 decode = its
+``tg`` test of ``decode_tokens`` tokens after ``decode_prompt_len`` tokens of context
+(``-d``), mean of ``repeats`` runs. ``llama-bench`` measures one sequence, so llama.cpp has no
+batch > 1 decode figures here (bench_serving drives its server at higher concurrency).
 """
 
 from __future__ import annotations
@@ -45,6 +51,8 @@ class OfflineConfig:
     # ours once per backend ("auto" = the engine's default); the first is the one compared with
     # transformers, the others are reported against it
     attention_backends: list[str] = field(default_factory=lambda: ["auto"])
+    with_llamacpp: bool = False
+    llama_bench: str | None = None  # binary; default: next to llama-server, or on PATH
 
 
 def make_prompt_ids(tokenizer: Any, num: int, length: int, vocab_size: int) -> list[list[int]]:
@@ -127,6 +135,65 @@ def _measure_hf(cfg: OfflineConfig, dtype: str, tokenizer: Any) -> dict[str, Any
         gc.collect()
 
 
+def find_llama_bench(explicit: str | None = None) -> str | None:
+    """``llama-bench``: ``explicit``, beside the llama-server that bench_serving would use, or
+    on ``PATH``."""
+    import os
+    import shutil
+    from pathlib import Path
+
+    from dspark_sglang.benchmark.llamacpp_server import find_llama_server
+
+    server = find_llama_server()
+    for cand in (explicit, str(server.parent / "llama-bench") if server else None,
+                 shutil.which("llama-bench")):
+        if cand and Path(cand).is_file() and os.access(cand, os.X_OK):
+            return cand
+    return None
+
+
+def parse_llama_bench(records: list[dict[str, Any]], decode_batch: int = 1) -> dict[str, Any]:
+    """``llama-bench -o json`` records -> our row: prefill (``n_gen == 0``) and decode
+    (``n_prompt == 0``) tokens/s, and the quantization llama.cpp ran."""
+    res: dict[str, Any] = {}
+    for r in records:
+        if int(r.get("n_gen", 0)) == 0 and int(r.get("n_prompt", 0)) > 0:
+            res["prefill_tok_s"] = float(r["avg_ts"])
+        elif int(r.get("n_prompt", 0)) == 0 and int(r.get("n_gen", 0)) > 0:
+            res[f"decode_b{decode_batch}_tok_s"] = float(r["avg_ts"])
+        if r.get("model_type"):
+            res["attention"] = f"llama.cpp {r['model_type']}"
+    return res
+
+
+def _measure_llamacpp(cfg: OfflineConfig) -> dict[str, Any]:
+    import json
+    import os
+    import subprocess
+
+    from dspark_sglang.benchmark.peers import gguf_file
+
+    binary = find_llama_bench(cfg.llama_bench)
+    if binary is None:
+        return {"error": "skipped: no llama-bench binary (scripts/build_llamacpp.sh)"}
+    model = gguf_file(cfg.model_path)
+    if model is None:
+        return {"error": "skipped: llama.cpp needs a single .gguf file as the model"}
+    threads = cfg.num_threads or len(os.sched_getaffinity(0))
+    cmd = [binary, "-m", str(model), "-p", str(cfg.prefill_len), "-n", "0", "-t", str(threads),
+           "-r", str(cfg.repeats), "-o", "json", "-ngl", "0"]
+    cmd2 = [binary, "-m", str(model), "-p", "0", "-n", str(cfg.decode_tokens), "-d",
+            str(cfg.decode_prompt_len), "-t", str(threads), "-r", str(cfg.repeats), "-o",
+            "json", "-ngl", "0"]
+    records = []
+    for c in (cmd, cmd2):
+        out = subprocess.run(c, capture_output=True, text=True, timeout=1800)
+        if out.returncode != 0:
+            return {"error": f"llama-bench exited {out.returncode}: {out.stderr[-200:]}"}
+        records += json.loads(out.stdout)
+    return parse_llama_bench(records, min(cfg.batch_sizes))
+
+
 def run_offline_bench(cfg: OfflineConfig, log: Any = print) -> dict[str, Any]:
     """Measure our engine (and transformers) per dtype; print tables; return the report."""
     import torch
@@ -159,16 +226,23 @@ def run_offline_bench(cfg: OfflineConfig, log: Any = print) -> dict[str, Any]:
                          **_measure_hf(cfg, dtype, tokenizer)})
         except Exception as e:  # noqa: BLE001 - reported in the table, the run goes on
             rows.append({"system": "transformers", "dtype": dtype, "error": error_text(e)})
+    if cfg.with_llamacpp:
+        log("[bench_offline] llama.cpp (llama-bench) ...")
+        try:
+            rows.append({"system": "llama.cpp", "dtype": "gguf", **_measure_llamacpp(cfg)})
+        except Exception as e:  # noqa: BLE001 - reported in the table, the run goes on
+            rows.append({"system": "llama.cpp", "dtype": "gguf", "error": error_text(e)})
     ratios = compute_ratios(rows, cfg)
     dec_cols = [f"decode_b{b}_tok_s" for b in cfg.batch_sizes]
     cols = ["system", "dtype", "attention", "prefill_tok_s", *dec_cols, "error"]
     log(format_table(rows, cols, f"prefill {cfg.prefill_len} tokens; decode "
                                  f"{cfg.decode_tokens} tokens after a {cfg.decode_prompt_len}-"
                                  "token prompt (tokens/s, aggregate over the batch)"))
-    for kind in ("compare", None):  # backend against backend, then ours against transformers
-        part = [r for r in ratios if ("compare" in r) == (kind is not None)]
-        if part:
-            log(format_table(part, list(part[0].keys()), "ratios"))
+    groups: dict[tuple[str, ...], list[dict[str, Any]]] = {}  # one table per row shape
+    for r in ratios:  # backend against backend, ours against llama.cpp, against transformers
+        groups.setdefault(tuple(r), []).append(r)
+    for cols_, part in groups.items():
+        log(format_table(part, list(cols_), "ratios"))
     return {"benchmark": "bench_offline", "machine": machine_info(),
             "config": vars(cfg), "results": rows, "ratios": ratios}
 
@@ -187,6 +261,12 @@ def compute_ratios(rows: list[dict[str, Any]], cfg: OfflineConfig) -> list[dict[
                         **{f"decode_b{b}": ratio(ours.get(f"decode_b{b}_tok_s"),
                                                  alt.get(f"decode_b{b}_tok_s"))
                            for b in cfg.batch_sizes}})
+        lcpp = next((r for r in rows if r["system"] == "llama.cpp"), None)
+        if lcpp is not None:
+            out.append({"dtype": dtype, "compare": "ours/llama.cpp",
+                        "prefill": ratio(ours.get("prefill_tok_s"), lcpp.get("prefill_tok_s")),
+                        f"decode_b{b1}": ratio(ours.get(f"decode_b{b1}_tok_s"),
+                                               lcpp.get(f"decode_b{b1}_tok_s"))})
         out.append({
             "dtype": dtype,
             "prefill_ours/hf": ratio(ours.get("prefill_tok_s"), hf.get("prefill_tok_s")),

@@ -24,7 +24,7 @@ from dspark_sglang.benchmark.metrics import RequestResult
 from dspark_sglang.benchmark.report import error_text
 
 PEERS = ("hf", "hf-prompt-lookup", "hf-assisted", "llamacpp", "llamacpp-prompt-lookup",
-         "sglang")
+         "llamacpp-server", "llamacpp-server-dspark", "sglang")
 _TORCH_DTYPES = ("float32", "bfloat16", "float16")
 
 
@@ -63,10 +63,23 @@ def gguf_file(model_path: str | None) -> Path | None:
 
 
 def peer_unavailable(name: str, model_path: str | None = None,
-                     assistant_path: str | None = None) -> str | None:
+                     assistant_path: str | None = None, llama_server: str | None = None
+                     ) -> str | None:
     """None when peer ``name`` can run here, else why not (with the install command)."""
     if name not in PEERS:
         return f"unknown peer {name!r}; expected one of {list(PEERS)}"
+    if name.startswith("llamacpp-server"):
+        from dspark_sglang.benchmark.llamacpp_server import find_llama_server, supports_dspark
+
+        binary = find_llama_server(llama_server)
+        if binary is None:
+            return ("skipped: no llama-server binary (build one with scripts/build_llamacpp.sh, "
+                    "then pass --llama-server or set $DSPARK_LLAMA_SERVER)")
+        if gguf_file(model_path) is None:
+            return "skipped: llama.cpp needs a single .gguf file as the model"
+        if name.endswith("dspark") and not supports_dspark(binary):
+            return f"skipped: {binary} has no --spec-type draft-dspark (llama.cpp before 2026-07)"
+        return None
     if name.startswith("hf"):
         if importlib.util.find_spec("transformers") is None:
             return "skipped: transformers is not installed (pip install transformers)"

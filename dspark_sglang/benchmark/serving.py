@@ -4,6 +4,8 @@ For each mode a server is launched (``Runtime``), warmed up, driven at every loa
 down before the next; or one given ``--url`` is driven. Engine-wide verify statistics come from
 ``/server_info`` snapshots around each level. Peers run in-process one request at a time on the
 same prompts; their rows are compared with our modes at the lowest load (ratios ours / peer).
+Server peers (``llamacpp-server``, ``llamacpp-server-dspark``: llama.cpp's ``llama-server``) are
+launched like our modes and driven at every load level by the same client.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ from typing import Any
 
 from dspark_sglang.benchmark.engine_runner import engine_kwargs_for_mode
 from dspark_sglang.benchmark.http_load import LoadLevel, get_json, run_load
+from dspark_sglang.benchmark.llamacpp_server import SERVER_PEERS
 from dspark_sglang.benchmark.metrics import stats_delta, summarize
 from dspark_sglang.benchmark.peers import install_peer, peer_unavailable, run_peer
 from dspark_sglang.benchmark.report import error_text, format_table, machine_info, ratio
@@ -45,6 +48,10 @@ class ServingConfig:
     max_running_requests: int = 64
     chat_template: bool = True
     launch_timeout: float = 600.0
+    llama_server: str | None = None  # llama-server binary for the llamacpp-server peers
+    dspark_drafter: str | None = None  # drafter exported for llamacpp-server-dspark
+    llamacpp_draft_max: int = 7
+    log_dir: str | None = None  # where server peers write their logs
 
 
 ROW_COLUMNS = ["mode", "load", "ok", "out_tok_s", "per_user_tok_s", "p50_lat_s", "tau",
@@ -109,11 +116,69 @@ def _bench_mode(cfg: ServingConfig, mode: str, texts: list[str], sps: list[dict[
         rt.shutdown()
 
 
+async def _drive_llamacpp(cfg: ServingConfig, name: str, url: str, texts: list[str],
+                          sps: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    await run_load(url, "llamacpp", cfg.items[:1], texts[:1],
+                   [{**sps[0], "max_new_tokens": 4}], LoadLevel("conc", 1), name, False, False)
+    rows = []
+    for level in cfg.levels:
+        results, wall = await run_load(url, "llamacpp", cfg.items, texts, sps, level, name,
+                                       False, cfg.progress, cfg.seed)
+        row = {"mode": name, level.kind: level.value, "load": level.label(),
+               **summarize(results, wall)}
+        if row["num_errors"]:
+            row["error"] = f"{row['num_errors']} failed; {row['first_error']}"
+        rows.append(row)
+    return rows
+
+
+def _bench_server_peer(cfg: ServingConfig, name: str, texts: list[str],
+                       sps: list[dict[str, Any]], log: Any) -> list[dict[str, Any]]:
+    """llama.cpp's ``llama-server`` (plain, or DSpark with our exported drafter) at every level."""
+    from pathlib import Path
+
+    from dspark_sglang.benchmark.llamacpp_server import (
+        LlamaServer,
+        LlamaServerConfig,
+        drafter_gguf,
+        find_llama_server,
+    )
+    from dspark_sglang.benchmark.peers import gguf_file
+
+    def failed(msg: str) -> list[dict[str, Any]]:
+        return [{"mode": name, level.kind: level.value, "load": level.label(), "error": msg}
+                for level in cfg.levels]
+
+    why = peer_unavailable(name, cfg.model_path, llama_server=cfg.llama_server)
+    if why:
+        log(f"[bench_serving] peer {name}: {why}")
+        return failed(why)
+    binary, model = find_llama_server(cfg.llama_server), gguf_file(cfg.model_path)
+    assert binary is not None and model is not None
+    cache = Path.home() / ".cache" / "dspark_sglang" / "llamacpp"
+    cache.mkdir(parents=True, exist_ok=True)
+    conc = [int(lv.value) for lv in cfg.levels if lv.kind == "conc"]
+    try:
+        draft = drafter_gguf(cfg.dspark_drafter, model, cache) if name.endswith("dspark") else None
+        scfg = LlamaServerConfig(binary, model, draft, threads=cfg.num_threads,
+                                 parallel=max(conc) if conc else 8,
+                                 ctx_per_slot=max(4096, 2 * cfg.max_new_tokens + 2048),
+                                 draft_max=cfg.llamacpp_draft_max)
+        log_path = Path(cfg.log_dir) / f"{name}.log" if cfg.log_dir else cache / f"{name}.log"
+        log(f"[bench_serving] {name}: {' '.join(scfg.command(0))}")
+        with LlamaServer(scfg, log_path, cfg.launch_timeout) as srv:
+            return asyncio.run(_drive_llamacpp(cfg, name, srv.url, texts, sps))
+    except Exception as e:  # noqa: BLE001 - reported in the table, the run goes on
+        return failed(error_text(e))
+
+
 def _run_peers(cfg: ServingConfig, texts: list[str], tokenizer: Any, log: Any
                ) -> list[dict[str, Any]]:
     rows = []
     n = cfg.peer_prompts or len(texts)
     for name in cfg.peers:
+        if name in SERVER_PEERS:
+            continue  # driven like our modes, see _bench_server_peer
         why = peer_unavailable(name, cfg.model_path, cfg.assistant_model_path)
         if why and cfg.install_peers and install_peer(name, log):
             why = peer_unavailable(name, cfg.model_path, cfg.assistant_model_path)
@@ -189,7 +254,17 @@ def check_goals(rows: list[dict[str, Any]], peers: list[dict[str, Any]]) -> list
         ("DSPARK / transformers assisted", f"conc={lo}", 3.0,
          ratio(val(ds_lo, "per_user_tok_s"), val(peer("hf-assisted"), "per_user_tok_s"))),
         ("DSPARK / llama.cpp plain", f"conc={lo}", 1.0,
-         ratio(val(ds_lo, "per_user_tok_s"), val(peer("llamacpp"), "per_user_tok_s"))),
+         ratio(val(ds_lo, "per_user_tok_s"),
+               val(at("llamacpp-server", lo) if lo is not None else None, "per_user_tok_s")
+               or val(peer("llamacpp"), "per_user_tok_s"))),
+        ("NONE / llama.cpp plain", f"conc={lo}", 1.0,
+         ratio(val(at("NONE", lo) if lo is not None else None, "per_user_tok_s"),
+               val(at("llamacpp-server", lo) if lo is not None else None, "per_user_tok_s")
+               or val(peer("llamacpp"), "per_user_tok_s"))),
+        ("DSPARK / llama.cpp DSpark", f"conc={lo}", 1.0,
+         ratio(val(ds_lo, "per_user_tok_s"),
+               val(at("llamacpp-server-dspark", lo) if lo is not None else None,
+                   "per_user_tok_s"))),
     ]
     return [{"goal": g, "at": at_, "target": t, "measured": m,
              "met": None if m is None else m >= t} for g, at_, t, m in goals]
@@ -213,6 +288,14 @@ def run_serving_bench(cfg: ServingConfig, log: Any = print) -> dict[str, Any]:
             if r.get("error"):
                 log(f"[bench_serving]   {mode} {r.get('load')}: {r['error']}")
         rows += mode_rows
+    if cfg.url is None:
+        for name in (p for p in cfg.peers if p in SERVER_PEERS):
+            log(f"[bench_serving] {name}: {len(cfg.items)} requests x {len(cfg.levels)} levels")
+            peer_rows = _bench_server_peer(cfg, name, texts, sps, log)
+            for r in peer_rows:
+                if r.get("error"):
+                    log(f"[bench_serving]   {name} {r.get('load')}: {r['error']}")
+            rows += peer_rows
     peers = _run_peers(cfg, texts, tokenizer, log) if tokenizer is not None else []
     table = [{"mode": r["mode"], "load": r.get("load"),
               "ok": f"{r.get('num_requests', 0) - r.get('num_errors', 0)}/"

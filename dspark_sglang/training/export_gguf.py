@@ -159,3 +159,43 @@ def export_gguf(drafter: DSparkDrafter, out_path: str | Path, target_gguf: str |
     w.write_tensors_to_file()
     w.close()
     return out
+
+
+def export_drafter_dir(drafter_dir: str | Path, out_path: str | Path, target_gguf: str | Path,
+                       dtype: str = "float16") -> Path:
+    """:func:`export_gguf` for a checkpoint directory (config.json + model.safetensors).
+
+    The target is not loaded: the GGUF holds no embedding or LM head, so stand-in shared modules
+    of the config's shape are enough to build the drafter."""
+    from torch import nn
+
+    from dspark_sglang.speculative.dspark.checkpoint import load_dspark_checkpoint
+
+    cfg = DSparkConfig.load(Path(drafter_dir) / "config.json")
+    embed = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+    drafter = load_dspark_checkpoint(drafter_dir, embed, lambda h: h)
+    return export_gguf(drafter, out_path, target_gguf, dtype)
+
+
+def main(argv: list[str] | None = None) -> None:
+    import argparse
+
+    from dspark_sglang.models.default_model import default_model_path
+    from dspark_sglang.speculative.dspark_worker import DEFAULT_DRAFTER_DIR
+
+    ap = argparse.ArgumentParser(prog="python -m dspark_sglang.training.export_gguf",
+                                 description="Write a DSpark drafter as llama.cpp's "
+                                             "draft-dspark GGUF.")
+    ap.add_argument("--drafter", default=str(DEFAULT_DRAFTER_DIR),
+                    help="checkpoint directory (default: the shipped SmolLM2 drafter)")
+    ap.add_argument("--target-gguf", default=None,
+                    help="the target's GGUF, for its tokenizer (default: the embedded model)")
+    ap.add_argument("--out", required=True)
+    ap.add_argument("--dtype", default="float16", choices=["float16", "float32"])
+    a = ap.parse_args(argv)
+    target = a.target_gguf or default_model_path()
+    print(export_drafter_dir(a.drafter, a.out, target, a.dtype))
+
+
+if __name__ == "__main__":
+    main()

@@ -50,7 +50,9 @@ def _parse(argv: Sequence[str] | None) -> argparse.Namespace:
     ap.add_argument("--block-size", type=int, default=7)
     ap.add_argument("--markov-rank", type=int, default=64)
     ap.add_argument("--markov-head-type", default="vanilla")
-    ap.add_argument("--target-layer-ids", default="1,8,15,22,29")
+    ap.add_argument("--target-layer-ids", default=None,
+                    help="comma-separated target layers (default: upstream DFlash/DSpark's rule, "
+                         "5 layers from 1 to n-3; SmolLM2-135M: 1,8,14,20,27)")
     ap.add_argument("--mask-token-id", type=int, default=0)
     ap.add_argument("--qk-norm", type=lambda s: s.lower() in ("1", "true", "yes"), default=True,
                     help="per-head q/k RMSNorm in draft layers (what upstream engines expect)")
@@ -103,7 +105,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     work = Path(args.work_dir)
     work.mkdir(parents=True, exist_ok=True)
     stages = {s.strip() for s in args.stages.split(",") if s.strip()}
-    layer_ids = [int(x) for x in args.target_layer_ids.split(",")]
+    layer_ids = ([int(x) for x in args.target_layer_ids.split(",")] if args.target_layer_ids
+                 else None)  # None: the default rule, once the target's depth is known
     data_path, cache_dir = work / "data.jsonl", work / "cache"
     report: dict[str, object] = {}
 
@@ -125,6 +128,10 @@ def main(argv: Sequence[str] | None = None) -> None:
             engine.shutdown()
 
     target = _load_target(args.model_path, args.device) if stages & {"cache", "train"} else None
+    if target is not None and layer_ids is None:
+        from dspark_sglang.speculative.dspark.config import default_target_layer_ids
+
+        layer_ids = default_target_layer_ids(target.config.num_hidden_layers)
     if "cache" in stages:
         from dspark_sglang.training.target_cache import TargetHiddenExtractor, build_target_cache
 

@@ -352,7 +352,7 @@ def test_gguf_export_reads_back_with_llamacpp_names_and_keys(tmp_path: Path) -> 
 
     from dspark_sglang.training.export_gguf import export_gguf
 
-    drafter = make_drafter(markov_head_type="vanilla", target_layer_ids=(1, 3))
+    drafter = make_drafter(markov_head_type="vanilla", target_layer_ids=(1, 2))
     target = _tiny_target_gguf(tmp_path / "target.gguf")
     path = export_gguf(drafter, tmp_path / "draft.gguf", target_gguf=target)
     r = GGUFReader(str(path))
@@ -362,7 +362,7 @@ def test_gguf_export_reads_back_with_llamacpp_names_and_keys(tmp_path: Path) -> 
 
     # keys and values as llama.cpp's converter writes them (vendored in llama-cpp-python 0.3.36)
     assert kv("general.architecture") == "dflash"
-    assert kv("dflash.target_layers") == [2, 4]  # HF hidden_states index: our id + 1
+    assert kv("dflash.target_layers") == [2, 3]  # HF hidden_states index: our id + 1
     assert kv("dflash.block_size") == 5 and kv("tokenizer.ggml.mask_token_id") == V - 1
     assert kv("dflash.sample_from_anchor") is True and kv("dflash.has_confidence_head") is True
     assert kv("dflash.block_count") == 2 and kv("dflash.attention.head_count_kv") == 2
@@ -392,6 +392,7 @@ def test_gguf_export_reads_back_with_llamacpp_names_and_keys(tmp_path: Path) -> 
     ({"qk_norm": False}, "q_norm"),
     ({"confidence_head_with_markov": False}, "confidence head"),
     ({"target_hidden_size": 2 * H}, "target_hidden_size"),
+    ({"target_layer_ids": (1, 3)}, "last target layer"),  # 4 target layers: 3 is the last
 ])
 def test_gguf_export_refuses_what_llamacpp_cannot_run(change: dict[str, Any], message: str,
                                                       tmp_path: Path) -> None:
@@ -400,3 +401,17 @@ def test_gguf_export_refuses_what_llamacpp_cannot_run(change: dict[str, Any], me
     kw = {"markov_head_type": "vanilla", **change}
     with pytest.raises(ValueError, match=message):
         export_gguf(make_drafter(**kw), tmp_path / "x.gguf", _tiny_target_gguf(tmp_path / "t"))
+
+
+def test_default_target_layer_ids_follow_upstream_rule() -> None:
+    from dspark_sglang.speculative.dspark.config import default_target_layer_ids
+    from dspark_sglang.training.export_gguf import gguf_export_problems
+
+    assert default_target_layer_ids(36) == [1, 9, 17, 25, 33]  # DeepSpec's Qwen3-8B config
+    assert default_target_layer_ids(30) == [1, 8, 14, 20, 27]  # SmolLM2-135M
+    assert default_target_layer_ids(30, 1) == [15]
+    for n in range(8, 64):  # never the last layer, so llama.cpp can always read them
+        ids = default_target_layer_ids(n)
+        assert ids == sorted(ids) and max(ids) <= n - 3
+        assert not gguf_export_problems(make_config(
+            markov_head_type="vanilla", target_layer_ids=tuple(ids), num_target_layers=n))

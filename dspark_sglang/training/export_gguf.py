@@ -85,6 +85,12 @@ def gguf_export_problems(cfg: DSparkConfig) -> list[str]:
                         "required)")
     if any(i < 0 for i in cfg.target_layer_ids):
         problems.append("target_layer_ids -1 (embedding output): not verified in llama.cpp")
+    n_target = cfg.num_target_layers
+    if n_target is not None and any(i >= n_target - 1 for i in cfg.target_layer_ids):
+        problems.append(f"target_layer_ids {list(cfg.target_layer_ids)} read the last target "
+                        f"layer ({n_target - 1}): llama.cpp exposes the inputs of layers "
+                        f"0..{n_target - 1} only, i.e. outputs up to layer {n_target - 2} (it "
+                        "aborts with 'layer input tensor is null')")
     if cfg.target_hidden_size not in (None, cfg.hidden_size):
         problems.append("target_hidden_size != hidden_size: llama.cpp's fc takes "
                         "len(target_layers) * n_embd inputs")

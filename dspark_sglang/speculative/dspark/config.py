@@ -55,6 +55,21 @@ def dspark_num_draft_from_num_draft_tokens(num_draft_tokens: int | None, block_s
     return min(gamma, block_size)
 
 
+def default_target_layer_ids(num_target_layers: int, num_features: int = 5) -> list[int]:
+    """Target layers whose outputs feed the drafter, by the rule DFlash / DSpark use upstream
+    (z-lab ``build_target_layer_ids``, mirrored by SGLang): evenly from layer 1 to layer
+    ``num_target_layers - 3``, rounded (Qwen3-8B, 36 layers: 1, 9, 17, 25, 33). The last layers
+    are never read; llama.cpp's graph exposes layer inputs only, so it cannot read the final
+    layer's output at all."""
+    if num_target_layers < 1 or num_features < 1:
+        raise ValueError("num_target_layers and num_features must be >= 1")
+    if num_features == 1:
+        return [num_target_layers // 2]
+    start, end = 1, num_target_layers - 3
+    return [int(round(start + i * (end - start) / (num_features - 1)))
+            for i in range(num_features)]
+
+
 def _rope_from(cfg: dict[str, Any]) -> tuple[float, dict[str, Any] | None]:
     """``(rope_theta, rope_scaling)`` from v4 keys or transformers-5 ``rope_parameters``.
 

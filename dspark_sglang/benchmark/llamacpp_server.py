@@ -8,9 +8,9 @@ loads our drafter exported to llama.cpp's GGUF (:mod:`dspark_sglang.training.exp
 
 No wheel on PyPI bundles a llama.cpp with ``draft-dspark`` for this interpreter (``cyllama`` here
 is 0.2.x, older than the 2026-07 merge); ``llama-cpp-python`` 0.3.36's sdist vendors a llama.cpp
-that has it. ``scripts/build_llamacpp.sh`` builds just ``llama-server`` and ``llama-bench`` from that
-source (6 minutes on two cores here). The binary is found through ``--llama-server``, ``$DSPARK_LLAMA_SERVER``
-or ``PATH``.
+that has it. ``scripts/build_llamacpp.sh`` builds just ``llama-server`` and ``llama-bench`` from
+that source (6 minutes on two cores here). The binary is found through ``--llama-server``,
+``$DSPARK_LLAMA_SERVER`` or ``PATH``.
 
 τ of a llama.cpp request: its response carries the tokens generated (``tokens_predicted``) and the
 draft tokens accepted (``timings.draft_n_accepted``); every target decode emits one token plus the

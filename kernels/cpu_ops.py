@@ -24,7 +24,7 @@ import torch
 logger = logging.getLogger(__name__)
 
 CSRC = Path(__file__).resolve().parent / "csrc"
-SOURCES = ("cpu_ops.cpp", "gguf_matmul.h", "paged_attention.h", "simd.h")
+SOURCES = ("cpu_ops.cpp", "gguf_matmul.h", "gguf_q8.h", "paged_attention.h", "simd.h")
 GGML_TYPES = {"Q4_0": 2, "Q4_1": 3, "Q8_0": 8, "Q4_K": 12, "Q6_K": 14}
 # ggml type id -> (weights per block, bytes per block)
 GGML_BLOCKS = {2: (32, 18), 3: (32, 20), 8: (32, 34), 12: (256, 144), 14: (256, 210)}
@@ -43,13 +43,15 @@ def cpu_isa() -> str:
             flags = set(line.split(":", 1)[1].split())
             break
     if {"avx512f", "avx512bw", "avx512vl", "avx512dq", "fma", "f16c"} <= flags:
-        return "avx512"
+        return "avx512vnni" if "avx512_vnni" in flags else "avx512"
     if {"avx2", "fma", "f16c"} <= flags:
         return "avx2"
     return "scalar"
 
 
 _ISA_FLAGS = {
+    "avx512vnni": ["-mavx2", "-mfma", "-mf16c", "-mavx512f", "-mavx512bw", "-mavx512vl",
+                   "-mavx512dq", "-mavx512vnni"],
     "avx512": ["-mavx2", "-mfma", "-mf16c", "-mavx512f", "-mavx512bw", "-mavx512vl",
                "-mavx512dq"],
     "avx2": ["-mavx2", "-mfma", "-mf16c"],
@@ -157,6 +159,40 @@ def gguf_matmul(x: torch.Tensor, w: torch.Tensor, ggml_type: int, out: torch.Ten
 
 def gguf_matmul_ref(x: torch.Tensor, w: torch.Tensor, ggml_type: int) -> torch.Tensor:
     return x @ gguf_dequantize_ref(w, ggml_type, x.shape[1]).t()
+
+
+Q8_TYPES = (2, 3, 8)  # Q4_0, Q4_1, Q8_0: the formats gguf_matmul_q8 takes
+
+
+def quantize_rows_q8_ref(x: torch.Tensor) -> torch.Tensor:
+    """x [M, K] float32 -> its Q8 blocks of 32 dequantised (d = amax / 127, q = round-half-even
+    (x * (1 / d))), computed as the kernel does, in float32."""
+    m, k = x.shape
+    xb = x.reshape(m, k // 32, 32)
+    d = xb.abs().amax(dim=-1, keepdim=True) / 127.0
+    inv = torch.where(d != 0, 1.0 / d, torch.zeros_like(d))
+    return ((xb * inv).round() * d).reshape(m, k)
+
+
+def gguf_matmul_q8(x: torch.Tensor, w: torch.Tensor, ggml_type: int,
+                   out: torch.Tensor | None = None, col0: int = 0) -> torch.Tensor:
+    """:func:`gguf_matmul` with x quantised per row to Q8 blocks (Q4_0 / Q4_1 / Q8_0 weights):
+    ``quantize_rows_q8_ref(x) @ dequant(w).T`` to float rounding."""
+    ops = load_cpu_ops()
+    if ops is None:
+        raise RuntimeError("dspark CPU kernels are unavailable")
+    x = x.contiguous()
+    if out is None:
+        out = torch.empty(x.shape[0], w.shape[0], dtype=torch.float32)
+        col0 = 0
+    ops.gguf_matmul_q8(x, w, ggml_type, out, col0)
+    return out
+
+
+def gguf_matmul_q8_ref(x: torch.Tensor, w: torch.Tensor, ggml_type: int) -> torch.Tensor:
+    """float64 reference of :func:`gguf_matmul_q8`."""
+    xq = quantize_rows_q8_ref(x).double()
+    return (xq @ gguf_dequantize_ref(w, ggml_type, x.shape[1]).double().t()).float()
 
 
 # ------------------------------------------------------------------------- paged attention

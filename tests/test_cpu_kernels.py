@@ -19,10 +19,14 @@ import torch
 from dspark_kernels.cpu_ops import (
     GGML_BLOCKS,
     GGML_TYPES,
+    Q8_TYPES,
     gguf_dequantize_ref,
     gguf_matmul,
+    gguf_matmul_q8,
+    gguf_matmul_q8_ref,
     gguf_matmul_ref,
     load_cpu_ops,
+    quantize_rows_q8_ref,
 )
 
 ops = load_cpu_ops()
@@ -37,6 +41,8 @@ def random_gguf_rows(ggml_type: int, n: int, k: int, seed: int) -> torch.Tensor:
     elems, nbytes = GGML_BLOCKS[ggml_type]
     rng = np.random.default_rng(seed)
     blocks = rng.integers(0, 256, size=(n, k // elems, nbytes), dtype=np.uint8)
+    if ggml_type == GGML_TYPES["Q8_0"]:  # llama.cpp's Q8_0 values are in [-127, 127]
+        blocks[blocks == 128] = 129
     for i, off in enumerate(_F16_FIELDS[ggml_type]):
         lo, hi = (0.002, 0.03) if i == 0 else (-0.05, 0.05)
         scales = rng.uniform(lo, hi, size=(n, k // elems)).astype(np.float16)
@@ -90,6 +96,37 @@ def test_gguf_matmul_writes_only_its_columns_and_rejects_bad_shapes() -> None:
         gguf_matmul(torch.randn(2, 96), w, t)
     with pytest.raises(RuntimeError, match="at most"):
         gguf_matmul(torch.randn(65, 64), w, t)
+
+
+@needs_ops
+@pytest.mark.parametrize("t", Q8_TYPES)
+def test_gguf_matmul_q8_matches_quantized_reference_every_row_count(t: int) -> None:
+    n, k = 200, 768
+    w = random_gguf_rows(t, n, k, seed=20 + t)
+    w_f = gguf_dequantize_ref(w, t, k).double()
+    gen = torch.Generator().manual_seed(t)
+    x_all = torch.randn(32, k, generator=gen)
+    x_all[3, 64:96] = 0.0  # an all-zero activation block (scale 0)
+    one_row = gguf_matmul_q8(x_all[:1], w, t)
+    for m in range(1, 33):
+        x = x_all[:m]
+        got = gguf_matmul_q8(x, w, t)
+        want = gguf_matmul_q8_ref(x, w, t).double()
+        bound = 1e-5 * (quantize_rows_q8_ref(x).double().abs() @ w_f.abs().t()) + 1e-6
+        assert got.shape == (m, n)
+        assert bool(((got.double() - want).abs() <= bound).all()), (t, m)
+        assert torch.equal(got[:1], one_row)  # independent of the rows in the call
+    # the activation quantisation error is small next to the float32 product
+    exact = x_all.double() @ w_f.t()
+    rel = (gguf_matmul_q8(x_all, w, t).double() - exact).norm() / exact.norm()
+    assert float(rel) < 0.02
+
+
+@needs_ops
+def test_gguf_matmul_q8_rejects_other_formats() -> None:
+    w = random_gguf_rows(GGML_TYPES["Q6_K"], 4, 256, seed=1)
+    with pytest.raises(RuntimeError, match="Q4_0, Q4_1 or Q8_0"):
+        gguf_matmul_q8(torch.randn(1, 256), w, GGML_TYPES["Q6_K"])
 
 
 # ------------------------------------------------------------------------------ paged attention
@@ -265,7 +302,7 @@ def test_csrc_ships_with_the_package() -> None:
     text = (Path(__file__).resolve().parent.parent / "pyproject.toml").read_text()
     assert 'dspark_kernels = ["csrc/*.cpp", "csrc/*.h"]' in text
     assert all((cpu_ops.CSRC / name).is_file() for name in cpu_ops.SOURCES)
-    assert cpu_ops.cpu_isa() in ("avx512", "avx2", "scalar")
+    assert cpu_ops.cpu_isa() in ("avx512vnni", "avx512", "avx2", "scalar")
 
 
 # ------------------------------------------------------------------------ GGUF-block linears
@@ -288,8 +325,9 @@ def test_gguf_linear_paths_and_shared_weight() -> None:
     calls = []
     real = lin.quant_forward
     lin.quant_forward = lambda x2d: calls.append(x2d.shape[0]) or real(x2d)  # type: ignore
-    with torch.no_grad():
-        want = torch.nn.functional.linear(x, w_f, base.bias)
+    with torch.no_grad():  # Q4_1 and Q8_0 parts: Q8-quantised activations
+        xq = quantize_rows_q8_ref(x.reshape(-1, 96)).reshape(x.shape)
+        want = torch.nn.functional.linear(xq, w_f, base.bias)
         torch.testing.assert_close(lin(x), want, rtol=1e-5, atol=1e-5)
         assert calls == [10]
         lin(torch.randn(40, 96))  # more rows than the block kernel takes: float32 path
@@ -304,10 +342,14 @@ def test_gguf_linear_paths_and_shared_weight() -> None:
 
 
 @needs_ops
-@pytest.mark.parametrize("arch,quant,tied", [("llama", "Q4_1", True), ("qwen2", "Q8_0", False),
-                                             ("qwen3", "Q4_0", True)])
+@pytest.mark.parametrize("arch,quant,tied,act_q8", [
+    ("llama", "Q4_1", True, False), ("qwen2", "Q8_0", False, False),
+    ("qwen3", "Q4_0", True, False), ("llama", "Q4_1", True, True)])
 def test_engine_on_gguf_blocks_matches_float_weights(make_engine, tmp_path, monkeypatch,
-                                                     arch: str, quant: str, tied: bool) -> None:
+                                                     arch: str, quant: str, tied: bool,
+                                                     act_q8: bool) -> None:
+    """Float activations on the blocks: the float-weight engine's tokens. Q8 activations
+    (llama.cpp's arithmetic, the default): their own tokens, identical under DSPARK."""
     from pathlib import Path
 
     from dspark_sglang.benchmark.tiny_model import make_tiny_model
@@ -317,6 +359,7 @@ def test_engine_on_gguf_blocks_matches_float_weights(make_engine, tmp_path, monk
 
     monkeypatch.setenv("DSPARK_CACHE_DIR", str(tmp_path / "cache"))
     monkeypatch.setenv("DSPARK_GGUF_MAX_ROWS", "32")  # no timing: always the block kernel
+    monkeypatch.setenv("DSPARK_GGUF_ACT_Q8", "1" if act_q8 else "0")
     hf = tmp_path / "hf"
     make_tiny_model(hf, arch=arch, layers=2, hidden=64, heads=4, kv_heads=2, seed=5,
                     tie_word_embeddings=tied)
@@ -332,7 +375,11 @@ def test_engine_on_gguf_blocks_matches_float_weights(make_engine, tmp_path, monk
     assert isinstance(model.lm_head, GGUFLinear)
     if tied:  # the float head is the (tied) embedding, still readable as lm_head.weight
         assert model.lm_head.weight is model.embed_tokens.weight
+    assert all(m.act_q8 == act_q8 for m in model.modules() if isinstance(m, GGUFLinear))
     got = [o["output_ids"] for o in eng.generate(PROMPTS, greedy(12))]
+    if act_q8:
+        assert [len(g) for g in got] == [len(w) for w in want]
+        want = got  # Q8 activations may flip near-ties; speculation must reproduce them exactly
     assert got == want
     # speculative verification on the same blocks gives the same tokens
     drafter = random_drafter_for(str(hf), Path(tmp_path / "drafter"))

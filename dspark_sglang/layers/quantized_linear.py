@@ -6,8 +6,15 @@ rows (one or more parts stacked along the output dimension, e.g. q/k/v of a fuse
 each in its own GGUF format). Inputs of at most ``max_quant_rows`` rows (decode, verification,
 drafting) on CPU in float32 without autograd are computed by the C++ kernel
 ``dspark_kernels.cpu_ops`` on the blocks, which streams 4-8x fewer weight bytes; everything else
-goes through the float32 path. The kernel's result equals a float32 matmul on the dequantised
-weights to float rounding, and a row's result does not depend on how many rows are in the call.
+goes through the float32 path. A row's result does not depend on how many rows are in the call,
+so decode and verification of the same tokens compute the same logits.
+
+Two block kernels: Q4_0 / Q4_1 / Q8_0 parts use ``gguf_matmul_q8``, which quantises the activation
+rows to Q8 blocks of 32 as llama.cpp does and takes integer dot products (its result equals a
+float32 matmul of those Q8 activations with the dequantised weights, to float rounding);
+K-quant parts use ``gguf_matmul``, which dequantises the weights to float32 (result equals a
+float32 matmul on the dequantised weights). ``DSPARK_GGUF_ACT_Q8=0`` keeps float32 activations
+for every format.
 """
 
 from __future__ import annotations
@@ -22,6 +29,13 @@ from dspark_sglang.layers.linear import Linear, linear
 
 # rows up to which the block kernel may be used (decode / verify / draft sizes)
 MAX_QUANT_ROWS = 32
+# ggml types with a Q8-activation integer kernel (Q4_0, Q4_1, Q8_0)
+Q8_ACT_TYPES = frozenset({2, 3, 8})
+
+
+def act_q8_enabled() -> bool:
+    """``DSPARK_GGUF_ACT_Q8`` (default on): Q8 activations for Q4_0 / Q4_1 / Q8_0 parts."""
+    return os.environ.get("DSPARK_GGUF_ACT_Q8", "1").strip().lower() not in ("0", "false", "off")
 
 
 @dataclass(frozen=True)
@@ -52,13 +66,18 @@ class GGUFLinear(Linear):
         self.parts = parts
         self.ops = ops
         self.max_quant_rows = MAX_QUANT_ROWS
+        self.act_q8 = act_q8_enabled()
 
     def quant_forward(self, x2d: torch.Tensor) -> torch.Tensor:
         """x2d [m, in] float32 contiguous (m <= 64) -> [m, out] on the blocks (no bias)."""
         out = torch.empty(x2d.shape[0], self.out_features, dtype=torch.float32)
         col = 0
+        ops = self.ops
         for p in self.parts:
-            self.ops.gguf_matmul(x2d, p.data, p.ggml_type, out, col)  # type: ignore[attr-defined]
+            if self.act_q8 and p.ggml_type in Q8_ACT_TYPES:
+                ops.gguf_matmul_q8(x2d, p.data, p.ggml_type, out, col)  # type: ignore[attr-defined]
+            else:
+                ops.gguf_matmul(x2d, p.data, p.ggml_type, out, col)  # type: ignore[attr-defined]
             col += p.out_features
         return out
 

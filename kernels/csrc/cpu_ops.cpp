@@ -2,12 +2,15 @@
 #include <torch/extension.h>
 
 #include "gguf_matmul.h"
+#include "gguf_q8.h"
 #include "paged_attention.h"
 
 namespace {
 
 std::string isa() {
-#if defined(__AVX512F__)
+#if defined(__AVX512F__) && defined(__AVX512VNNI__)
+  return "avx512vnni";
+#elif defined(__AVX512F__)
   return "avx512";
 #elif defined(__AVX2__) && defined(__FMA__)
   return "avx2";
@@ -21,6 +24,8 @@ std::string isa() {
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("paged_attention", &dspark::paged_attention, "paged decode/verify attention (in place)");
   m.def("gguf_matmul", &dspark::gguf_matmul, "few-row matmul on GGUF block weights");
+  m.def("gguf_matmul_q8", &dspark::gguf_matmul_q8,
+        "few-row matmul on Q4_0/Q4_1/Q8_0 weights with Q8-quantised activations");
   m.def("gguf_dequantize", &dspark::gguf_dequantize, "dequantise GGUF block rows to float32");
   m.def("isa", &isa, "instruction set the extension was compiled for");
 }

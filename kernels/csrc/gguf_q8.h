@@ -1,0 +1,177 @@
+// y[m, col0 + n] = sum_k xq[m, k] * W[n, k] for Q4_0 / Q4_1 / Q8_0 weights, where xq is x
+// quantised per row to Q8 blocks of 32 (d = amax / 127, q = round-half-even(x / d)), as
+// llama.cpp does for these formats: the dot product of a weight block and an activation block is
+// an exact integer sum (AVX512-VNNI dpbusd, or AVX2 maddubs + madd), scaled once per block in
+// float32. Far fewer instructions per weight than dequantising to float, so the weight stream,
+// not the arithmetic, bounds the speed. Each output element is accumulated over the blocks in a
+// fixed order, so a row's result does not depend on how many rows are in the call.
+#pragma once
+#include <ATen/Parallel.h>
+#include <torch/extension.h>
+
+#include <algorithm>
+#include <cmath>
+#include <vector>
+
+#include "gguf_matmul.h"
+#include "simd.h"
+
+namespace dspark {
+
+constexpr int kQ8Block = 32;
+
+// One activation row quantised: per 32-block int8 values, scale d and d * sum(q).
+struct Q8Row {
+  std::vector<int8_t> q;
+  std::vector<float> d, ds;
+};
+
+inline void quantize_row_q8(const float* x, int64_t K, Q8Row& r) {
+  const int64_t nb = K / kQ8Block;
+  r.q.resize(K);
+  r.d.resize(nb);
+  r.ds.resize(nb);
+  for (int64_t b = 0; b < nb; ++b) {
+    const float* xb = x + b * kQ8Block;
+    float amax = 0.f;
+    for (int i = 0; i < kQ8Block; ++i) amax = std::max(amax, std::fabs(xb[i]));
+    const float d = amax / 127.f;
+    const float id = d != 0.f ? 1.f / d : 0.f;
+    int sum = 0;
+    for (int i = 0; i < kQ8Block; ++i) {
+      const int q = static_cast<int>(std::nearbyint(xb[i] * id));  // half-even (default mode)
+      r.q[b * kQ8Block + i] = static_cast<int8_t>(q);
+      sum += q;
+    }
+    r.d[b] = d;
+    r.ds[b] = d * static_cast<float>(sum);
+  }
+}
+
+#if defined(__AVX2__) && defined(__FMA__)
+// 32 unsigned weight bytes (each <= 255 for VNNI, <= 127 for AVX2) . 32 signed activations
+// -> 8 int32 partial sums
+inline __m256i dot_u8s8(__m256i w, __m256i x) {
+#if defined(__AVX512VNNI__) && defined(__AVX512VL__)
+  return _mm256_dpbusd_epi32(_mm256_setzero_si256(), w, x);
+#else
+  return _mm256_madd_epi16(_mm256_maddubs_epi16(w, x), _mm256_set1_epi16(1));
+#endif
+}
+
+inline float hsum256(__m256 v) {
+  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+  s = _mm_add_ss(s, _mm_movehdup_ps(s));
+  return _mm_cvtss_f32(s);
+}
+
+// the 32 nibbles of a Q4 block in element order (low nibbles = elements 0..15, high = 16..31)
+inline __m256i unpack_q4(const uint8_t* qs) {
+  const __m128i q = _mm_loadu_si128(reinterpret_cast<const __m128i*>(qs));
+  const __m128i m = _mm_set1_epi8(0x0F);
+  return _mm256_set_m128i(_mm_and_si128(_mm_srli_epi16(q, 4), m), _mm_and_si128(q, m));
+}
+#endif
+
+// one output row n against M quantised activation rows
+template <int kType>
+inline void q8_dot_row(const uint8_t* wrow, int64_t nb, const std::vector<Q8Row>& xs, float* y,
+                       int64_t ldy) {
+  constexpr int kBytes = kType == kQ4_0 ? 18 : kType == kQ4_1 ? 20 : 34;
+  const int64_t M = static_cast<int64_t>(xs.size());
+#if defined(__AVX2__) && defined(__FMA__)
+  __m256 acc[kMaxRows];
+  float extra[kMaxRows];  // Q4_1: sum of m * d_x * sum(q_x); Q4_0: -8 * d_w * d_x * sum(q_x)
+  for (int64_t m = 0; m < M; ++m) {
+    acc[m] = _mm256_setzero_ps();
+    extra[m] = 0.f;
+  }
+  for (int64_t b = 0; b < nb; ++b) {
+    const uint8_t* blk = wrow + b * kBytes;
+    const float dw = fp16_to_fp32(read_u16(blk));
+    if constexpr (kType == kQ8_0) {
+      const __m256i w = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(blk + 2));
+      const __m256i wa = _mm256_sign_epi8(w, w);  // |w| (Q8_0 values are in [-127, 127])
+      for (int64_t m = 0; m < M; ++m) {
+        const __m256i x = _mm256_loadu_si256(
+            reinterpret_cast<const __m256i*>(xs[m].q.data() + b * kQ8Block));
+        const __m256i dot = dot_u8s8(wa, _mm256_sign_epi8(x, w));
+        acc[m] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot), _mm256_set1_ps(dw * xs[m].d[b]),
+                                 acc[m]);
+      }
+    } else {
+      const __m256i w = unpack_q4(blk + (kType == kQ4_1 ? 4 : 2));
+      const float mw = kType == kQ4_1 ? fp16_to_fp32(read_u16(blk + 2)) : -8.f * dw;
+      for (int64_t m = 0; m < M; ++m) {
+        const __m256i x = _mm256_loadu_si256(
+            reinterpret_cast<const __m256i*>(xs[m].q.data() + b * kQ8Block));
+        const __m256i dot = dot_u8s8(w, x);
+        acc[m] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot), _mm256_set1_ps(dw * xs[m].d[b]),
+                                 acc[m]);
+        extra[m] += mw * xs[m].ds[b];
+      }
+    }
+  }
+  for (int64_t m = 0; m < M; ++m) y[m * ldy] = hsum256(acc[m]) + extra[m];
+#else
+  for (int64_t m = 0; m < M; ++m) {
+    float acc = 0.f, extra = 0.f;
+    for (int64_t b = 0; b < nb; ++b) {
+      const uint8_t* blk = wrow + b * kBytes;
+      const float dw = fp16_to_fp32(read_u16(blk));
+      const int8_t* xq = xs[m].q.data() + b * kQ8Block;
+      int isum = 0;
+      if constexpr (kType == kQ8_0) {
+        const int8_t* wq = reinterpret_cast<const int8_t*>(blk + 2);
+        for (int i = 0; i < kQ8Block; ++i) isum += wq[i] * xq[i];
+      } else {
+        const uint8_t* qs = blk + (kType == kQ4_1 ? 4 : 2);
+        for (int i = 0; i < 16; ++i) isum += (qs[i] & 0x0F) * xq[i] + (qs[i] >> 4) * xq[i + 16];
+        extra += (kType == kQ4_1 ? fp16_to_fp32(read_u16(blk + 2)) : -8.f * dw) * xs[m].ds[b];
+      }
+      acc += static_cast<float>(isum) * (dw * xs[m].d[b]);
+    }
+    y[m * ldy] = acc + extra;
+  }
+#endif
+}
+
+inline bool q8_supported(int64_t type) {
+  return type == kQ4_0 || type == kQ4_1 || type == kQ8_0;
+}
+
+/// x [M, K] float32 contiguous (M <= 64); w [N, row_bytes] uint8 GGUF rows of ``type`` (Q4_0,
+/// Q4_1 or Q8_0); out [M, ldy] float32 contiguous: columns col0 .. col0 + N are overwritten.
+inline void gguf_matmul_q8(const at::Tensor& x, const at::Tensor& w, int64_t type,
+                           at::Tensor& out, int64_t col0) {
+  TORCH_CHECK(x.scalar_type() == at::kFloat && out.scalar_type() == at::kFloat, "float32 only");
+  TORCH_CHECK(w.scalar_type() == at::kByte && w.dim() == 2, "w must be uint8 [N, row_bytes]");
+  TORCH_CHECK(x.is_contiguous() && w.is_contiguous() && out.is_contiguous(), "contiguous only");
+  TORCH_CHECK(q8_supported(type), "gguf_matmul_q8 takes Q4_0, Q4_1 or Q8_0, not type ", type);
+  const Format f = format_of(static_cast<int>(type));
+  const int64_t M = x.size(0), K = x.size(1), N = w.size(0), row_bytes = w.size(1);
+  TORCH_CHECK(M <= kMaxRows, "gguf_matmul_q8 takes at most ", kMaxRows, " rows");
+  TORCH_CHECK(K % kQ8Block == 0 && row_bytes == K / f.block_elems * f.block_bytes,
+              "weight row bytes do not match K");
+  TORCH_CHECK(out.size(0) == M && col0 >= 0 && col0 + N <= out.size(1), "bad output shape");
+  std::vector<Q8Row> xs(M);
+  const float* xp = x.data_ptr<float>();
+  for (int64_t m = 0; m < M; ++m) quantize_row_q8(xp + m * K, K, xs[m]);
+  const uint8_t* wp = w.data_ptr<uint8_t>();
+  float* yp = out.data_ptr<float>() + col0;
+  const int64_t ldy = out.size(1), nb = K / kQ8Block;
+  const int64_t grain = std::max<int64_t>(1, (64 << 10) / std::max<int64_t>(row_bytes, 1));
+  at::parallel_for(0, N, grain, [&](int64_t b, int64_t e) {
+    for (int64_t n = b; n < e; ++n) {
+      const uint8_t* wr = wp + n * row_bytes;
+      switch (type) {
+        case kQ4_0: q8_dot_row<kQ4_0>(wr, nb, xs, yp + n, ldy); break;
+        case kQ4_1: q8_dot_row<kQ4_1>(wr, nb, xs, yp + n, ldy); break;
+        default: q8_dot_row<kQ8_0>(wr, nb, xs, yp + n, ldy); break;
+      }
+    }
+  });
+}
+
+}  // namespace dspark

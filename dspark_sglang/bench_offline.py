@@ -11,7 +11,7 @@ from __future__ import annotations
 import argparse
 
 from dspark_sglang.benchmark.offline import OfflineConfig, run_offline_bench
-from dspark_sglang.benchmark.report import write_json
+from dspark_sglang.benchmark.report import parse_server_args, write_json
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -30,6 +30,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--attention-backends", nargs="+", default=["auto"],
                    help="measure ours once per backend (the first is compared with "
                         "transformers), e.g. auto torch_native")
+    p.add_argument("--server-arg", action="append", default=[], metavar="KEY=VALUE",
+                   help="an extra Engine field for ours, e.g. quantization=gguf (repeatable)")
     p.add_argument("--llamacpp", action="store_true",
                    help="also measure llama.cpp on the GGUF with its llama-bench "
                         "(scripts/build_llamacpp.sh)")
@@ -47,7 +49,8 @@ def main(argv: list[str] | None = None) -> None:
                         decode_tokens=a.decode_tokens, repeats=a.repeats,
                         num_threads=a.num_threads, with_transformers=not a.no_transformers,
                         attention_backends=a.attention_backends, with_llamacpp=a.llamacpp,
-                        llama_bench=a.llama_bench)
+                        llama_bench=a.llama_bench,
+                        engine_extra=parse_server_args(a.server_arg))
     print(f"wrote {write_json(a.output, run_offline_bench(cfg))}")
 
 

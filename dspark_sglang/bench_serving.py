@@ -18,7 +18,7 @@ from dspark_sglang.benchmark.engine_runner import ENGINE_MODES
 from dspark_sglang.benchmark.http_load import LoadLevel
 from dspark_sglang.benchmark.peers import PEERS
 from dspark_sglang.benchmark.plots import write_plots
-from dspark_sglang.benchmark.report import write_json
+from dspark_sglang.benchmark.report import parse_server_args, write_json
 from dspark_sglang.benchmark.serving import ServingConfig, run_serving_bench
 from dspark_sglang.benchmark.workloads import load_prompts
 
@@ -67,6 +67,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-running-requests", type=int, default=64)
     p.add_argument("--no-chat-template", action="store_true")
     p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--server-arg", action="append", default=[], metavar="KEY=VALUE",
+                   help="an extra ServerArgs field for every launched mode, e.g. "
+                        "quantization=gguf (repeatable)")
     p.add_argument("--output", default="bench_serving.json", help="JSON report path")
     p.add_argument("--plot", default=None, metavar="DIR", help="write PNG charts into DIR")
     return p
@@ -91,7 +94,7 @@ def main(argv: list[str] | None = None) -> None:
         max_total_tokens=a.max_total_tokens, max_running_requests=a.max_running_requests,
         chat_template=not a.no_chat_template, llama_server=a.llama_server,
         dspark_drafter=a.dspark_drafter, llamacpp_draft_max=a.llamacpp_draft_max,
-        log_dir=a.log_dir)
+        log_dir=a.log_dir, server_extra=parse_server_args(a.server_arg))
     report = run_serving_bench(cfg)
     print(f"wrote {write_json(a.output, report)}")
     if a.plot:

@@ -10,12 +10,10 @@ tokens per step, and (greedy) how many outputs equal NONE's. See docs/benchmarks
 from __future__ import annotations
 
 import argparse
-import json
-from typing import Any
 
 from dspark_sglang.benchmark.engine_runner import ENGINE_MODES
 from dspark_sglang.benchmark.plots import write_plots
-from dspark_sglang.benchmark.report import write_json
+from dspark_sglang.benchmark.report import parse_server_args, write_json
 from dspark_sglang.benchmark.speculative import SpecBenchConfig, run_spec_bench
 from dspark_sglang.benchmark.workloads import load_prompts
 
@@ -50,20 +48,6 @@ def build_parser() -> argparse.ArgumentParser:
                    help="an extra Engine / ServerArgs field for every mode, e.g. "
                         "speculative_token_map=none (repeatable)")
     return p
-
-
-def parse_server_args(items: list[str]) -> dict[str, Any]:
-    """``["k=v", ...]`` -> kwargs; values parse as JSON when they can (numbers, true, null)."""
-    out: dict[str, Any] = {}
-    for item in items:
-        key, sep, raw = item.partition("=")
-        if not sep or not key:
-            raise SystemExit(f"--server-arg wants KEY=VALUE, got {item!r}")
-        try:
-            out[key.replace("-", "_")] = json.loads(raw)
-        except json.JSONDecodeError:
-            out[key.replace("-", "_")] = raw
-    return out
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -53,6 +53,7 @@ class OfflineConfig:
     attention_backends: list[str] = field(default_factory=lambda: ["auto"])
     with_llamacpp: bool = False
     llama_bench: str | None = None  # binary; default: next to llama-server, or on PATH
+    engine_extra: dict[str, Any] = field(default_factory=dict)  # more Engine fields for ours
 
 
 def make_prompt_ids(tokenizer: Any, num: int, length: int, vocab_size: int) -> list[list[int]]:
@@ -107,7 +108,7 @@ def _measure_ours(cfg: OfflineConfig, dtype: str, attention_backend: str = "auto
                     max_total_tokens=total, disable_radix_cache=True,
                     num_threads=cfg.num_threads,
                     chunked_prefill_size=max(2048, cfg.prefill_len),
-                    attention_backend=attention_backend)
+                    attention_backend=attention_backend, **cfg.engine_extra)
     try:
         def gen(batch: list[list[int]], n: int) -> Any:
             return engine.generate(input_ids=batch, sampling_params={

@@ -92,3 +92,17 @@ def error_text(exc: BaseException, limit: int = 120) -> str:
     """``error: <Type>: <message>`` cut to ``limit`` characters, for a table cell."""
     msg = f"error: {type(exc).__name__}: {exc}".replace("\n", " ")
     return msg if len(msg) <= limit else msg[: limit - 3] + "..."
+
+
+def parse_server_args(items: list[str]) -> dict[str, Any]:
+    """``["k=v", ...]`` -> kwargs; values parse as JSON when they can (numbers, true, null)."""
+    out: dict[str, Any] = {}
+    for item in items:
+        key, sep, raw = item.partition("=")
+        if not sep or not key:
+            raise SystemExit(f"--server-arg wants KEY=VALUE, got {item!r}")
+        try:
+            out[key.replace("-", "_")] = json.loads(raw)
+        except json.JSONDecodeError:
+            out[key.replace("-", "_")] = raw
+    return out

@@ -52,6 +52,7 @@ class ServingConfig:
     dspark_drafter: str | None = None  # drafter exported for llamacpp-server-dspark
     llamacpp_draft_max: int = 7
     log_dir: str | None = None  # where server peers write their logs
+    server_extra: dict[str, Any] = field(default_factory=dict)  # more ServerArgs fields
 
 
 ROW_COLUMNS = ["mode", "load", "ok", "out_tok_s", "per_user_tok_s", "p50_lat_s", "tau",
@@ -104,7 +105,7 @@ def _bench_mode(cfg: ServingConfig, mode: str, texts: list[str], sps: list[dict[
         rt = Runtime(cfg.model_path, launch_timeout=cfg.launch_timeout, dtype=cfg.dtype,
                      max_total_tokens=cfg.max_total_tokens,
                      max_running_requests=cfg.max_running_requests,
-                     num_threads=cfg.num_threads, **kw)
+                     num_threads=cfg.num_threads, **kw, **cfg.server_extra)
     except Exception as e:  # noqa: BLE001 - reported in the table, the run goes on
         return [{"mode": mode, level.kind: level.value, "load": level.label(),
                  "error": error_text(e)} for level in cfg.levels]

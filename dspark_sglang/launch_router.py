@@ -42,6 +42,7 @@ import requests
 
 from dspark_sglang.entrypoints.runtime import free_port, server_cli_args
 from dspark_sglang.server_args import ServerArgs
+from dspark_sglang.utils.proc import stop_process_group
 
 logger = logging.getLogger(__name__)
 
@@ -136,21 +137,6 @@ def _child_env() -> dict[str, str]:
     return env
 
 
-def _stop(proc: subprocess.Popen[bytes] | None, grace: float = 15.0) -> None:
-    """SIGTERM the child's process group, SIGKILL after ``grace`` seconds."""
-    if proc is None or proc.poll() is not None:
-        return
-    for sig, wait in ((signal.SIGTERM, grace), (signal.SIGKILL, 5.0)):
-        try:
-            os.killpg(proc.pid, sig)
-            proc.wait(timeout=wait)
-            return
-        except ProcessLookupError:
-            return
-        except subprocess.TimeoutExpired:
-            continue
-
-
 class RouterDeployment:
     """``dp_size`` replicas + the router. ``url`` is the router; ``replicas[i].url`` a replica.
 
@@ -234,7 +220,7 @@ class RouterDeployment:
     def restart_replica(self, index: int, wait: bool = True) -> Replica:
         """Stop replica ``index`` if it still runs, start it again on the same port."""
         r = self.replicas[index]
-        _stop(r.proc)
+        stop_process_group(r.proc)
         r.restarts += 1
         self._start_replica(r)
         if wait:
@@ -304,10 +290,10 @@ class RouterDeployment:
     def shutdown(self) -> None:
         """Router first (no new traffic), then every replica; idempotent."""
         router, self.router = self.router, None
-        _stop(router, grace=5.0)
+        stop_process_group(router, grace=5.0)
         for r in self.replicas:
             proc, r.proc = r.proc, None
-            _stop(proc)
+            stop_process_group(proc)
         for f in [self._router_log, *(r.log for r in self.replicas)]:
             if f is not None:
                 f.close()

@@ -139,13 +139,8 @@ def gguf_dequantize_ref(w: torch.Tensor, ggml_type: int, k: int) -> torch.Tensor
     return torch.from_numpy(np.array(out, dtype=np.float32))
 
 
-def gguf_matmul(x: torch.Tensor, w: torch.Tensor, ggml_type: int, out: torch.Tensor | None = None,
-                col0: int = 0) -> torch.Tensor:
-    """``x @ dequant(w).T`` written to ``out[:, col0:col0 + N]`` (a new [M, N] when out is None).
-
-    x [M, K] float32 (M <= 64), w [N, row_bytes] uint8 in GGUF ``ggml_type`` layout. Needs the
-    extension (raise RuntimeError when it is missing; callers check :func:`load_cpu_ops`).
-    """
+def _gguf_call(kernel: str, x: torch.Tensor, w: torch.Tensor, ggml_type: int,
+               out: torch.Tensor | None, col0: int) -> torch.Tensor:
     ops = load_cpu_ops()
     if ops is None:
         raise RuntimeError("dspark CPU kernels are unavailable")
@@ -153,8 +148,18 @@ def gguf_matmul(x: torch.Tensor, w: torch.Tensor, ggml_type: int, out: torch.Ten
     if out is None:
         out = torch.empty(x.shape[0], w.shape[0], dtype=torch.float32)
         col0 = 0
-    ops.gguf_matmul(x, w, ggml_type, out, col0)
+    getattr(ops, kernel)(x, w, ggml_type, out, col0)
     return out
+
+
+def gguf_matmul(x: torch.Tensor, w: torch.Tensor, ggml_type: int, out: torch.Tensor | None = None,
+                col0: int = 0) -> torch.Tensor:
+    """``x @ dequant(w).T`` written to ``out[:, col0:col0 + N]`` (a new [M, N] when out is None).
+
+    x [M, K] float32 (M <= 64), w [N, row_bytes] uint8 in GGUF ``ggml_type`` layout. Needs the
+    extension (raise RuntimeError when it is missing; callers check :func:`load_cpu_ops`).
+    """
+    return _gguf_call("gguf_matmul", x, w, ggml_type, out, col0)
 
 
 def gguf_matmul_ref(x: torch.Tensor, w: torch.Tensor, ggml_type: int) -> torch.Tensor:
@@ -178,15 +183,7 @@ def gguf_matmul_q8(x: torch.Tensor, w: torch.Tensor, ggml_type: int,
                    out: torch.Tensor | None = None, col0: int = 0) -> torch.Tensor:
     """:func:`gguf_matmul` with x quantised per row to Q8 blocks (Q4_0 / Q4_1 / Q8_0 weights):
     ``quantize_rows_q8_ref(x) @ dequant(w).T`` to float rounding."""
-    ops = load_cpu_ops()
-    if ops is None:
-        raise RuntimeError("dspark CPU kernels are unavailable")
-    x = x.contiguous()
-    if out is None:
-        out = torch.empty(x.shape[0], w.shape[0], dtype=torch.float32)
-        col0 = 0
-    ops.gguf_matmul_q8(x, w, ggml_type, out, col0)
-    return out
+    return _gguf_call("gguf_matmul_q8", x, w, ggml_type, out, col0)
 
 
 def gguf_matmul_q8_ref(x: torch.Tensor, w: torch.Tensor, ggml_type: int) -> torch.Tensor:

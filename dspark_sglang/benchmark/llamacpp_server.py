@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import os
 import shutil
-import signal
 import subprocess
 import time
 from dataclasses import dataclass, field
@@ -30,6 +29,7 @@ from pathlib import Path
 from typing import Any, Self
 
 from dspark_sglang.utils.net import free_port
+from dspark_sglang.utils.proc import stop_process_group
 
 SERVER_PEERS = ("llamacpp-server", "llamacpp-server-dspark")
 ENV_BINARY = "DSPARK_LLAMA_SERVER"
@@ -125,17 +125,7 @@ class LlamaServer:
 
     def shutdown(self) -> None:
         proc, self._proc = self._proc, None
-        if proc is None or proc.poll() is not None:
-            return
-        for sig, wait in ((signal.SIGTERM, 15), (signal.SIGKILL, 5)):
-            try:
-                os.killpg(proc.pid, sig)
-                proc.wait(timeout=wait)
-                return
-            except ProcessLookupError:
-                return
-            except subprocess.TimeoutExpired:
-                continue
+        stop_process_group(proc)
 
     def __enter__(self) -> Self:
         return self

@@ -15,7 +15,6 @@ import atexit
 import contextlib
 import json
 import os
-import signal
 import subprocess
 import sys
 import time
@@ -27,6 +26,7 @@ import requests
 
 from dspark_sglang.server_args import ServerArgs, server_cli_args
 from dspark_sglang.utils.net import free_port
+from dspark_sglang.utils.proc import stop_process_group
 
 __all__ = ["Runtime", "RuntimeClient", "free_port", "server_cli_args"]
 
@@ -171,17 +171,7 @@ class Runtime(RuntimeClient):
 
     def shutdown(self) -> None:
         proc, self._proc = self._proc, None
-        if proc is None or proc.poll() is not None:
-            return
-        try:
-            os.killpg(proc.pid, signal.SIGTERM)
-            proc.wait(timeout=15)
-        except (ProcessLookupError, subprocess.TimeoutExpired):
-            try:
-                os.killpg(proc.pid, signal.SIGKILL)
-                proc.wait(timeout=5)
-            except (ProcessLookupError, subprocess.TimeoutExpired):
-                pass
+        stop_process_group(proc)
 
     def __enter__(self) -> Self:
         return self

@@ -403,3 +403,28 @@ def test_stale_build_lock_is_removed_fresh_one_kept(tmp_path) -> None:
     old = time.time() - 3600
     os.utime(lock, (old, old))
     assert clear_stale_build_lock(tmp_path) and not lock.exists()
+
+
+def test_sps_cache_key_tells_quantized_models_apart() -> None:
+    """An SPS table profiled on float32 weights must not be reused for GGUF block kernels."""
+    from types import SimpleNamespace
+
+    from dspark_sglang.speculative.sps_runtime import _sps_cache_path
+
+    class Q(torch.nn.Linear):
+        def __init__(self, rows: int, act_q8: bool) -> None:
+            super().__init__(4, 4)
+            self.max_quant_rows, self.act_q8 = rows, act_q8
+
+        def quant_forward(self, x: torch.Tensor) -> torch.Tensor:
+            return x
+
+    def runner(model: torch.nn.Module) -> SimpleNamespace:
+        return SimpleNamespace(dtype=torch.float32, device="cpu", attn=object(), model=model)
+
+    plain = _sps_cache_path("m", runner(torch.nn.Linear(4, 4)))
+    q8 = _sps_cache_path("m", runner(Q(32, True)))
+    f32act = _sps_cache_path("m", runner(Q(32, False)))
+    off = _sps_cache_path("m", runner(Q(0, True)))
+    assert len({plain, q8, f32act, off}) == 4
+    assert q8 == _sps_cache_path("m", runner(Q(32, True)))

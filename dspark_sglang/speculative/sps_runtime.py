@@ -35,8 +35,13 @@ def _sps_cache_path(model_path: str, runner: ModelRunner) -> Path:
     from dspark_sglang.models.loader import default_cache_root
 
     # the forward's cost depends on the matmul path too: a change there invalidates the profile
+    # ... and so do GGUF block kernels (--quantization gguf): their per-shape choice and kind
+    quant = sorted({(type(m).__name__, getattr(m, "max_quant_rows", None),
+                     getattr(m, "act_q8", None)) for m in runner.model.modules()
+                    if hasattr(m, "quant_forward")}, key=str)
     key = json.dumps([model_path, str(runner.dtype), runner.device, torch.get_num_threads(),
-                      runner.attn.__class__.__name__, "small-rows-linear", linear.SMALL_ROWS])
+                      runner.attn.__class__.__name__, "small-rows-linear", linear.SMALL_ROWS,
+                      quant], default=str)
     h = hashlib.sha256(key.encode()).hexdigest()[:16]
     return default_cache_root() / "sps" / f"{h}.json"
 

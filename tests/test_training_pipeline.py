@@ -20,7 +20,7 @@ from dspark_sglang.speculative.dspark.checkpoint import load_dspark_checkpoint
 from dspark_sglang.speculative.dspark.model import DSparkDrafter
 from dspark_sglang.training.blocks import build_block_batch, sample_anchors
 from dspark_sglang.training.calibration import expected_calibration_error, survival
-from dspark_sglang.training.data import Sample, read_prompts
+from dspark_sglang.training.data import Prompt, Sample, read_prompts, select_prompts
 from dspark_sglang.training.export import export_drafter
 from dspark_sglang.training.simulate import SimSummary, trace_sequence
 from dspark_sglang.training.target_cache import (
@@ -294,3 +294,13 @@ def test_init_from_checkpoint_copies_weights_and_checks_shapes(target: LlamaForC
         assert torch.equal(a, b), name
     with pytest.raises(ValueError, match="does not match"):
         _init_from_checkpoint(_drafter(target, rank=8), str(out), target)
+
+
+def test_select_prompts_keeps_the_shuffled_order_within_a_domain() -> None:
+    prompts = [Prompt(f"k{i}", "code" if i % 3 == 0 else "math", f"t{i}") for i in range(30)]
+    full = select_prompts(prompts, seed=0)
+    assert sorted(p.key for p in full) == sorted(p.key for p in prompts) and full != prompts
+    code = select_prompts(prompts, seed=0, domains=["code"])
+    assert code == [p for p in full if p.domain == "code"]  # same keys, same order: resumable
+    assert select_prompts(prompts, seed=0, domains=["code"], limit=3) == code[:3]
+    assert select_prompts(prompts, seed=0, domains=["chat"]) == []

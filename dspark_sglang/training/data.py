@@ -148,6 +148,17 @@ def generate_dataset(
             "tokens_per_s": n_tokens / max(dt, 1e-9)}
 
 
+def select_prompts(prompts: list[Prompt], seed: int, domains: Sequence[str] | None = None,
+                   limit: int = 0) -> list[Prompt]:
+    """Shuffled by ``seed`` (the order a resumed run repeats), then only ``domains``, then the
+    first ``limit``."""
+    out = list(prompts)
+    random.Random(seed).shuffle(out)
+    if domains:
+        out = [p for p in out if p.domain in set(domains)]
+    return out[:limit] if limit else out
+
+
 def main(argv: Sequence[str] | None = None) -> None:
     """``python -m dspark_sglang.training.data --out data.jsonl [--limit N] ...``"""
     import argparse
@@ -161,6 +172,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     ap.add_argument("--batch-size", type=int, default=32)
     ap.add_argument("--sample-fraction", type=float, default=0.25)
     ap.add_argument("--limit", type=int, default=0, help="use the first N prompts after shuffle")
+    ap.add_argument("--domains", nargs="*", default=None,
+                    help="only prompts of these domains (e.g. code), to grow a thin one")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--domain-max-new-tokens", nargs="*", default=["chat=512"],
                     help="per-domain overrides of --max-new-tokens, e.g. chat=512")
@@ -172,10 +185,7 @@ def main(argv: Sequence[str] | None = None) -> None:
 
     from dspark_sglang.entrypoints.engine import Engine
 
-    prompts = read_prompts(args.prompts)
-    random.Random(args.seed).shuffle(prompts)
-    if args.limit:
-        prompts = prompts[: args.limit]
+    prompts = select_prompts(read_prompts(args.prompts), args.seed, args.domains, args.limit)
     limits = {k: int(v) for k, v in (x.split("=", 1) for x in args.domain_max_new_tokens)}
     longest = max([args.max_new_tokens, *limits.values()])
     engine = Engine(model_path=args.model_path, dtype=args.dtype,

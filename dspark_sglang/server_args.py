@@ -34,10 +34,12 @@ class ServerArgs:
     dtype: str = _f("auto", "weights/activations dtype (auto = float32 on CPU, bfloat16 on GPU)",
                     ("auto", "float32", "bfloat16", "float16"))
     device: str = _f("auto", "cpu | cuda | auto")
-    quantization: str = _f("none", "gguf: on CPU in float32, compute decode/verify matmuls (and "
+    quantization: str = _f("auto", "gguf: on CPU in float32, compute decode/verify matmuls (and "
                                    "the LM head) on a GGUF checkpoint's own Q4_0/Q4_1/Q8_0/Q4_K/"
-                                   "Q6_K blocks; none: dequantised float weights",
-                           ("none", "gguf"))
+                                   "Q6_K blocks (Q8 activations for the first three, as "
+                                   "llama.cpp); none: dequantised float weights; auto: gguf for "
+                                   "a GGUF checkpoint where that applies, else none",
+                           ("auto", "none", "gguf"))
     context_length: int | None = _f(None, "max tokens per request (prompt + output)")
     # memory / scheduling
     max_total_tokens: int = _f(65536, "KV pool size in tokens (shared by target and drafter)")

@@ -428,3 +428,33 @@ def test_sps_cache_key_tells_quantized_models_apart() -> None:
     off = _sps_cache_path("m", runner(Q(0, True)))
     assert len({plain, q8, f32act, off}) == 4
     assert q8 == _sps_cache_path("m", runner(Q(32, True)))
+
+
+@needs_ops
+def test_q8_layers_take_every_row_count_in_chunks(monkeypatch) -> None:
+    """Layers whose parts all have the Q8 kernel run it at any row count (so decode, verify and
+    big batches agree); K-quant layers keep the timed choice up to MAX_QUANT_ROWS."""
+    from dspark_sglang.layers.linear import Linear
+    from dspark_sglang.layers.quantized_linear import (
+        ALL_ROWS,
+        KERNEL_ROWS,
+        MAX_QUANT_ROWS,
+        GGUFLinear,
+        GGUFWeight,
+        choose_quant_rows,
+    )
+
+    monkeypatch.delenv("DSPARK_GGUF_MAX_ROWS", raising=False)
+    t4, t6 = GGML_TYPES["Q4_1"], GGML_TYPES["Q6_K"]
+    w4 = random_gguf_rows(t4, 40, 256, 5)
+    w6 = random_gguf_rows(t6, 24, 256, 6)
+    q8 = GGUFLinear(Linear(256, 40, bias=False), [GGUFWeight(t4, w4, 256)], ops)
+    kq = GGUFLinear(Linear(256, 24, bias=False), [GGUFWeight(t6, w6, 256)], ops)
+    choose_quant_rows([q8, kq])
+    assert q8.max_quant_rows == ALL_ROWS and kq.max_quant_rows in (0, MAX_QUANT_ROWS)
+    x = torch.randn(2 * KERNEL_ROWS + 7, 256)
+    with torch.no_grad():
+        y = q8(x)
+        rows = torch.cat([q8(x[i:i + 1]) for i in range(x.shape[0])])
+    assert torch.equal(y, rows)  # chunked = row by row, bit for bit
+    torch.testing.assert_close(y, gguf_matmul_q8_ref(x, w4, t4), rtol=1e-4, atol=1e-4)

@@ -49,8 +49,10 @@ def _parts(model_path):
     from dspark_sglang.entrypoints.model_setup import build_engine_parts
     from dspark_sglang.server_args import ServerArgs
 
+    # float weights: the comparison is with transformers on the same (dequantised) weights
     return build_engine_parts(ServerArgs(model_path=model_path, dtype="float32",
-                                         max_total_tokens=4096), emit=lambda r, f: None)
+                                         max_total_tokens=4096, quantization="none"),
+                              emit=lambda r, f: None)
 
 
 @pytest.mark.parametrize("arch", ["llama", "qwen2", "qwen3"])
@@ -92,7 +94,7 @@ def test_smollm2_logits_match_transformers(smol):
 def test_smollm2_greedy_64_matches_transformers(smol, make_engine):
     from dspark_sglang import Engine
 
-    with Engine(dtype="float32", max_total_tokens=4096) as e:
+    with Engine(dtype="float32", max_total_tokens=4096, quantization="none") as e:
         outs = e.generate(HF_PROMPTS, {"max_new_tokens": 64, "temperature": 0,
                                         "ignore_eos": True})
         for p, o in zip(HF_PROMPTS, outs):

@@ -450,6 +450,7 @@ class Engine:
                 "model_path": self.model_path,
                 "context_length": self.context_len,
                 "attention_backend": p.runner.attention_backend,  # resolved ("auto" -> name)
+                "quantization": p.runner.quantization,  # resolved ("auto" -> none | gguf)
                 "speculative_algorithm": self.server_args.speculative_algorithm,
                 "avg_spec_accept_length": spec["avg_spec_accept_length"],
                 "spec_stats": spec,

@@ -79,11 +79,14 @@ def build_engine_parts(args: ServerArgs, emit: Callable[[Req, bool], None]) -> E
         raise ValueError(f"context_length {context_len} exceeds the model's "
                          f"max_position_embeddings {cfg.max_position_embeddings}")
     model = build_target_model(cfg, loaded.state_dict, dtype, device, context_len + 64)
-    if (args.quantization == "gguf" and device == "cpu" and dtype == torch.float32
+    quantization = "none"
+    if (args.quantization in ("gguf", "auto") and device == "cpu" and dtype == torch.float32
             and getattr(args, "tp_size", 1) == 1):
         from dspark_sglang.models.gguf_quant import apply_gguf_quantization
 
-        apply_gguf_quantization(model, loaded.model_path)  # before the drafter shares lm_head
+        # before the drafter shares lm_head
+        if apply_gguf_quantization(model, loaded.model_path):
+            quantization = "gguf"
     del loaded.state_dict
     tp_driver = None
     if args.tp_size > 1:
@@ -93,6 +96,7 @@ def build_engine_parts(args: ServerArgs, emit: Callable[[Req, bool], None]) -> E
     runner = ModelRunner(model, args.max_total_tokens, dtype, args.attention_backend, device,
                          disable_cuda_graph=args.disable_cuda_graph or tp_driver is not None)
     runner.tp_driver = tp_driver
+    runner.quantization = quantization  # resolved ("auto" -> what runs), for /server_info
     cache = CacheManager(args.max_total_tokens, max(2 * args.max_running_requests, 8),
                          context_len, args.disable_radix_cache)
     tokenizer = loaded.tokenizer

@@ -27,8 +27,12 @@ import torch
 
 from dspark_sglang.layers.linear import Linear, linear
 
-# rows up to which the block kernel may be used (decode / verify / draft sizes)
+# rows up to which the float-activation block kernel may be used (decode / verify / draft sizes)
 MAX_QUANT_ROWS = 32
+# the kernels take at most this many rows per call; longer inputs go in chunks
+KERNEL_ROWS = 64
+# max_quant_rows of a layer whose every part has the Q8-activation kernel: all rows
+ALL_ROWS = 1 << 62
 # ggml types with a Q8-activation integer kernel (Q4_0, Q4_1, Q8_0)
 Q8_ACT_TYPES = frozenset({2, 3, 8})
 
@@ -68,17 +72,26 @@ class GGUFLinear(Linear):
         self.max_quant_rows = MAX_QUANT_ROWS
         self.act_q8 = act_q8_enabled()
 
+    def all_parts_q8(self) -> bool:
+        """Every part runs the Q8-activation integer kernel."""
+        return self.act_q8 and all(p.ggml_type in Q8_ACT_TYPES for p in self.parts)
+
     def quant_forward(self, x2d: torch.Tensor) -> torch.Tensor:
-        """x2d [m, in] float32 contiguous (m <= 64) -> [m, out] on the blocks (no bias)."""
-        out = torch.empty(x2d.shape[0], self.out_features, dtype=torch.float32)
-        col = 0
+        """x2d [m, in] float32 contiguous -> [m, out] on the blocks (no bias), in calls of at
+        most ``KERNEL_ROWS`` rows (a row's result does not depend on the call's rows)."""
+        m = x2d.shape[0]
+        out = torch.empty(m, self.out_features, dtype=torch.float32)
         ops = self.ops
-        for p in self.parts:
-            if self.act_q8 and p.ggml_type in Q8_ACT_TYPES:
-                ops.gguf_matmul_q8(x2d, p.data, p.ggml_type, out, col)  # type: ignore[attr-defined]
-            else:
-                ops.gguf_matmul(x2d, p.data, p.ggml_type, out, col)  # type: ignore[attr-defined]
-            col += p.out_features
+        for r0 in range(0, m, KERNEL_ROWS):
+            xs = x2d[r0:r0 + KERNEL_ROWS]
+            ys = out[r0:r0 + KERNEL_ROWS] if m > KERNEL_ROWS else out
+            col = 0
+            for p in self.parts:
+                if self.act_q8 and p.ggml_type in Q8_ACT_TYPES:
+                    ops.gguf_matmul_q8(xs, p.data, p.ggml_type, ys, col)  # type: ignore
+                else:
+                    ops.gguf_matmul(xs, p.data, p.ggml_type, ys, col)  # type: ignore
+                col += p.out_features
         return out
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -107,14 +120,17 @@ def _time(fn: object, reps: int) -> float:
 
 
 def choose_quant_rows(layers: list[GGUFLinear]) -> dict[tuple[object, ...], int]:
-    """Per distinct shape, time the block kernel against the float32 path on 1 and
-    ``MAX_QUANT_ROWS`` rows and set ``max_quant_rows`` to ``MAX_QUANT_ROWS`` where the kernel is
-    faster in total, else 0 (float32 for every row count).
+    """Set each layer's ``max_quant_rows``: the row counts that run on its blocks.
 
-    A layer uses one path for every row count up to ``MAX_QUANT_ROWS``, so decode and
-    verification of the same tokens compute identical logits (speculative == plain greedy).
-    ``DSPARK_GGUF_MAX_ROWS=<n>`` skips the measurement and uses ``n`` for every layer.
-    Returns {shape key: chosen rows}.
+    Layers whose parts all have the Q8-activation kernel use it for every row count
+    (``ALL_ROWS``): measured inside decode steps it beats the float32 path (bench_step), its
+    integer dot products keep it ahead at many rows, and one path for every batch makes
+    speculative and plain greedy decoding compute identical logits at any load. Other layers
+    (K-quants on the float-activation kernel): per distinct shape, time the block kernel
+    against the float32 path on 1 and ``MAX_QUANT_ROWS`` rows and use ``MAX_QUANT_ROWS`` where
+    the kernel is faster in total, else 0 (float32 for every row count); a layer uses one path
+    for every row count up to ``MAX_QUANT_ROWS``. ``DSPARK_GGUF_MAX_ROWS=<n>`` skips all of
+    this and uses ``n`` for every layer. Returns {shape key: chosen rows}.
     """
     forced = os.environ.get("DSPARK_GGUF_MAX_ROWS")
     chosen: dict[tuple[object, ...], int] = {}
@@ -122,6 +138,8 @@ def choose_quant_rows(layers: list[GGUFLinear]) -> dict[tuple[object, ...], int]
         key = (layer.in_features, tuple((p.ggml_type, p.out_features) for p in layer.parts))
         if forced is not None:
             chosen[key] = int(forced)
+        elif layer.all_parts_q8():
+            chosen[key] = ALL_ROWS
         elif key not in chosen:
             with torch.no_grad():
                 t_q = t_f = 0.0

@@ -82,6 +82,7 @@ class ModelRunner:
             head_dim=cfg.head_dim, dtype=dtype)
         # distributed.tp_driver.TPDriver on rank 0 of a tensor-parallel engine, else None
         self.tp_driver: Any = None
+        self.quantization = "none"  # set by model setup: "gguf" when GGUF block kernels run
         self.num_forward_tokens = 0  # computed (not cached) tokens, for tests and metrics
         self.graphs = None
         if device == "cuda" and attention_backend == "triton" and not disable_cuda_graph \

@@ -458,3 +458,31 @@ def test_q8_layers_take_every_row_count_in_chunks(monkeypatch) -> None:
         rows = torch.cat([q8(x[i:i + 1]) for i in range(x.shape[0])])
     assert torch.equal(y, rows)  # chunked = row by row, bit for bit
     torch.testing.assert_close(y, gguf_matmul_q8_ref(x, w4, t4), rtol=1e-4, atol=1e-4)
+
+
+@needs_ops
+def test_prefill_forwards_take_the_float_path(make_engine, tmp_path, monkeypatch) -> None:
+    """The runner runs EXTEND (prefill) forwards on float32 weights and DECODE / TARGET_VERIFY
+    on the blocks."""
+    from dspark_sglang.benchmark.tiny_model import make_tiny_model
+    from dspark_sglang.layers.quantized_linear import GGUFLinear, float_weights
+    from tests.conftest import greedy
+    from tests.test_loader import write_tiny_gguf
+
+    monkeypatch.setenv("DSPARK_CACHE_DIR", str(tmp_path / "cache"))
+    hf = tmp_path / "hf"
+    make_tiny_model(hf, arch="llama", layers=2, hidden=64, heads=4, kv_heads=2, seed=5)
+    gguf_path = tmp_path / "m.gguf"
+    write_tiny_gguf(hf, gguf_path, quant="Q4_1")
+    eng = make_engine(str(gguf_path))  # quantization auto -> gguf for a GGUF file
+    assert eng.parts.runner.quantization == "gguf"
+    head = eng.parts.runner.model.lm_head
+    assert isinstance(head, GGUFLinear)
+    calls: list[int] = []
+    real = head.quant_forward
+    head.quant_forward = lambda x2d: calls.append(x2d.shape[0]) or real(x2d)  # type: ignore
+    eng.generate(["hello there"], greedy(5))
+    assert len(calls) == 4  # the 4 decode steps; the prefill's logits came from float32
+    with torch.no_grad(), float_weights():
+        head(torch.randn(1, 64))
+    assert len(calls) == 4

@@ -20,7 +20,10 @@ for every format.
 from __future__ import annotations
 
 import os
+import threading
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
@@ -35,6 +38,22 @@ KERNEL_ROWS = 64
 ALL_ROWS = 1 << 62
 # ggml types with a Q8-activation integer kernel (Q4_0, Q4_1, Q8_0)
 Q8_ACT_TYPES = frozenset({2, 3, 8})
+
+_local = threading.local()
+
+
+@contextmanager
+def float_weights() -> Iterator[None]:
+    """Within this block, this thread's ``GGUFLinear`` calls take the float32 path. The model
+    runner wraps prefill (EXTEND) forwards in it: there the float32 GEMM on many rows is about 2x
+    faster than the block kernels (bench_offline), while decode and verification, which must
+    agree with each other, stay on the blocks."""
+    prev = getattr(_local, "float", False)
+    _local.float = True
+    try:
+        yield
+    finally:
+        _local.float = prev
 
 
 def act_q8_enabled() -> bool:
@@ -97,7 +116,8 @@ class GGUFLinear(Linear):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         m = x.numel() // x.shape[-1] if x.numel() else 0
         if (0 < m <= self.max_quant_rows and x.dtype == torch.float32 and x.device.type == "cpu"
-                and not (torch.is_grad_enabled() and x.requires_grad)):
+                and not (torch.is_grad_enabled() and x.requires_grad)
+                and not getattr(_local, "float", False)):
             y = self.quant_forward(x.reshape(m, x.shape[-1]).contiguous())
             if self.bias is not None:
                 y += self.bias

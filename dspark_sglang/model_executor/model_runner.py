@@ -14,6 +14,7 @@ import torch
 from dspark_sglang.core.forward_batch import ForwardBatch, ForwardMode, ModelOutput
 from dspark_sglang.layers.attention.base import AttentionBackend, create_attention_backend
 from dspark_sglang.layers.attention.registry import resolve_attention_backend
+from dspark_sglang.layers.quantized_linear import float_weights
 from dspark_sglang.mem_cache.kv_pool import KVPool
 
 
@@ -104,4 +105,7 @@ class ModelRunner:
                 fb.logits_indices = fb.logits_indices.to(self.device, non_blocking=True)
             if self.graphs is not None and self.graphs.can_run(fb):
                 return self.graphs.replay(fb)
+        if fb.mode == ForwardMode.EXTEND and self.quantization == "gguf":
+            with float_weights():  # prefill: float32 GEMMs; decode/verify stay on the blocks
+                return self.model(fb, self.attn, self.kv_pool)
         return self.model(fb, self.attn, self.kv_pool)

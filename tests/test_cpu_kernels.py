@@ -474,7 +474,7 @@ def test_prefill_forwards_take_the_float_path(make_engine, tmp_path, monkeypatch
     make_tiny_model(hf, arch="llama", layers=2, hidden=64, heads=4, kv_heads=2, seed=5)
     gguf_path = tmp_path / "m.gguf"
     write_tiny_gguf(hf, gguf_path, quant="Q4_1")
-    eng = make_engine(str(gguf_path))  # quantization auto -> gguf for a GGUF file
+    eng = make_engine(str(gguf_path), quantization="auto")  # auto -> gguf for a GGUF file
     assert eng.parts.runner.quantization == "gguf"
     head = eng.parts.runner.model.lm_head
     assert isinstance(head, GGUFLinear)

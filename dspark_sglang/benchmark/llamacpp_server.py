@@ -23,13 +23,12 @@ from __future__ import annotations
 import os
 import shutil
 import subprocess
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Self
 
 from dspark_sglang.utils.net import free_port
-from dspark_sglang.utils.proc import stop_process_group
+from dspark_sglang.utils.proc import stop_process_group, wait_ready
 
 SERVER_PEERS = ("llamacpp-server", "llamacpp-server-dspark")
 ENV_BINARY = "DSPARK_LLAMA_SERVER"
@@ -107,21 +106,14 @@ class LlamaServer:
         log = open(log_path, "wb") if log_path else subprocess.DEVNULL  # noqa: SIM115
         self._proc: subprocess.Popen[bytes] | None = subprocess.Popen(
             cfg.command(port), stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-        deadline = time.monotonic() + launch_timeout
-        while time.monotonic() < deadline:
-            if self._proc.poll() is not None:
-                code = self._proc.returncode
-                self._proc = None
-                raise RuntimeError(f"llama-server exited with code {code} during start-up"
-                                   + (f" (log: {log_path})" if log_path else ""))
-            try:
-                if requests.get(self.url + "/health", timeout=10).status_code == 200:
-                    return
-            except requests.RequestException:
-                pass
-            time.sleep(0.3)
-        self.shutdown()
-        raise TimeoutError(f"llama-server did not become ready within {launch_timeout} s")
+        try:
+            wait_ready(self._proc, lambda: requests.get(self.url + "/health",
+                                                        timeout=10).status_code == 200,
+                       launch_timeout, "llama-server" + (f" (log: {log_path})" if log_path
+                                                         else ""), interval=0.3)
+        except (RuntimeError, TimeoutError):
+            self.shutdown()
+            raise
 
     def shutdown(self) -> None:
         proc, self._proc = self._proc, None

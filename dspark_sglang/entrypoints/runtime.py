@@ -17,7 +17,6 @@ import json
 import os
 import subprocess
 import sys
-import time
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any, Self
@@ -26,7 +25,7 @@ import requests
 
 from dspark_sglang.server_args import ServerArgs, server_cli_args
 from dspark_sglang.utils.net import free_port
-from dspark_sglang.utils.proc import stop_process_group
+from dspark_sglang.utils.proc import stop_process_group, wait_ready
 
 __all__ = ["Runtime", "RuntimeClient", "free_port", "server_cli_args"]
 
@@ -151,23 +150,17 @@ class Runtime(RuntimeClient):
         return self._proc.pid if self._proc is not None else None
 
     def _wait_ready(self, timeout: float) -> None:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            assert self._proc is not None
-            if self._proc.poll() is not None:
-                code = self._proc.returncode
-                self.shutdown()
-                raise RuntimeError(f"server exited with code {code} during start-up")
-            try:
-                r = requests.get(self.url + "/health_generate", headers=self._headers(),
-                                 timeout=30)
-                if r.status_code == 200:
-                    return
-            except requests.RequestException:
-                pass
-            time.sleep(0.2)
-        self.shutdown()
-        raise TimeoutError(f"server did not become ready within {timeout} s")
+        assert self._proc is not None
+
+        def ready() -> bool:
+            return requests.get(self.url + "/health_generate", headers=self._headers(),
+                                timeout=30).status_code == 200
+
+        try:
+            wait_ready(self._proc, ready, timeout, "server")
+        except (RuntimeError, TimeoutError):
+            self.shutdown()
+            raise
 
     def shutdown(self) -> None:
         proc, self._proc = self._proc, None

@@ -5,6 +5,8 @@ from __future__ import annotations
 import os
 import signal
 import subprocess
+import time
+from collections.abc import Callable
 
 
 def stop_process_group(proc: subprocess.Popen[bytes] | None, grace: float = 15.0) -> None:
@@ -21,3 +23,21 @@ def stop_process_group(proc: subprocess.Popen[bytes] | None, grace: float = 15.0
             return
         except subprocess.TimeoutExpired:
             continue
+
+
+def wait_ready(proc: subprocess.Popen[bytes], ready: Callable[[], bool], timeout: float,
+               what: str, interval: float = 0.2) -> None:
+    """Poll ``ready()`` until it is True. RuntimeError when ``proc`` exits first, TimeoutError
+    after ``timeout`` seconds (the caller stops the process). Exceptions of ``ready`` count as
+    not ready (the server is not listening yet)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"{what} exited with code {proc.returncode} during start-up")
+        try:
+            if ready():
+                return
+        except Exception:  # noqa: BLE001, S110 - not listening yet
+            pass
+        time.sleep(interval)
+    raise TimeoutError(f"{what} did not become ready within {timeout} s")

@@ -25,10 +25,10 @@ import shutil
 import subprocess
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Self
+from typing import Any
 
 from dspark_sglang.utils.net import free_port
-from dspark_sglang.utils.proc import stop_process_group, wait_ready
+from dspark_sglang.utils.proc import ChildProcess, wait_ready
 
 SERVER_PEERS = ("llamacpp-server", "llamacpp-server-dspark")
 ENV_BINARY = "DSPARK_LLAMA_SERVER"
@@ -92,7 +92,7 @@ class LlamaServerConfig:
         return cmd + list(self.extra_args)
 
 
-class LlamaServer:
+class LlamaServer(ChildProcess):
     """A running ``llama-server`` (own process group, log in ``log_path``); ``url`` when
     ``/health`` answers 200."""
 
@@ -114,16 +114,6 @@ class LlamaServer:
         except (RuntimeError, TimeoutError):
             self.shutdown()
             raise
-
-    def shutdown(self) -> None:
-        proc, self._proc = self._proc, None
-        stop_process_group(proc)
-
-    def __enter__(self) -> Self:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.shutdown()
 
 
 def completion_output(body: dict[str, Any]) -> dict[str, Any]:

@@ -33,6 +33,7 @@ from typing import Any
 import torch
 
 from dspark_sglang.benchmark.report import error_text, format_table, machine_info
+from dspark_sglang.benchmark.step_timer import time_calls
 
 
 @dataclass
@@ -101,15 +102,8 @@ class _SchedulerProbe:
         inner_step = sched.step
 
         def timed(obj: Any, name: str, key: str) -> None:
-            inner = getattr(obj, name)
-
-            def call(*a: Any, **kw: Any) -> Any:
-                t0 = time.perf_counter()
-                try:
-                    return inner(*a, **kw)
-                finally:
-                    self._acc[key] += time.perf_counter() - t0
-            setattr(obj, name, call)
+            time_calls(obj, name, lambda seconds: self._acc.__setitem__(
+                key, self._acc[key] + seconds))
 
         def step(*a: Any, **kw: Any) -> Any:
             if self.pending is not None:
@@ -150,13 +144,8 @@ class _SchedulerProbe:
         return {k: statistics.median(r[k] for r in self.rows) * 1e3 for k in self.rows[0]}
 
 
-def _prompts(tokenizer: Any, n: int, length: int) -> list[list[int]]:
-    from dspark_sglang.benchmark.offline import make_prompt_ids
-
-    return make_prompt_ids(tokenizer, n, length, 1 << 30)
-
-
 def measure_config(cfg: StepCostConfig, quantization: str) -> dict[str, Any]:
+    from dspark_sglang.benchmark.offline import make_prompt_ids
     from dspark_sglang.entrypoints.engine import Engine
     from dspark_sglang.speculative.sps_runtime import measure_sps
 
@@ -168,7 +157,7 @@ def measure_config(cfg: StepCostConfig, quantization: str) -> dict[str, Any]:
     try:
         parts = engine.parts
         probe = _SchedulerProbe(parts, b)
-        prompts = _prompts(engine.tokenizer, b, cfg.prompt_len)
+        prompts = make_prompt_ids(engine.tokenizer, b, cfg.prompt_len, parts.vocab_size)
         sp = {"max_new_tokens": 8, "temperature": 0.0, "ignore_eos": True}
         engine.generate(input_ids=prompts, sampling_params=sp)  # warm-up
         probe.record = True

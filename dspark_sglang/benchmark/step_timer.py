@@ -23,6 +23,21 @@ from typing import Any
 STEP_PARTS = ("draft", "target", "ctx_update", "accept")
 
 
+def time_calls(obj: Any, method: str, add: Callable[[float], None]) -> None:
+    """Replace ``obj.method`` (an instance attribute, nothing global) by a wrapper that passes
+    each call's wall time in seconds to ``add``."""
+    inner: Callable[..., Any] = getattr(obj, method)
+
+    def timed(*args: Any, **kw: Any) -> Any:
+        t0 = time.perf_counter()
+        try:
+            return inner(*args, **kw)
+        finally:
+            add(time.perf_counter() - t0)
+
+    setattr(obj, method, timed)
+
+
 class StepTimer:
     def __init__(self, parts: Any) -> None:
         self.totals: dict[str, float] = defaultdict(float)
@@ -50,18 +65,11 @@ class StepTimer:
     def _time_outside_steps(self, obj: Any, method: str, key: str) -> None:
         """Wrap ``obj.method`` so calls outside a step (prefill) add to ``totals[key]``; calls
         inside a step are timed by the decoder's phases."""
-        inner: Callable[..., Any] = getattr(obj, method)
+        def add(seconds: float) -> None:
+            if not self._in_step:
+                self.totals[key] += seconds
 
-        def timed(*args: Any, **kw: Any) -> Any:
-            if self._in_step:
-                return inner(*args, **kw)
-            t0 = time.perf_counter()
-            try:
-                return inner(*args, **kw)
-            finally:
-                self.totals[key] += time.perf_counter() - t0
-
-        setattr(obj, method, timed)
+        time_calls(obj, method, add)
 
     def reset(self) -> None:
         self.totals.clear()

@@ -19,13 +19,13 @@ import subprocess
 import sys
 from collections.abc import AsyncIterator
 from pathlib import Path
-from typing import Any, Self
+from typing import Any
 
 import requests
 
 from dspark_sglang.server_args import ServerArgs, server_cli_args
 from dspark_sglang.utils.net import free_port
-from dspark_sglang.utils.proc import stop_process_group, wait_ready
+from dspark_sglang.utils.proc import ChildProcess, wait_ready
 
 __all__ = ["Runtime", "RuntimeClient", "free_port", "server_cli_args"]
 
@@ -120,7 +120,7 @@ class RuntimeClient:
         self.endpoint.cache_prefix(prefix)
 
 
-class Runtime(RuntimeClient):
+class Runtime(RuntimeClient, ChildProcess):
     """Starts ``python -m dspark_sglang.launch_server`` and waits for ``/health_generate``.
 
     ``url`` is the base URL, ``endpoint`` an ``sglang.RuntimeEndpoint`` bound to it. The child
@@ -161,16 +161,6 @@ class Runtime(RuntimeClient):
         except (RuntimeError, TimeoutError):
             self.shutdown()
             raise
-
-    def shutdown(self) -> None:
-        proc, self._proc = self._proc, None
-        stop_process_group(proc)
-
-    def __enter__(self) -> Self:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.shutdown()
 
     def __del__(self) -> None:
         with contextlib.suppress(OSError, AttributeError):

@@ -7,6 +7,7 @@ import signal
 import subprocess
 import time
 from collections.abc import Callable
+from typing import Self
 
 
 def stop_process_group(proc: subprocess.Popen[bytes] | None, grace: float = 15.0) -> None:
@@ -41,3 +42,20 @@ def wait_ready(proc: subprocess.Popen[bytes], ready: Callable[[], bool], timeout
             pass
         time.sleep(interval)
     raise TimeoutError(f"{what} did not become ready within {timeout} s")
+
+
+class ChildProcess:
+    """Owner of a child started in its own process group (``start_new_session``): ``shutdown``
+    stops it (idempotent); a context manager that shuts it down on exit."""
+
+    _proc: subprocess.Popen[bytes] | None = None
+
+    def shutdown(self) -> None:
+        proc, self._proc = self._proc, None
+        stop_process_group(proc)
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.shutdown()

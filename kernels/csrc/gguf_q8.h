@@ -79,6 +79,25 @@ inline __m256i unpack_q4(const uint8_t* qs) {
 }
 #endif
 
+// one block's scalar terms against one activation block: the scaled integer dot, and (Q4_0,
+// Q4_1) the offset term (Q4_1: m * d_x * sum(q_x); Q4_0: -8 * d_w * d_x * sum(q_x))
+template <int kType>
+inline void scalar_block_terms(const uint8_t* blk, const int8_t* xq, float dx, float dsx,
+                               float& dot, float& offset) {
+  const float dw = fp16_to_fp32(read_u16(blk));
+  int isum = 0;
+  offset = 0.f;
+  if constexpr (kType == kQ8_0) {
+    const int8_t* wq = reinterpret_cast<const int8_t*>(blk + 2);
+    for (int i = 0; i < kQ8Block; ++i) isum += wq[i] * xq[i];
+  } else {
+    const uint8_t* qs = blk + (kType == kQ4_1 ? 4 : 2);
+    for (int i = 0; i < 16; ++i) isum += (qs[i] & 0x0F) * xq[i] + (qs[i] >> 4) * xq[i + 16];
+    offset = (kType == kQ4_1 ? fp16_to_fp32(read_u16(blk + 2)) : -8.f * dw) * dsx;
+  }
+  dot = static_cast<float>(isum) * (dw * dx);
+}
+
 // one output row n against M quantised activation rows
 template <int kType>
 inline void q8_dot_row(const uint8_t* wrow, int64_t nb, const std::vector<Q8Row>& xs, float* y,
@@ -133,20 +152,12 @@ inline void q8_dot_row(const uint8_t* wrow, int64_t nb, const std::vector<Q8Row>
     }
   }
   for (; b < nb; ++b) {  // an odd last block
-    const uint8_t* blk = wrow + b * kBytes;
-    const float dw = fp16_to_fp32(read_u16(blk));
     for (int64_t m = 0; m < M; ++m) {
-      const int8_t* xq = xs[m].q.data() + b * kQ8Block;
-      int isum = 0;
-      if constexpr (kType == kQ8_0) {
-        const int8_t* wq = reinterpret_cast<const int8_t*>(blk + 2);
-        for (int i = 0; i < kQ8Block; ++i) isum += wq[i] * xq[i];
-      } else {
-        const uint8_t* qs = blk + (kType == kQ4_1 ? 4 : 2);
-        for (int i = 0; i < 16; ++i) isum += (qs[i] & 0x0F) * xq[i] + (qs[i] >> 4) * xq[i + 16];
-        extra[m] += (kType == kQ4_1 ? fp16_to_fp32(read_u16(blk + 2)) : -8.f * dw) * xs[m].ds[b];
-      }
-      extra[m] += static_cast<float>(isum) * (dw * xs[m].d[b]);
+      float dot, offset;
+      scalar_block_terms<kType>(wrow + b * kBytes, xs[m].q.data() + b * kQ8Block, xs[m].d[b],
+                                xs[m].ds[b], dot, offset);
+      extra[m] += offset;
+      extra[m] += dot;
     }
   }
   for (int64_t m = 0; m < M; ++m) y[m * ldy] = _mm512_reduce_add_ps(acc[m]) + extra[m];
@@ -188,19 +199,11 @@ inline void q8_dot_row(const uint8_t* wrow, int64_t nb, const std::vector<Q8Row>
   for (int64_t m = 0; m < M; ++m) {
     float acc = 0.f, extra = 0.f;
     for (int64_t b = 0; b < nb; ++b) {
-      const uint8_t* blk = wrow + b * kBytes;
-      const float dw = fp16_to_fp32(read_u16(blk));
-      const int8_t* xq = xs[m].q.data() + b * kQ8Block;
-      int isum = 0;
-      if constexpr (kType == kQ8_0) {
-        const int8_t* wq = reinterpret_cast<const int8_t*>(blk + 2);
-        for (int i = 0; i < kQ8Block; ++i) isum += wq[i] * xq[i];
-      } else {
-        const uint8_t* qs = blk + (kType == kQ4_1 ? 4 : 2);
-        for (int i = 0; i < 16; ++i) isum += (qs[i] & 0x0F) * xq[i] + (qs[i] >> 4) * xq[i + 16];
-        extra += (kType == kQ4_1 ? fp16_to_fp32(read_u16(blk + 2)) : -8.f * dw) * xs[m].ds[b];
-      }
-      acc += static_cast<float>(isum) * (dw * xs[m].d[b]);
+      float dot, offset;
+      scalar_block_terms<kType>(wrow + b * kBytes, xs[m].q.data() + b * kQ8Block, xs[m].d[b],
+                                xs[m].ds[b], dot, offset);
+      extra += offset;  // Q8_0: 0
+      acc += dot;
     }
     y[m * ldy] = acc + extra;
   }

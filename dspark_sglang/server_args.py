@@ -34,13 +34,12 @@ class ServerArgs:
     dtype: str = _f("auto", "weights/activations dtype (auto = float32 on CPU, bfloat16 on GPU)",
                     ("auto", "float32", "bfloat16", "float16"))
     device: str = _f("auto", "cpu | cuda | auto")
-    quantization: str = _f("none", "gguf: on CPU in float32, compute decode/verify matmuls (and "
-                                   "the LM head) on a GGUF checkpoint's own Q4_0/Q4_1/Q8_0/Q4_K/"
-                                   "Q6_K blocks (Q8 activations for the first three, as "
-                                   "llama.cpp; ~2x faster decode, but see docs/benchmarks.md: "
-                                   "speculative greedy output can differ from plain in batches); "
-                                   "none (default): dequantised float weights; auto: gguf for a "
-                                   "GGUF checkpoint where that applies, else none",
+    quantization: str = _f("auto", "gguf: on CPU in float32, compute decode/verify/draft matmuls "
+                                   "(and the LM head) on a GGUF checkpoint's own Q4_0/Q4_1/Q8_0/"
+                                   "Q4_K/Q6_K blocks (Q8 activations for the first three, as "
+                                   "llama.cpp; ~2x faster decode; prefill stays float32); none: "
+                                   "dequantised float32 weights; auto (default): gguf for a GGUF "
+                                   "checkpoint on CPU with the cpu attention backend, else none",
                            ("auto", "none", "gguf"))
     context_length: int | None = _f(None, "max tokens per request (prompt + output)")
     # memory / scheduling

@@ -257,6 +257,58 @@ def test_paged_verify_tree_mask_matters() -> None:
     assert (got_tree - got_causal).abs().max().item() > 1e-3
 
 
+@needs_ops
+@pytest.mark.parametrize("seed", range(8))
+def test_paged_verify_rows_are_bitwise_decode_alone(seed: int) -> None:
+    """Each verified token's attention output is bitwise what decoding it alone over its
+    visible keys laid out contiguously gives (the prefix, then its ancestors), for causal chains
+    and trees, at prefix lengths around the key-tile size: speculative greedy output can only
+    equal plain greedy output if this holds (quantised activations amplify any last bit)."""
+    from dspark_sglang.core.forward_batch import ForwardBatch, ForwardMode
+    from dspark_sglang.layers.attention.base import create_attention_backend
+
+    rng = np.random.default_rng(300 + seed)
+    kv_heads, g, head_dim = 3, 3, 64
+    e = int(rng.choice([2, 5, 8, 16, 40, 64]))
+    prefix = int(rng.choice([5, 60, 63, 64, 65, 120, 127, 130]))
+    if seed % 2:
+        parents = [-1] + [int(rng.integers(0, i)) for i in range(1, e)]
+        masks: list[torch.Tensor | None] | None = [_tree_mask(parents)]
+    else:
+        parents = list(range(-1, e - 1))
+        masks = None
+    fb, pool = _random_batch(ForwardMode.TARGET_VERIFY, [prefix], [e], masks, kv_heads,
+                             head_dim, seed)
+    gen = torch.Generator().manual_seed(seed)
+    q = torch.randn(e, kv_heads * g, head_dim, generator=gen)
+    k = torch.randn(e, kv_heads, head_dim, generator=gen)
+    v = torch.randn(e, kv_heads, head_dim, generator=gen)
+    backend = create_attention_backend("cpu")
+    backend.init_forward_metadata(fb)
+    got = backend.forward(q, k, v, 0, fb, pool, head_dim ** -0.5)
+    row_slots = fb.req_to_token[fb.req_pool_indices[0]]
+    for i in range(e):
+        chain, j = [], i
+        while j >= 0:
+            chain.append(j)
+            j = parents[j]
+        chain.reverse()  # ancestors, then the token itself
+        keys = torch.cat([row_slots[:prefix], row_slots[prefix + torch.tensor(chain)]])
+        table = torch.zeros(1, keys.numel() + 3, dtype=torch.int64)
+        table[0, :keys.numel()] = keys
+        n = keys.numel()
+        one = ForwardBatch(
+            mode=ForwardMode.DECODE, input_ids=torch.zeros(1, dtype=torch.int64),
+            positions=torch.tensor([n - 1]), out_cache_loc=keys[-1:].clone(),
+            req_pool_indices=torch.tensor([0]), seq_lens=torch.tensor([n]),
+            extend_lens=torch.tensor([1]), req_to_token=table, custom_masks=None,
+            seq_lens_list=[n], extend_lens_list=[1])
+        backend.init_forward_metadata(one)
+        alone = backend.forward(q[i:i + 1], k[i:i + 1], v[i:i + 1], 0, one, pool,
+                                head_dim ** -0.5)
+        assert torch.equal(alone[0], got[i]), (i, prefix, e, (alone[0] - got[i]).abs().max())
+
+
 def test_cpu_backend_falls_back_to_sdpa_for_extend_and_without_kernels(monkeypatch) -> None:
     from dspark_sglang.core.forward_batch import ForwardMode
     from dspark_sglang.layers.attention.cpu_paged import CpuPagedAttnBackend
@@ -266,7 +318,7 @@ def test_cpu_backend_falls_back_to_sdpa_for_extend_and_without_kernels(monkeypat
     backend = CpuPagedAttnBackend()
     backend.init_forward_metadata(fb)
     assert isinstance(fb.attn_metadata, TorchNativeMetadata)
-    fb, _ = _random_batch(ForwardMode.TARGET_VERIFY, [3], [33], None, 2, 16, 0)
+    fb, _ = _random_batch(ForwardMode.TARGET_VERIFY, [3], [65], None, 2, 16, 0)
     backend.init_forward_metadata(fb)  # longer than a verify chain: SDPA
     assert isinstance(fb.attn_metadata, TorchNativeMetadata)
     backend.ops = None  # as when the extension cannot be built

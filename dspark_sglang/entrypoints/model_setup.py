@@ -13,6 +13,7 @@ import torch
 
 from dspark_sglang.core.req import Req
 from dspark_sglang.entrypoints.metrics import EngineMetrics
+from dspark_sglang.layers.attention.registry import resolve_attention_backend
 from dspark_sglang.mem_cache.cache_manager import CacheManager
 from dspark_sglang.model_executor.model_loader import (  # noqa: F401 - old import path
     build_target_model,
@@ -80,8 +81,12 @@ def build_engine_parts(args: ServerArgs, emit: Callable[[Req, bool], None]) -> E
                          f"max_position_embeddings {cfg.max_position_embeddings}")
     model = build_target_model(cfg, loaded.state_dict, dtype, device, context_len + 64)
     quantization = "none"
-    if (args.quantization in ("gguf", "auto") and device == "cpu" and dtype == torch.float32
-            and getattr(args, "tp_size", 1) == 1):
+    # auto: only with the paged CPU attention kernel, whose verified tokens are bitwise the
+    # decoded ones (Q8 activations turn SDPA's last-bit differences into different logits)
+    if ((args.quantization == "gguf"
+         or (args.quantization == "auto"
+             and resolve_attention_backend(args.attention_backend, device, dtype) == "cpu"))
+            and device == "cpu" and dtype == torch.float32 and getattr(args, "tp_size", 1) == 1):
         from dspark_sglang.models.gguf_quant import apply_gguf_quantization
 
         # before the drafter shares lm_head

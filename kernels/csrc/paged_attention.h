@@ -4,7 +4,7 @@
 // Work item = (request, kv head): its query rows are the request's new tokens x the query heads
 // that share the kv head (GQA), so each K/V row is loaded once for all of them. Keys are visited
 // in tiles with an online softmax (running max and sum per query row); nothing is gathered or
-// padded.
+// padded. Masked keys are skipped, not zeroed: see the note in paged_attention.
 #pragma once
 #include <ATen/Parallel.h>
 #include <torch/extension.h>
@@ -93,8 +93,15 @@ inline void paged_attention(const at::Tensor& q, const at::Tensor& k_buf, const 
   const float scale = static_cast<float>(sm_scale);
   const float neg_inf = -std::numeric_limits<float>::infinity();
 
+  // A row's keys, in order: the prefix, then the new tokens its mask lets it see. Keys are
+  // visited in tiles of kKeyTile over that compacted order, so a token's output is computed
+  // with exactly the arithmetic of decoding it alone on a contiguous sequence of the same keys
+  // (a verified token is bitwise the token decoded alone: speculative greedy output equals
+  // plain greedy output whatever the arithmetic amplifies downstream). Tiles wholly inside the
+  // prefix are shared by all rows of a work item; the rest is visited per new token.
   at::parallel_for(0, bs * KVH, 1, [&](int64_t begin, int64_t end) {
     std::vector<float> qs, acc, m, l, s;
+    std::vector<int64_t> keys;  // slots of one new token's keys past the shared tiles
     for (int64_t item = begin; item < end; ++item) {
       const int64_t b = item / KVH, h = item % KVH;
       const int64_t e = ext[b], len = seq[b], prefix = len - e, rows = e * G;
@@ -112,29 +119,16 @@ inline void paged_attention(const at::Tensor& q, const at::Tensor& k_buf, const 
           float* dst = qs.data() + (i * G + g) * D;
           for (int64_t t = 0; t < D; ++t) dst[t] = src[t] * scale;
         }
-      for (int64_t j0 = 0; j0 < len; j0 += kKeyTile) {
-        const int n = static_cast<int>(std::min<int64_t>(kKeyTile, len - j0));
+      // one tile of n keys (slot list ks) for rows [r0, r1): scores, online softmax, values
+      auto tile = [&](const int64_t* ks, int n, int64_t r0, int64_t r1) {
         for (int t = 0; t < n; ++t) {
-          const int64_t j = j0 + t;
-          const float* krow = kp + (slots[j] * KVH + h) * D;
-          const int64_t jj = j - prefix;  // index among the new tokens (< 0: prefix)
-          for (int64_t i = 0; i < e; ++i) {
-            const bool visible =
-                jj < 0 || (mask ? mask[i * e + jj] != 0 : jj <= i);
-            for (int64_t g = 0; g < G; ++g) {
-              const int64_t r = i * G + g;
-              s[r * kKeyTile + t] = visible ? dot(qs.data() + r * D, krow, D) : neg_inf;
-            }
-          }
+          const float* krow = kp + (ks[t] * KVH + h) * D;
+          for (int64_t r = r0; r < r1; ++r) s[r * kKeyTile + t] = dot(qs.data() + r * D, krow, D);
         }
-        for (int64_t r = 0; r < rows; ++r) {
+        for (int64_t r = r0; r < r1; ++r) {
           float* sr = s.data() + r * kKeyTile;
           float tmax = neg_inf;
           for (int t = 0; t < n; ++t) tmax = std::max(tmax, sr[t]);
-          if (tmax == neg_inf) {  // nothing visible in this tile
-            for (int t = 0; t < n; ++t) sr[t] = 0.f;
-            continue;
-          }
           const float m_new = std::max(m[r], tmax);
           if (m_new > m[r]) {
             const float c = m[r] == neg_inf ? 0.f : std::exp(m[r] - m_new);
@@ -145,12 +139,23 @@ inline void paged_attention(const at::Tensor& q, const at::Tensor& k_buf, const 
           l[r] += exp_shift_sum(sr, n, m_new);
         }
         for (int t = 0; t < n; ++t) {
-          const float* vrow = vp + (slots[j0 + t] * KVH + h) * D;
-          for (int64_t r = 0; r < rows; ++r) {
+          const float* vrow = vp + (ks[t] * KVH + h) * D;
+          for (int64_t r = r0; r < r1; ++r) {
             const float p = s[r * kKeyTile + t];
             if (p != 0.f) axpy(p, vrow, acc.data() + r * D, D);
           }
         }
+      };
+      const int64_t shared_end = (prefix / kKeyTile) * kKeyTile;
+      for (int64_t j0 = 0; j0 < shared_end; j0 += kKeyTile) tile(slots + j0, kKeyTile, 0, rows);
+      for (int64_t i = 0; i < e; ++i) {
+        keys.assign(slots + shared_end, slots + prefix);
+        for (int64_t jj = 0; jj < e; ++jj)
+          if (mask ? mask[i * e + jj] != 0 : jj <= i) keys.push_back(slots[prefix + jj]);
+        const int64_t nk = static_cast<int64_t>(keys.size());
+        for (int64_t c0 = 0; c0 < nk; c0 += kKeyTile)
+          tile(keys.data() + c0, static_cast<int>(std::min<int64_t>(kKeyTile, nk - c0)), i * G,
+               (i + 1) * G);
       }
       for (int64_t i = 0; i < e; ++i)
         for (int64_t g = 0; g < G; ++g) {

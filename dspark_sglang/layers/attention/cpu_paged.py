@@ -3,9 +3,13 @@
 DECODE and TARGET_VERIFY forwards with at most ``MAX_VERIFY_TOKENS`` new tokens per request run
 ``dspark_kernels.cpu_ops.paged_attention`` (C++, threads over requests x kv heads, online
 softmax, GQA-aware, slots read through ``req_to_token`` without a gather or padding; custom
-masks of trees as in the torch backend). Everything else (EXTEND prefill, longer
-verify blocks, non-float32 pools, or a machine where the extension cannot be built) goes to the
-torch-native SDPA backend, which is also the reference the kernel is tested against.
+masks of trees as in the torch backend). A verified token's keys are visited in the order and
+key tiles of decoding it alone (prefix, then the new tokens its mask shows), so its output is
+bitwise the decoded token's: speculative greedy output equals plain greedy output even where
+Q8 activations (``--quantization gguf``) turn a last-bit difference into a different logit.
+Everything else (EXTEND prefill, non-float32 pools, or a machine where the extension cannot be
+built) goes to the torch-native SDPA backend, which is also the reference the kernel is tested
+against.
 """
 
 from __future__ import annotations
@@ -18,7 +22,9 @@ from dspark_sglang.core.forward_batch import ForwardBatch, ForwardMode
 from dspark_sglang.layers.attention.torch_native import TorchNativeAttnBackend
 from dspark_sglang.mem_cache.kv_pool import KVPool
 
-MAX_VERIFY_TOKENS = 32
+# every verify block the flags allow (speculative_num_draft_tokens <= 64): decode and verify
+# must share one kernel for a verified token to be bitwise the token decoded alone
+MAX_VERIFY_TOKENS = 64
 
 
 @dataclass

@@ -1,0 +1,46 @@
+"""Speculative greedy output equals plain greedy output on the embedded GGUF's own blocks.
+
+With Q8 activations (``--quantization gguf``, the default for a GGUF on CPU) a last-bit
+difference anywhere before a matmul can move a quantised activation by one step and change the
+logits visibly; so this holds only if a verified token is computed bitwise as if it had been
+decoded alone (the paged attention kernel's key order, row-independent block kernels). Checked
+in a batch of chat prompts whose contexts cross the attention kernel's key tiles, where the
+earlier kernel (masked keys inside a tile) diverged on every prompt.
+"""
+
+from __future__ import annotations
+
+import pytest
+
+from dspark_sglang.benchmark.workloads import chat_prompt
+from tests.conftest import greedy, has_default_model
+
+pytestmark = pytest.mark.skipif(not has_default_model(), reason="embedded model not installed")
+
+QUESTIONS = [
+    "Natalia sold clips to 48 of her friends in April, and then she sold half as many clips in "
+    "May. How many clips did Natalia sell altogether in April and May?",
+    "Write a Python function that returns the n-th Fibonacci number iteratively.",
+    "What are three good ways to improve sleep quality? Answer briefly.",
+    "Explain what a hash table is to a new programmer.",
+    "A train travels 60 miles per hour for 2.5 hours. How far does it go?",
+    "Write a haiku about the sea.",
+    "List the planets of the solar system in order from the sun.",
+    "Write a SQL query that counts the rows of a table named orders per customer_id.",
+]
+
+
+@pytest.mark.parametrize("algo", ["MTP1", "DSPARK"])
+def test_speculative_greedy_equals_plain_on_q8_blocks(make_engine, algo: str) -> None:
+    plain = make_engine(None, quantization="gguf", attention_backend="cpu")
+    assert plain.parts.runner.quantization == "gguf"
+    prompts = [chat_prompt(plain.tokenizer, q) for q in QUESTIONS]
+    want = [o["output_ids"] for o in plain.generate(prompts, greedy(40))]
+    plain.shutdown()
+    kw = {"speculative_dspark_disable_draft_budget": True} if algo == "DSPARK" else {}
+    spec = make_engine(None, quantization="gguf", attention_backend="cpu",
+                       speculative_algorithm=algo, **kw)
+    got = [o["output_ids"] for o in spec.generate(prompts, greedy(40))]
+    assert spec.parts.runner.quantization == "gguf"
+    same = [g == w for g, w in zip(got, want)]
+    assert all(same), f"{algo}: {sum(same)}/{len(same)} prompts equal to plain decoding"

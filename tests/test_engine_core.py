@@ -158,3 +158,30 @@ def test_siblings_sent_together_share_prefix(make_engine, llama_dir):
     solo = make_engine(llama_dir, disable_radix_cache=True)
     assert [o["output_ids"] for o in outs] == \
         [solo.generate(base + f"Branch {i}.", greedy(6))["output_ids"] for i in range(4)]
+
+
+def test_model_loads_and_runs_on_the_scheduler_thread(make_engine, llama_dir, monkeypatch):
+    """The scheduler thread loads the model, so it is the only engine thread that opens OpenMP
+    regions (a second worker team makes libgomp sleep between kernels: 2x slower steps)."""
+    import threading
+
+    from dspark_sglang.entrypoints import engine as engine_mod
+
+    seen: list[str] = []
+    real = engine_mod.build_engine_parts
+
+    def spy(*a, **kw):
+        seen.append(threading.current_thread().name)
+        return real(*a, **kw)
+
+    monkeypatch.setattr(engine_mod, "build_engine_parts", spy)
+    eng = make_engine(llama_dir)
+    assert seen == ["dspark-scheduler"]
+    forwards: list[str] = []
+    runner = eng.parts.runner
+    real_forward = runner.forward
+    runner.forward = lambda fb: forwards.append(threading.current_thread().name) or \
+        real_forward(fb)
+    eng.generate(PROMPTS[:2], greedy(3))
+    assert forwards and set(forwards) == {"dspark-scheduler"}
+

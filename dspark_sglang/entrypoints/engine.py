@@ -3,6 +3,13 @@
 Threading: the scheduler thread is the only one that touches ``Req`` objects, the cache manager
 and the models. Callers talk to it through ``_inbox`` (requests, aborts, control calls) and get
 results through per-request callbacks (thread-safe queues / the asyncio loop).
+
+The scheduler thread also loads the model, so it is the only thread of the engine that opens
+OpenMP parallel regions: libgomp keeps a worker team per thread that ever ran one, and once a
+process has more of those worker threads than CPUs it stops spinning between regions and
+sleeps instead, which made every kernel of a decode step wait for a wake-up (a SmolLM2 step on
+GGUF blocks took 35 ms with the model loaded in the caller's thread, 15 ms loaded here).
+Heavy torch work in other threads of the same process brings that slowdown back.
 """
 
 from __future__ import annotations
@@ -58,14 +65,23 @@ class Engine:
         if server_args is None:
             server_args = ServerArgs(model_path=model_path, **kwargs)
         self.server_args = server_args
-        self.parts: EngineParts = build_engine_parts(server_args, emit=self._emit)
-        self.tokenizer = self.parts.tokenizer
-        self.context_len = self.parts.context_len
-        self.model_path = self.parts.model_path
         self._inbox: queue.Queue[tuple[str, Any]] = queue.Queue()
         self._stop = threading.Event()
         self._lock = threading.Lock()  # guards _live and the counters
         self._live: dict[str, Req] = {}  # rid -> submitted, unfinished request
+        self._emit_observers: tuple[EmitObserver, ...] = ()
+        self._loaded = threading.Event()
+        self._load_error: BaseException | None = None
+        self._started = threading.Event()  # set once the caller's setup after the load is done
+        self._thread = threading.Thread(target=self._run, name="dspark-scheduler", daemon=True)
+        self._thread.start()
+        self._loaded.wait()
+        if self._load_error is not None:
+            self._thread.join()
+            raise self._load_error
+        self.tokenizer = self.parts.tokenizer
+        self.context_len = self.parts.context_len
+        self.model_path = self.parts.model_path
         self._rid_counter = itertools.count(1)
         self._req_counter = itertools.count(1)  # default sampling seeds (never repeat)
         self._max_prompt_chars: int | None = None
@@ -73,16 +89,29 @@ class Engine:
         self.started_at = time.time()
         self.metrics = self.parts.metrics
         # copy-on-write: the scheduler thread iterates a snapshot while others add or remove
-        self._emit_observers: tuple[EmitObserver, ...] = (self.metrics,)
-        self.parts.scheduler.interleave = not server_args.disable_prefill_decode_interleave
-        self._thread = threading.Thread(target=self._loop, name="dspark-scheduler", daemon=True)
-        self._thread.start()
+        with self._lock:
+            self._emit_observers = (self.metrics, *self._emit_observers)
+        self._started.set()
 
     # ---- scheduler thread ----------------------------------------------------------------------
+    def _run(self) -> None:
+        """Load the model on this thread (see the module docstring), then run the loop."""
+        try:
+            if self.server_args.num_threads:
+                torch.set_num_threads(self.server_args.num_threads)
+            self.parts: EngineParts = build_engine_parts(self.server_args, emit=self._emit)
+            self.parts.scheduler.interleave = (
+                not self.server_args.disable_prefill_decode_interleave)
+        except BaseException as e:
+            self._load_error = e
+            self._loaded.set()
+            return
+        self._loaded.set()
+        self._started.wait()
+        self._loop()
+
     def _loop(self) -> None:
         sched = self.parts.scheduler
-        if self.server_args.num_threads:
-            torch.set_num_threads(self.server_args.num_threads)
         while not self._stop.is_set():
             try:
                 block = not sched.has_work()

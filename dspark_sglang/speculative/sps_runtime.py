@@ -28,6 +28,9 @@ logger = logging.getLogger(__name__)
 DEFAULT_TOKEN_COUNTS = (1, 2, 4, 8, 12, 16, 24, 32, 48, 64, 96, 128, 192, 256)
 _CTX_PER_REQ = 128
 _TOKENS_PER_REQ = 8  # a verify batch is many short chains: bs = ceil(B / 8)
+# bumped when how the engine runs its forwards changes their cost (2: the model is loaded and
+# run on the scheduler thread, one OpenMP team: earlier tables were measured 2x slower)
+PROFILE_VERSION = 2
 
 
 def _sps_cache_path(model_path: str, runner: ModelRunner) -> Path:
@@ -41,7 +44,7 @@ def _sps_cache_path(model_path: str, runner: ModelRunner) -> Path:
                     if hasattr(m, "quant_forward")}, key=str)
     key = json.dumps([model_path, str(runner.dtype), runner.device, torch.get_num_threads(),
                       runner.attn.__class__.__name__, "small-rows-linear", linear.SMALL_ROWS,
-                      quant], default=str)
+                      quant, "profile-version", PROFILE_VERSION], default=str)
     h = hashlib.sha256(key.encode()).hexdigest()[:16]
     return default_cache_root() / "sps" / f"{h}.json"
 

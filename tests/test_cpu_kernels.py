@@ -538,3 +538,35 @@ def test_prefill_forwards_take_the_float_path(make_engine, tmp_path, monkeypatch
     with torch.no_grad(), float_weights():
         head(torch.randn(1, 64))
     assert len(calls) == 4
+
+
+@needs_ops
+def test_q8_linear_and_subset_rows() -> None:
+    """A float linear on Q8_0 blocks it quantised itself is close to float32 (Q8 rounding);
+    a row subset of a block layer computes bitwise those rows of the full layer's output."""
+    from dspark_sglang.layers.linear import Linear
+    from dspark_sglang.layers.quantized_linear import GGUFLinear, q8_linear, subset_rows
+
+    ops = load_cpu_ops()
+    torch.manual_seed(0)
+    base = Linear(96, 40, bias=False)
+    torch.nn.init.normal_(base.weight, std=0.2)
+    layer = q8_linear(base, ops, max_rows=8)
+    assert isinstance(layer, GGUFLinear) and layer.parts[0].ggml_type == 8
+    x = torch.randn(5, 96)
+    with torch.no_grad():
+        want = x @ base.weight.t()
+        got = layer(x)
+        calls: list[int] = []
+        real = layer.quant_forward
+        layer.quant_forward = lambda x2d: calls.append(x2d.shape[0]) or real(x2d)  # type: ignore
+        layer(x)
+        layer(torch.randn(9, 96))  # more than max_rows: the float path
+    assert calls == [5]
+    rel = (got - want).norm() / want.norm()
+    assert 0 < rel < 0.02, rel
+    rows = torch.tensor([3, 0, 17, 39, 8])
+    sub = subset_rows(layer, rows)
+    assert sub is not None
+    with torch.no_grad():
+        assert torch.equal(sub(x), layer(x)[:, rows])

@@ -13,6 +13,7 @@ from __future__ import annotations
 import pytest
 
 from dspark_sglang.benchmark.workloads import chat_prompt
+from dspark_sglang.layers.quantized_linear import GGUFLinear
 from tests.conftest import greedy, has_default_model
 
 pytestmark = pytest.mark.skipif(not has_default_model(), reason="embedded model not installed")
@@ -41,6 +42,10 @@ def test_speculative_greedy_equals_plain_on_q8_blocks(make_engine, algo: str) ->
     spec = make_engine(None, quantization="gguf", attention_backend="cpu",
                        speculative_algorithm=algo, **kw)
     got = [o["output_ids"] for o in spec.generate(prompts, greedy(40))]
+    drafter = spec.parts.decoder.worker.drafter
+    # next to a block target the drafter's layers and its token-map head run on Q8 blocks too
+    assert isinstance(drafter.layers[0].mlp.gate_proj, GGUFLinear)
+    assert drafter.draft_vocab is not None and drafter.draft_vocab.head_blocks is not None
     assert spec.parts.runner.quantization == "gguf"
     same = [g == w for g, w in zip(got, want)]
     assert all(same), f"{algo}: {sum(same)}/{len(same)} prompts equal to plain decoding"

@@ -128,6 +128,38 @@ class GGUFLinear(Linear):
         return sum(p.data.numel() for p in self.parts)
 
 
+def q8_linear(base: Linear, ops: object, max_rows: int = KERNEL_ROWS) -> GGUFLinear:
+    """``base`` (float32, ``in_features`` a multiple of 32) also on Q8_0 blocks quantised from
+    its weight by gguf-py's reference quantiser: for the float linears of a model that runs next
+    to a GGUF-block target (the DSpark drafter), at most ``max_rows`` rows on the Q8 kernel."""
+    from gguf import GGMLQuantizationType
+    from gguf.quants import quantize
+
+    w = base.weight.detach().to(torch.float32).cpu().numpy()
+    data = torch.from_numpy(quantize(w, GGMLQuantizationType.Q8_0))
+    layer = GGUFLinear(base, [GGUFWeight(int(GGMLQuantizationType.Q8_0), data,
+                                         base.in_features)], ops)
+    layer.act_q8 = True
+    layer.max_quant_rows = max_rows
+    return layer
+
+
+def subset_rows(layer: GGUFLinear, rows: torch.Tensor) -> GGUFLinear | None:
+    """A ``GGUFLinear`` of ``layer``'s output rows ``rows`` (its blocks, not re-quantised), or
+    None when ``layer`` has several parts (the LM head has one)."""
+    if len(layer.parts) != 1:
+        return None
+    part = layer.parts[0]
+    base = Linear(layer.in_features, int(rows.numel()), bias=False, device="meta")
+    base.weight = torch.nn.Parameter(layer.weight.detach()[rows].contiguous(),
+                                     requires_grad=False)
+    sub = GGUFLinear(base, [GGUFWeight(part.ggml_type, part.data[rows].contiguous(),
+                                       part.in_features)], layer.ops)
+    sub.act_q8 = layer.act_q8
+    sub.max_quant_rows = layer.max_quant_rows
+    return sub
+
+
 def _time(fn: object, reps: int) -> float:
     fn()  # type: ignore[operator]
     best = float("inf")

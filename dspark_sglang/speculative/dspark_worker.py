@@ -320,6 +320,8 @@ def create_dspark_worker(ctx: DraftContext, cfg: SpeculativeConfig) -> DSparkWor
                                      sts_path=cfg.dspark_confidence_sts_path,
                                      device=runner.device, dtype=runner.dtype)
     drafter.eval().requires_grad_(False)
+    if runner.quantization == "gguf":
+        _quantize_drafter(drafter)
     if drafter.config.vocab_size != ctx.config.vocab_size:
         raise ValueError("drafter vocab_size does not match the target model")
     _install_token_map(drafter, path, cfg)
@@ -337,6 +339,26 @@ def create_dspark_worker(ctx: DraftContext, cfg: SpeculativeConfig) -> DSparkWor
     return DSparkWorker(drafter, ctx.num_slots, ctx.cache.req_to_token, cfg.algorithm, sps,
                         num_draft_tokens, cfg.eagle_topk, ctx.context_len, runner.dtype,
                         runner.device, draft_budget=not cfg.dspark_disable_draft_budget)
+
+
+def _quantize_drafter(drafter: DSparkDrafter) -> None:
+    """Next to a target on GGUF blocks, the drafter's layers and context projection run on Q8_0
+    blocks quantised from its float weights (few rows: drafting, the per-step context update;
+    prefill-sized inputs keep float32). Changes drafts only, never what is verified."""
+    from dspark_kernels.cpu_ops import load_cpu_ops
+
+    from dspark_sglang.layers.linear import Linear
+    from dspark_sglang.layers.quantized_linear import q8_linear
+
+    ops = load_cpu_ops()
+    if ops is None:
+        return
+    owners = [drafter, *drafter.layers.modules()]
+    for owner in owners:
+        for name, child in list(owner.named_children()):
+            if (type(child) is Linear and child.in_features % 32 == 0
+                    and child.weight.dtype == torch.float32):
+                setattr(owner, name, q8_linear(child, ops))
 
 
 def _install_token_map(drafter: DSparkDrafter, drafter_dir: str, cfg: SpeculativeConfig) -> None:

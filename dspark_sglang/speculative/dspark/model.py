@@ -27,6 +27,7 @@ from torch import nn
 
 from dspark_sglang.layers.coupling import gumbel_argmax, position_gumbel
 from dspark_sglang.layers.layernorm import RMSNorm
+from dspark_sglang.layers.linear import Linear
 from dspark_sglang.layers.rotary import rope_inv_freq
 from dspark_sglang.layers.sampler import draw_uniforms, sample_with_uniforms
 from dspark_sglang.speculative.dspark.confidence import (
@@ -61,10 +62,10 @@ class DraftAttention(nn.Module):
         h, d = cfg.hidden_size, cfg.head_dim
         self.num_heads, self.num_kv_heads, self.head_dim = (
             cfg.num_attention_heads, cfg.num_key_value_heads, d)
-        self.q_proj = nn.Linear(h, self.num_heads * d, bias=cfg.attention_bias)
-        self.k_proj = nn.Linear(h, self.num_kv_heads * d, bias=cfg.attention_bias)
-        self.v_proj = nn.Linear(h, self.num_kv_heads * d, bias=cfg.attention_bias)
-        self.o_proj = nn.Linear(self.num_heads * d, h, bias=cfg.attention_bias)
+        self.q_proj = Linear(h, self.num_heads * d, bias=cfg.attention_bias)
+        self.k_proj = Linear(h, self.num_kv_heads * d, bias=cfg.attention_bias)
+        self.v_proj = Linear(h, self.num_kv_heads * d, bias=cfg.attention_bias)
+        self.o_proj = Linear(self.num_heads * d, h, bias=cfg.attention_bias)
         self.q_norm = RMSNorm(d, cfg.rms_norm_eps) if cfg.qk_norm else None
         self.k_norm = RMSNorm(d, cfg.rms_norm_eps) if cfg.qk_norm else None
 
@@ -105,9 +106,9 @@ class DraftAttention(nn.Module):
 class DraftMLP(nn.Module):
     def __init__(self, cfg: DSparkConfig) -> None:
         super().__init__()
-        self.gate_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
-        self.up_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
-        self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=False)
+        self.gate_proj = Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
+        self.up_proj = Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
+        self.down_proj = Linear(cfg.intermediate_size, cfg.hidden_size, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
@@ -157,7 +158,7 @@ class DSparkDrafter(nn.Module):
         super().__init__()
         self.config = config
         h = config.hidden_size
-        self.fc = nn.Linear(config.ctx_input_size, h, bias=False)
+        self.fc = Linear(config.ctx_input_size, h, bias=False)
         self.hidden_norm = RMSNorm(h, config.rms_norm_eps)
         self.layers = nn.ModuleList([DraftLayer(config) for _ in range(config.num_hidden_layers)])
         self.norm = RMSNorm(h, config.rms_norm_eps)
@@ -202,7 +203,10 @@ class DSparkDrafter(nn.Module):
         if weight is None:
             raise ValueError("a token map needs an lm_head with a .weight")
         markov = self.markov_head.markov_w2.weight if self.markov_head is not None else None
-        self.draft_vocab = DraftVocab(token_ids, weight, markov, dtype=dtype)
+        from dspark_sglang.layers.quantized_linear import GGUFLinear
+
+        blocks = self.lm_head if isinstance(self.lm_head, GGUFLinear) else None
+        self.draft_vocab = DraftVocab(token_ids, weight, markov, dtype=dtype, block_head=blocks)
 
     def sts_calibration(self) -> StsCalibration:
         return StsCalibration(temperatures=[float(t) for t in self.sts_temperatures.tolist()])

@@ -23,7 +23,8 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.nn.functional as F
+
+from dspark_sglang.layers.linear import linear
 
 TOKEN_MAP_FILE = "token_map.json"
 FORMAT = "dspark_sglang.token_map/1"
@@ -91,7 +92,8 @@ class DraftVocab:
     """
 
     def __init__(self, token_ids: Sequence[int], head_weight: torch.Tensor,
-                 markov_weight: torch.Tensor | None, dtype: str | None = None) -> None:
+                 markov_weight: torch.Tensor | None, dtype: str | None = None,
+                 block_head: Any = None) -> None:
         vocab = head_weight.shape[0]
         ids = torch.tensor(list(token_ids), dtype=torch.long)
         if int(ids.min()) < 0 or int(ids.max()) >= vocab:
@@ -104,6 +106,13 @@ class DraftVocab:
         self.head_weight = head_weight.detach()[self.token_ids].to(self.dtype).contiguous()
         self.markov_weight = (None if markov_weight is None else
                               markov_weight.detach()[self.token_ids].to(self.dtype).contiguous())
+        # the target's LM head on GGUF blocks (--quantization gguf): the map's rows of its own
+        # blocks, so the sub-head streams 4x fewer bytes than float32 (drafts only)
+        self.head_blocks = None
+        if block_head is not None and dtype in (None, "float32"):
+            from dspark_sglang.layers.quantized_linear import subset_rows
+
+            self.head_blocks = subset_rows(block_head, self.token_ids)
 
     def __len__(self) -> int:
         return int(self.token_ids.numel())
@@ -116,10 +125,12 @@ class DraftVocab:
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """``[..., H] -> [..., V]`` float32, ``-inf`` outside the map."""
-        return self._scatter(F.linear(hidden.to(self.dtype), self.head_weight), float("-inf"))
+        if self.head_blocks is not None:
+            return self._scatter(self.head_blocks(hidden.float()), float("-inf"))
+        return self._scatter(linear(hidden.to(self.dtype), self.head_weight), float("-inf"))
 
     def markov_bias(self, u: torch.Tensor) -> torch.Tensor:
         """``W2 · u`` on the map's rows: ``[..., r] -> [..., V]`` float32, 0 outside."""
         assert self.markov_weight is not None
-        return self._scatter(F.linear(u.to(self.dtype), self.markov_weight), 0.0)
+        return self._scatter(linear(u.to(self.dtype), self.markov_weight), 0.0)
 

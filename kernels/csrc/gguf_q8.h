@@ -210,6 +210,119 @@ inline void q8_dot_row(const uint8_t* wrow, int64_t nb, const std::vector<Q8Row>
 #endif
 }
 
+#if defined(__AVX512VNNI__) && defined(__AVX512F__) && defined(__AVX512DQ__)
+constexpr int kTileN = 4;  // weight rows per tile
+constexpr int kTileM = 4;  // activation rows per tile
+
+// the offset term's per-block weight factor: Q8_0 -128 * d_w (signed weights are fed to dpbusd
+// as w + 128), Q4_0 -8 * d_w, Q4_1 the block minimum m
+template <int kType>
+inline float offset_factor(const uint8_t* blk) {
+  if constexpr (kType == kQ4_1) return fp16_to_fp32(read_u16(blk + 2));
+  return (kType == kQ8_0 ? -128.f : -8.f) * fp16_to_fp32(read_u16(blk));
+}
+
+// sum_b a[b] * c[b] over n floats: 16 lanes, then the lanes' sum (fixed order for any caller)
+inline float dot_blocks(const float* a, const float* c, int64_t n) {
+  __m512 acc = _mm512_setzero_ps();
+  int64_t b = 0;
+  for (; b + 16 <= n; b += 16) acc = _mm512_fmadd_ps(_mm512_loadu_ps(a + b), _mm512_loadu_ps(c + b), acc);
+  if (b < n) {
+    const __mmask16 k = static_cast<__mmask16>((1u << (n - b)) - 1u);
+    acc = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(k, a + b), _mm512_maskz_loadu_ps(k, c + b), acc);
+  }
+  return _mm512_reduce_add_ps(acc);
+}
+
+// NR weight rows (w0, w0 + row_bytes, ...) x MC activation rows: register tile of NR * MC
+// accumulators; per pair of blocks each weight register is unpacked once for all MC rows and
+// each activation register loaded once for all NR rows. y[c * ldy + r] for the tile.
+// Per output element: integer block dots scaled and summed lane-wise over the block pairs in
+// order, the lanes' sum, plus the offset term dot_blocks(factors, d_x * sum(q_x)), plus an odd
+// last block's scalar terms: the same arithmetic whatever the tile shape, so a row's result
+// does not depend on how many rows are in the call.
+template <int kType, int NR, int MC>
+inline void q8_tile(const uint8_t* w0, int64_t row_bytes, int64_t nb, const Q8Row* xs,
+                    float* y, int64_t ldy, float* fac) {
+  constexpr int kBytes = kType == kQ4_0 ? 18 : kType == kQ4_1 ? 20 : 34;
+  __m512 acc[NR][MC];
+  for (int r = 0; r < NR; ++r)
+    for (int c = 0; c < MC; ++c) acc[r][c] = _mm512_setzero_ps();
+  int64_t b = 0;
+  for (; b + 2 <= nb; b += 2) {
+    __m512i w[NR];
+    __m512 dw[NR];
+    for (int r = 0; r < NR; ++r) {
+      const uint8_t* b0 = w0 + r * row_bytes + b * kBytes;
+      const uint8_t* b1 = b0 + kBytes;
+      dw[r] = _mm512_insertf32x8(_mm512_castps256_ps512(_mm256_set1_ps(fp16_to_fp32(read_u16(b0)))),
+                                 _mm256_set1_ps(fp16_to_fp32(read_u16(b1))), 1);
+      if constexpr (kType == kQ8_0) {
+        const __m256i q0 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(b0 + 2));
+        const __m256i q1 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(b1 + 2));
+        w[r] = _mm512_xor_si512(_mm512_inserti64x4(_mm512_castsi256_si512(q0), q1, 1),
+                                _mm512_set1_epi8(static_cast<char>(0x80)));
+      } else {
+        constexpr int off = kType == kQ4_1 ? 4 : 2;
+        w[r] = _mm512_inserti64x4(_mm512_castsi256_si512(unpack_q4(b0 + off)),
+                                  unpack_q4(b1 + off), 1);
+      }
+    }
+    for (int c = 0; c < MC; ++c) {
+      const __m512i x = _mm512_loadu_si512(xs[c].q.data() + b * kQ8Block);
+      const __m512 d8 = _mm512_loadu_ps(xs[c].d8.data() + b * 8);
+      for (int r = 0; r < NR; ++r) {
+        const __m512i dot = _mm512_dpbusd_epi32(_mm512_setzero_si512(), w[r], x);
+        acc[r][c] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot), _mm512_mul_ps(dw[r], d8), acc[r][c]);
+      }
+    }
+  }
+  for (int r = 0; r < NR; ++r) {
+    const uint8_t* wr = w0 + r * row_bytes;
+    for (int64_t i = 0; i < nb; ++i) fac[i] = offset_factor<kType>(wr + i * kBytes);
+    // an odd last Q8_0 block is dotted signed by scalar_block_terms: no +128 to undo
+    if (kType == kQ8_0 && b < nb) fac[b] = 0.f;
+    for (int c = 0; c < MC; ++c) {
+      float v = _mm512_reduce_add_ps(acc[r][c]) + dot_blocks(fac, xs[c].ds.data(), nb);
+      if (b < nb) {  // an odd last block: its scaled integer dot (its offset is in dot_blocks)
+        float dot, offset;
+        scalar_block_terms<kType>(wr + b * kBytes, xs[c].q.data() + b * kQ8Block, xs[c].d[b],
+                                  xs[c].ds[b], dot, offset);
+        v += dot;
+      }
+      y[c * ldy + r] = v;
+    }
+  }
+}
+
+template <int kType, int NR>
+inline void q8_tile_rows(const uint8_t* w0, int64_t row_bytes, int64_t nb,
+                         const std::vector<Q8Row>& xs, float* y, int64_t ldy, float* fac) {
+  const int64_t M = static_cast<int64_t>(xs.size());
+  int64_t m = 0;
+  for (; m + kTileM <= M; m += kTileM)
+    q8_tile<kType, NR, kTileM>(w0, row_bytes, nb, xs.data() + m, y + m * ldy, ldy, fac);
+  switch (M - m) {
+    case 3: q8_tile<kType, NR, 3>(w0, row_bytes, nb, xs.data() + m, y + m * ldy, ldy, fac); break;
+    case 2: q8_tile<kType, NR, 2>(w0, row_bytes, nb, xs.data() + m, y + m * ldy, ldy, fac); break;
+    case 1: q8_tile<kType, NR, 1>(w0, row_bytes, nb, xs.data() + m, y + m * ldy, ldy, fac); break;
+    default: break;
+  }
+}
+
+// output rows [n0, n1) of one weight matrix against all activation rows
+template <int kType>
+inline void q8_rows_tiled(const uint8_t* wp, int64_t row_bytes, int64_t nb, int64_t n0,
+                          int64_t n1, const std::vector<Q8Row>& xs, float* yp, int64_t ldy) {
+  std::vector<float> fac(nb);
+  int64_t n = n0;
+  for (; n + kTileN <= n1; n += kTileN)
+    q8_tile_rows<kType, kTileN>(wp + n * row_bytes, row_bytes, nb, xs, yp + n, ldy, fac.data());
+  for (; n < n1; ++n)
+    q8_tile_rows<kType, 1>(wp + n * row_bytes, row_bytes, nb, xs, yp + n, ldy, fac.data());
+}
+#endif
+
 inline bool q8_supported(int64_t type) {
   return type == kQ4_0 || type == kQ4_1 || type == kQ8_0;
 }
@@ -235,6 +348,18 @@ inline void gguf_matmul_q8(const at::Tensor& x, const at::Tensor& w, int64_t typ
   float* yp = out.data_ptr<float>() + col0;
   const int64_t ldy = out.size(1), nb = K / kQ8Block;
   const int64_t grain = std::max<int64_t>(1, (64 << 10) / std::max<int64_t>(row_bytes, 1));
+#if defined(__AVX512VNNI__) && defined(__AVX512F__) && defined(__AVX512DQ__)
+  at::parallel_for(0, (N + kTileN - 1) / kTileN, std::max<int64_t>(1, grain / kTileN),
+                   [&](int64_t b, int64_t e) {
+    const int64_t n0 = b * kTileN, n1 = std::min(N, e * kTileN);
+    switch (type) {
+      case kQ4_0: q8_rows_tiled<kQ4_0>(wp, row_bytes, nb, n0, n1, xs, yp, ldy); break;
+      case kQ4_1: q8_rows_tiled<kQ4_1>(wp, row_bytes, nb, n0, n1, xs, yp, ldy); break;
+      default: q8_rows_tiled<kQ8_0>(wp, row_bytes, nb, n0, n1, xs, yp, ldy); break;
+    }
+  });
+  return;
+#endif
   at::parallel_for(0, N, grain, [&](int64_t b, int64_t e) {
     for (int64_t n = b; n < e; ++n) {
       const uint8_t* wr = wp + n * row_bytes;

@@ -124,3 +124,32 @@ def test_engine_greedy_with_token_map_equals_none(make_engine, llama_dir, tmp_pa
                        speculative_draft_model_path=str(drafter), speculative_token_map="none",
                        **kw)
     assert none.parts.decoder.worker.drafter.draft_vocab is None
+
+
+@pytest.mark.parametrize("markov", ["vanilla", "gated"])
+def test_chain_in_map_space_equals_vocabulary_space(markov: str) -> None:
+    """``base_logits(..., in_map=True)`` (what the worker drafts with) gives the chain of the
+    vocabulary-wide ``-inf``-padded logits: same greedy tokens, same confidences, same q."""
+    d = _drafter(markov)
+    d.set_token_map([40, 3, 17, 41, 63, 9, 22, 5], dtype="float32")  # unsorted on purpose
+    hidden = torch.randn(3, 4, H)
+    anchors = torch.tensor([1, 2, 3])
+    wide = d.base_logits(hidden)
+    narrow = d.base_logits(hidden, in_map=True)
+    assert narrow.shape == (3, 4, 8)
+    ban = torch.zeros(3, V)
+    ban[:, 17] = float("-inf")  # a grammar-style mask given over the whole vocabulary
+    for temps, mask_fn in [(torch.zeros(3), None), (torch.zeros(3), lambda k, p: ban)]:
+        a = d.sample_chain(hidden, wide, anchors, temps, mask_fn=mask_fn)
+        b = d.sample_chain(hidden, narrow, anchors, temps, mask_fn=mask_fn)
+        assert a.tokens.tolist() == b.tokens.tolist()
+        assert 17 not in b.tokens.flatten().tolist() or mask_fn is None
+        torch.testing.assert_close(a.confidences, b.confidences)
+        torch.testing.assert_close(a.probs, b.probs)
+    temps = torch.tensor([1.0, 0.0, 0.7])
+    g1 = [torch.Generator().manual_seed(i) for i in range(3)]
+    g2 = [torch.Generator().manual_seed(i) for i in range(3)]
+    a = d.sample_chain(hidden, wide, anchors, temps, g1)
+    b = d.sample_chain(hidden, narrow, anchors, temps, g2)
+    torch.testing.assert_close(a.probs, b.probs)
+    assert set(b.tokens.flatten().tolist()) <= {40, 3, 17, 41, 63, 9, 22, 5}

@@ -202,7 +202,7 @@ class DSparkWorker(DraftWorker):
         vocab = self.drafter.draft_vocab
         grammar_walk = _GrammarWalk(reqs, self.drafter.config.vocab_size,
                                     None if vocab is None else vocab.token_ids)
-        base = self.drafter.base_logits(hidden)  # [bs, k, V]
+        base = self.drafter.base_logits(hidden, in_map=True)  # [bs, k, V or len(map)]
         coupling = [(r.sampling_params.seed, len(r.output_ids))
                     if r.sampling_params.seed is not None else None for r in reqs]
         chain = self.drafter.sample_chain(

@@ -261,12 +261,24 @@ class DSparkDrafter(nn.Module):
             x = x + layer.mlp(layer.post_attention_layernorm(x))
         return self.norm(x)
 
-    def base_logits(self, block_hidden: torch.Tensor, full_vocab: bool = False) -> torch.Tensor:
+    def base_logits(self, block_hidden: torch.Tensor, full_vocab: bool = False,
+                    in_map: bool = False) -> torch.Tensor:
         """``U_k`` through the shared lm_head: ``[..., H] -> [..., V]`` float32; with a token
-        map (and not ``full_vocab``) only its rows are computed, the rest are ``-inf``."""
+        map (and not ``full_vocab``) only its rows are computed, the rest are ``-inf``; with
+        ``in_map`` only the map's columns are returned (``[..., len(map)]``, in map order),
+        which ``sample_chain`` takes as well (it never builds vocabulary-wide rows then)."""
         if self.draft_vocab is not None and not full_vocab:
+            if in_map:
+                return self.draft_vocab.logits(block_hidden, scatter=False)
             return self.draft_vocab.logits(block_hidden)
         return self.lm_head(block_hidden).float()
+
+    def _to_vocab(self, x: torch.Tensor, ids: torch.Tensor, fill: float) -> torch.Tensor:
+        """Map-space columns ``[..., len(map)]`` -> vocabulary-wide ``[..., V]`` (``fill``)."""
+        out = torch.full((*x.shape[:-1], self.config.vocab_size), fill, dtype=x.dtype,
+                         device=x.device)
+        out[..., ids] = x
+        return out
 
     # ---- heads ----------------------------------------------------------------------------
 
@@ -321,8 +333,9 @@ class DSparkDrafter(nn.Module):
         ``coupling[r] = (seed, position)`` makes sampled row ``r`` draw draft ``k`` by Gumbel-max
         with the noise of output position ``position + k`` (layers/coupling.py), the noise the
         target's own sample there uses, which maximises agreement. With a token map the Markov
-        bias is computed on the map's rows only (``base_logits`` is ``-inf`` elsewhere), and a
-        mask must leave at least one token of the map allowed per row.
+        bias is computed on the map's rows only (``base_logits`` is ``-inf`` elsewhere, or
+        holds the map's columns only: ``base_logits(..., in_map=True)``, the fast path, same
+        draws), and a mask must leave at least one token of the map allowed per row.
         """
         bs, gamma, _ = block_hidden.shape
         k_total = gamma if num_tokens is None else int(num_tokens)
@@ -340,6 +353,10 @@ class DSparkDrafter(nn.Module):
         state = (self.markov_head.init_state((bs,), block_hidden)
                  if self.markov_head is not None else None)
         sub = self.draft_vocab
+        vocab = self.config.vocab_size
+        # in the map's space: column j is token ids[j] (tokens and probs are mapped back)
+        ids = (sub.token_ids.to(device) if sub is not None
+               and base_logits.shape[-1] == len(sub) != vocab else None)
         tokens, probs, confs, conf_logits = [], [], [], []
         for k in range(k_total):
             h_k = block_hidden[:, k]
@@ -347,25 +364,29 @@ class DSparkDrafter(nn.Module):
             if self.markov_head is not None:
                 if sub is not None:
                     u, state = self.markov_head.rank_step(prev, h_k, state)
-                    bias = sub.markov_bias(u)
+                    bias = sub.markov_bias(u, scatter=ids is None)
                 else:
                     bias, state = self.markov_head.step(prev, h_k, state)
                 logits = logits + bias.float()
             mask = mask_fn(k, prev) if mask_fn is not None else None
+            if mask is not None and ids is not None:
+                mask = mask[:, ids]
             masked = logits if mask is None else logits + mask.to(logits)
-            argmax = masked.argmax(dim=-1)  # [bs]
-            tok = argmax
+            argmax = masked.argmax(dim=-1)  # [bs] (column; a token id unless in map space)
+            tok = argmax if ids is None else ids[argmax]
             one_hot = F.one_hot(argmax, masked.shape[-1]).to(torch.float32)
             if sampled_rows:
-                q = torch.softmax(masked / safe_t, dim=-1)  # [bs, V]
+                q = torch.softmax(masked / safe_t, dim=-1)  # [bs, V] (or [bs, len(map)])
                 u = torch.stack(draw_uniforms(sampled_gens, [1] * len(sampled_rows), device))
-                tok = argmax.clone()
-                tok[sampled_idx] = sample_with_uniforms(q[sampled_idx], u.squeeze(1))
+                tok = tok.clone()
+                col = sample_with_uniforms(q[sampled_idx], u.squeeze(1))
+                tok[sampled_idx] = col if ids is None else ids[col]
                 for r in sampled_rows:
                     if coupling is not None and coupling[r] is not None:
                         seed, pos = coupling[r]
-                        tok[r] = gumbel_argmax(q[r], position_gumbel(seed, pos + k, q.shape[-1],
-                                                                     q.device))
+                        q_r = q[r] if ids is None else self._to_vocab(q[r], ids, 0.0)
+                        tok[r] = gumbel_argmax(q_r, position_gumbel(seed, pos + k, vocab,
+                                                                    q.device))
                 q = torch.where(greedy.unsqueeze(1), one_hot, q)
             else:  # all greedy: the draft distribution is one-hot, skip the softmax
                 q = one_hot
@@ -386,11 +407,15 @@ class DSparkDrafter(nn.Module):
             confs.append(c.float())
             prev = tok
 
-        vocab = base_logits.shape[-1]
+        if ids is None:
+            vocab = base_logits.shape[-1]
+        probs_t = torch.stack(probs, 1) if probs else None
+        if probs_t is not None and ids is not None:
+            probs_t = self._to_vocab(probs_t, ids, 0.0)
         return DraftChain(
             tokens=torch.stack(tokens, 1) if tokens else torch.empty(bs, 0, dtype=torch.long,
                                                                       device=device),
-            probs=torch.stack(probs, 1) if probs else torch.empty(bs, 0, vocab, device=device),
+            probs=probs_t if probs_t is not None else torch.empty(bs, 0, vocab, device=device),
             confidences=torch.stack(confs, 1) if confs else torch.empty(bs, 0, device=device),
             confidence_logits=(torch.stack(conf_logits, 1) if conf_logits
                                else (torch.empty(bs, 0, device=device)

@@ -95,7 +95,9 @@ class DraftVocab:
                  markov_weight: torch.Tensor | None, dtype: str | None = None,
                  block_head: Any = None) -> None:
         vocab = head_weight.shape[0]
-        ids = torch.tensor(list(token_ids), dtype=torch.long)
+        # ascending: a first-maximum argmax over the map's columns picks the token the
+        # vocabulary-wide argmax picks on ties
+        ids = torch.tensor(sorted(set(int(t) for t in token_ids)), dtype=torch.long)
         if int(ids.min()) < 0 or int(ids.max()) >= vocab:
             raise ValueError(f"token map ids must lie in [0, {vocab})")
         self.vocab_size = vocab
@@ -123,14 +125,19 @@ class DraftVocab:
         out[..., self.token_ids] = sub.float()
         return out
 
-    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        """``[..., H] -> [..., V]`` float32, ``-inf`` outside the map."""
+    def logits(self, hidden: torch.Tensor, scatter: bool = True) -> torch.Tensor:
+        """``[..., H] -> [..., V]`` float32, ``-inf`` outside the map (``scatter=False``: the
+        map's columns only, ``[..., len(map)]``)."""
         if self.head_blocks is not None:
-            return self._scatter(self.head_blocks(hidden.float()), float("-inf"))
-        return self._scatter(linear(hidden.to(self.dtype), self.head_weight), float("-inf"))
+            sub = self.head_blocks(hidden.float())
+        else:
+            sub = linear(hidden.to(self.dtype), self.head_weight)
+        return self._scatter(sub, float("-inf")) if scatter else sub.float()
 
-    def markov_bias(self, u: torch.Tensor) -> torch.Tensor:
-        """``W2 · u`` on the map's rows: ``[..., r] -> [..., V]`` float32, 0 outside."""
+    def markov_bias(self, u: torch.Tensor, scatter: bool = True) -> torch.Tensor:
+        """``W2 · u`` on the map's rows: ``[..., r] -> [..., V]`` float32, 0 outside
+        (``scatter=False``: ``[..., len(map)]``)."""
         assert self.markov_weight is not None
-        return self._scatter(linear(u.to(self.dtype), self.markov_weight), 0.0)
+        sub = linear(u.to(self.dtype), self.markov_weight)
+        return self._scatter(sub, 0.0) if scatter else sub.float()
 

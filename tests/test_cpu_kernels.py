@@ -309,6 +309,51 @@ def test_paged_verify_rows_are_bitwise_decode_alone(seed: int) -> None:
         assert torch.equal(alone[0], got[i]), (i, prefix, e, (alone[0] - got[i]).abs().max())
 
 
+@needs_ops
+@pytest.mark.parametrize("prefix,ext", [(0, 70), (5, 40), (64, 17), (130, 64)])
+def test_paged_extend_rows_are_bitwise_decode_alone(prefix: int, ext: int) -> None:
+    """With ``extend_on_kernel`` a prefill chunk's tokens are each bitwise the token decoded
+    alone on the same keys (and close to SDPA), so a token's result does not depend on how
+    prompts are batched or chunked."""
+    from dspark_sglang.core.forward_batch import ForwardBatch, ForwardMode
+    from dspark_sglang.layers.attention.base import create_attention_backend
+    from dspark_sglang.layers.attention.cpu_paged import PagedMetadata
+
+    kv_heads, g, head_dim = 3, 3, 64
+    gen = torch.Generator().manual_seed(prefix + ext)
+    q = torch.randn(ext + 3, kv_heads * g, head_dim, generator=gen)
+    k = torch.randn(ext + 3, kv_heads, head_dim, generator=gen)
+    v = torch.randn(ext + 3, kv_heads, head_dim, generator=gen)
+    fb, pool = _random_batch(ForwardMode.EXTEND, [prefix, 2], [ext, 3], None, kv_heads,
+                             head_dim, 7)
+    backend = create_attention_backend("cpu")
+    backend.extend_on_kernel = True
+    backend.init_forward_metadata(fb)
+    assert isinstance(fb.attn_metadata, PagedMetadata)
+    got = backend.forward(q, k, v, 0, fb, pool, head_dim ** -0.5)
+    fb2, pool2 = _random_batch(ForwardMode.EXTEND, [prefix, 2], [ext, 3], None, kv_heads,
+                               head_dim, 7)
+    ref = create_attention_backend("torch_native")
+    ref.init_forward_metadata(fb2)
+    want = ref.forward(q, k, v, 0, fb2, pool2, head_dim ** -0.5)
+    torch.testing.assert_close(got, want, rtol=0, atol=2e-5)
+    row_slots = fb.req_to_token[fb.req_pool_indices[0]]
+    for i in range(ext):
+        n = prefix + i + 1
+        table = torch.zeros(1, n + 3, dtype=torch.int64)
+        table[0, :n] = row_slots[:n]
+        one = ForwardBatch(
+            mode=ForwardMode.DECODE, input_ids=torch.zeros(1, dtype=torch.int64),
+            positions=torch.tensor([n - 1]), out_cache_loc=row_slots[n - 1:n].clone(),
+            req_pool_indices=torch.tensor([0]), seq_lens=torch.tensor([n]),
+            extend_lens=torch.tensor([1]), req_to_token=table, custom_masks=None,
+            seq_lens_list=[n], extend_lens_list=[1])
+        backend.init_forward_metadata(one)
+        alone = backend.forward(q[i:i + 1], k[i:i + 1], v[i:i + 1], 0, one, pool,
+                                head_dim ** -0.5)
+        assert torch.equal(alone[0], got[i]), (i, prefix, ext)
+
+
 def test_cpu_backend_falls_back_to_sdpa_for_extend_and_without_kernels(monkeypatch) -> None:
     from dspark_sglang.core.forward_batch import ForwardMode
     from dspark_sglang.layers.attention.cpu_paged import CpuPagedAttnBackend
@@ -513,31 +558,49 @@ def test_q8_layers_take_every_row_count_in_chunks(monkeypatch) -> None:
 
 
 @needs_ops
-def test_prefill_forwards_take_the_float_path(make_engine, tmp_path, monkeypatch) -> None:
-    """The runner runs EXTEND (prefill) forwards on float32 weights and DECODE / TARGET_VERIFY
-    on the blocks."""
+@pytest.mark.parametrize("float_prefill", [False, True])
+def test_prefill_on_blocks_or_float(make_engine, tmp_path, monkeypatch,
+                                    float_prefill: bool) -> None:
+    """On GGUF blocks the runner runs prefill (EXTEND) on the blocks and the paged attention
+    kernel too (row-independent forwards), unless ``DSPARK_FLOAT_PREFILL=1``: then EXTEND takes
+    float32 weights and SDPA, DECODE / TARGET_VERIFY stay on the blocks."""
     from dspark_sglang.benchmark.tiny_model import make_tiny_model
+    from dspark_sglang.layers.attention.cpu_paged import PagedMetadata
     from dspark_sglang.layers.quantized_linear import GGUFLinear, float_weights
     from tests.conftest import greedy
     from tests.test_loader import write_tiny_gguf
 
     monkeypatch.setenv("DSPARK_CACHE_DIR", str(tmp_path / "cache"))
+    monkeypatch.setenv("DSPARK_FLOAT_PREFILL", "1" if float_prefill else "0")
     hf = tmp_path / "hf"
     make_tiny_model(hf, arch="llama", layers=2, hidden=64, heads=4, kv_heads=2, seed=5)
     gguf_path = tmp_path / "m.gguf"
     write_tiny_gguf(hf, gguf_path, quant="Q4_1")
     eng = make_engine(str(gguf_path), quantization="auto")  # auto -> gguf for a GGUF file
-    assert eng.parts.runner.quantization == "gguf"
-    head = eng.parts.runner.model.lm_head
+    runner = eng.parts.runner
+    assert runner.quantization == "gguf" and runner.float_prefill == float_prefill
+    assert runner.attn.extend_on_kernel == (not float_prefill)
+    head = runner.model.lm_head
     assert isinstance(head, GGUFLinear)
     calls: list[int] = []
     real = head.quant_forward
     head.quant_forward = lambda x2d: calls.append(x2d.shape[0]) or real(x2d)  # type: ignore
+    kinds: list[bool] = []
+    real_forward = runner.model.forward
+
+    def spy(fb, attn, pool):  # type: ignore[no-untyped-def]
+        out = real_forward(fb, attn, pool)
+        kinds.append(isinstance(fb.attn_metadata, PagedMetadata))
+        return out
+
+    runner.model.forward = spy
     eng.generate(["hello there"], greedy(5))
-    assert len(calls) == 4  # the 4 decode steps; the prefill's logits came from float32
+    # 4 decode steps on the blocks, plus the prefill's last-token logits unless float
+    assert len(calls) == (4 if float_prefill else 5)
+    assert kinds[0] == (not float_prefill) and all(kinds[1:])
     with torch.no_grad(), float_weights():
         head(torch.randn(1, 64))
-    assert len(calls) == 4
+    assert len(calls) == (4 if float_prefill else 5)
 
 
 @needs_ops

@@ -191,10 +191,23 @@ def measure_config(cfg: StepCostConfig, quantization: str) -> dict[str, Any]:
         gc.collect()
 
 
+def _in_own_thread(fn: Any) -> Any:
+    """``fn()`` on a short-lived thread: its OpenMP worker team ends with it. A team left on
+    this (main) thread would make the engine's scheduler-thread team sleep between kernels
+    (entrypoints/engine.py) and every step measured after it ~2x slow."""
+    import threading
+
+    out: list[Any] = []
+    t = threading.Thread(target=lambda: out.append(fn()), name="bench-step-bandwidth")
+    t.start()
+    t.join()
+    return out[0]
+
+
 def run_step_cost(cfg: StepCostConfig, log: Any = print) -> dict[str, Any]:
     if cfg.num_threads:
         torch.set_num_threads(cfg.num_threads)
-    bw = machine_bandwidth()
+    bw = _in_own_thread(machine_bandwidth)
     rows = []
     for q in cfg.quantizations:
         log(f"[bench_step] quantization={q} batch={cfg.batch_size} ...")

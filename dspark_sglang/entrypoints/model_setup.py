@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import os
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -102,6 +103,13 @@ def build_engine_parts(args: ServerArgs, emit: Callable[[Req, bool], None]) -> E
                          disable_cuda_graph=args.disable_cuda_graph or tp_driver is not None)
     runner.tp_driver = tp_driver
     runner.quantization = quantization  # resolved ("auto" -> what runs), for /server_info
+    if quantization == "gguf":
+        # row-independent forwards: block kernels and paged attention for prefill as well, so
+        # a token's logits do not depend on batching or chunking (speculative greedy == plain
+        # at any load); DSPARK_FLOAT_PREFILL=1 trades that for float32 prefill GEMMs
+        runner.float_prefill = os.environ.get("DSPARK_FLOAT_PREFILL", "0") == "1"
+        if hasattr(runner.attn, "extend_on_kernel"):
+            runner.attn.extend_on_kernel = not runner.float_prefill
     cache = CacheManager(args.max_total_tokens, max(2 * args.max_running_requests, 8),
                          context_len, args.disable_radix_cache)
     tokenizer = loaded.tokenizer

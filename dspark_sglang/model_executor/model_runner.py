@@ -84,6 +84,9 @@ class ModelRunner:
         # distributed.tp_driver.TPDriver on rank 0 of a tensor-parallel engine, else None
         self.tp_driver: Any = None
         self.quantization = "none"  # set by model setup: "gguf" when GGUF block kernels run
+        # prefill on float32 GEMMs instead of the blocks (faster on long prompts, but a token's
+        # result then depends on the prefill batch: DSPARK_FLOAT_PREFILL=1, off by default)
+        self.float_prefill = False
         self.num_forward_tokens = 0  # computed (not cached) tokens, for tests and metrics
         self.graphs = None
         if device == "cuda" and attention_backend == "triton" and not disable_cuda_graph \
@@ -105,7 +108,7 @@ class ModelRunner:
                 fb.logits_indices = fb.logits_indices.to(self.device, non_blocking=True)
             if self.graphs is not None and self.graphs.can_run(fb):
                 return self.graphs.replay(fb)
-        if fb.mode == ForwardMode.EXTEND and self.quantization == "gguf":
+        if fb.mode == ForwardMode.EXTEND and self.float_prefill:
             with float_weights():  # prefill: float32 GEMMs; decode/verify stay on the blocks
                 return self.model(fb, self.attn, self.kv_pool)
         return self.model(fb, self.attn, self.kv_pool)

@@ -59,6 +59,7 @@ inline float exp_shift_sum(float* s, int n, float m) {
 }
 
 constexpr int kKeyTile = 64;
+constexpr int64_t kTokenChunk = 16;  // new tokens per work item
 
 /// q [T, H, D], k_buf/v_buf [S, KVH, D], req_to_token [R, C], per-request int64 vectors
 /// req_pool_indices/seq_lens/ext_lens/q_start [bs], mask_flat uint8 (row-major e x e blocks),
@@ -99,12 +100,22 @@ inline void paged_attention(const at::Tensor& q, const at::Tensor& k_buf, const 
   // (a verified token is bitwise the token decoded alone: speculative greedy output equals
   // plain greedy output whatever the arithmetic amplifies downstream). Tiles wholly inside the
   // prefix are shared by all rows of a work item; the rest is visited per new token.
-  at::parallel_for(0, bs * KVH, 1, [&](int64_t begin, int64_t end) {
+  // work items: (request, chunk of at most kTokenChunk new tokens, kv head); a chunk's rows
+  // are computed exactly as in any other split, so prefill chunks parallelise too
+  std::vector<int64_t> item_b, item_i0;
+  for (int64_t b = 0; b < bs; ++b)
+    for (int64_t i0 = 0; i0 < ext[b]; i0 += kTokenChunk) {
+      item_b.push_back(b);
+      item_i0.push_back(i0);
+    }
+  const int64_t n_chunks = static_cast<int64_t>(item_b.size());
+  at::parallel_for(0, n_chunks * KVH, 1, [&](int64_t begin, int64_t end) {
     std::vector<float> qs, acc, m, l, s;
     std::vector<int64_t> keys;  // slots of one new token's keys past the shared tiles
     for (int64_t item = begin; item < end; ++item) {
-      const int64_t b = item / KVH, h = item % KVH;
-      const int64_t e = ext[b], len = seq[b], prefix = len - e, rows = e * G;
+      const int64_t ci = item / KVH, h = item % KVH, b = item_b[ci], i0 = item_i0[ci];
+      const int64_t e = ext[b], len = seq[b], prefix = len - e;
+      const int64_t i1 = std::min(e, i0 + kTokenChunk), rows = (i1 - i0) * G;
       TORCH_CHECK(len <= C && e >= 1, "bad sequence length");
       const int64_t* slots = table + rpi[b] * C;
       const uint8_t* mask = moff[b] >= 0 ? mflat + moff[b] : nullptr;
@@ -113,10 +124,10 @@ inline void paged_attention(const at::Tensor& q, const at::Tensor& k_buf, const 
       m.assign(rows, neg_inf);
       l.assign(rows, 0.f);
       s.resize(rows * kKeyTile);
-      for (int64_t i = 0; i < e; ++i)  // row r = i * G + g
+      for (int64_t i = i0; i < i1; ++i)  // row r = (i - i0) * G + g
         for (int64_t g = 0; g < G; ++g) {
           const float* src = qp + ((qst[b] + i) * H + h * G + g) * D;
-          float* dst = qs.data() + (i * G + g) * D;
+          float* dst = qs.data() + ((i - i0) * G + g) * D;
           for (int64_t t = 0; t < D; ++t) dst[t] = src[t] * scale;
         }
       // one tile of n keys (slot list ks) for rows [r0, r1): scores, online softmax, values
@@ -148,18 +159,18 @@ inline void paged_attention(const at::Tensor& q, const at::Tensor& k_buf, const 
       };
       const int64_t shared_end = (prefix / kKeyTile) * kKeyTile;
       for (int64_t j0 = 0; j0 < shared_end; j0 += kKeyTile) tile(slots + j0, kKeyTile, 0, rows);
-      for (int64_t i = 0; i < e; ++i) {
+      for (int64_t i = i0; i < i1; ++i) {
         keys.assign(slots + shared_end, slots + prefix);
         for (int64_t jj = 0; jj < e; ++jj)
           if (mask ? mask[i * e + jj] != 0 : jj <= i) keys.push_back(slots[prefix + jj]);
         const int64_t nk = static_cast<int64_t>(keys.size());
         for (int64_t c0 = 0; c0 < nk; c0 += kKeyTile)
-          tile(keys.data() + c0, static_cast<int>(std::min<int64_t>(kKeyTile, nk - c0)), i * G,
-               (i + 1) * G);
+          tile(keys.data() + c0, static_cast<int>(std::min<int64_t>(kKeyTile, nk - c0)),
+               (i - i0) * G, (i - i0 + 1) * G);
       }
-      for (int64_t i = 0; i < e; ++i)
+      for (int64_t i = i0; i < i1; ++i)
         for (int64_t g = 0; g < G; ++g) {
-          const int64_t r = i * G + g;
+          const int64_t r = (i - i0) * G + g;
           const float inv = l[r] > 0.f ? 1.f / l[r] : 0.f;
           float* dst = op + ((qst[b] + i) * H + h * G + g) * D;
           const float* a = acc.data() + r * D;

@@ -7,9 +7,12 @@ masks of trees as in the torch backend). A verified token's keys are visited in 
 key tiles of decoding it alone (prefix, then the new tokens its mask shows), so its output is
 bitwise the decoded token's: speculative greedy output equals plain greedy output even where
 Q8 activations (``--quantization gguf``) turn a last-bit difference into a different logit.
-Everything else (EXTEND prefill, non-float32 pools, or a machine where the extension cannot be
-built) goes to the torch-native SDPA backend, which is also the reference the kernel is tested
-against.
+With ``extend_on_kernel`` (set when the model runs on GGUF blocks) EXTEND prefill runs on it
+too, in work items of at most 16 new tokens, each token's keys again in the order and tiles of
+decoding it alone: a token's output no longer depends on how prompts are batched or chunked.
+Everything else (EXTEND otherwise, non-float32 pools, or a machine where the extension cannot
+be built) goes to the torch-native SDPA backend, which is also the reference the kernel is
+tested against.
 """
 
 from __future__ import annotations
@@ -45,10 +48,17 @@ class CpuPagedAttnBackend(TorchNativeAttnBackend):
         from dspark_kernels.cpu_ops import load_cpu_ops
 
         self.ops = load_cpu_ops() if device == "cpu" else None
+        # EXTEND (prefill) on the kernel too: every token's output is then bitwise the same
+        # however requests are batched or chunked (set with GGUF blocks, whose Q8 kernel is
+        # row-independent as well, so a whole forward is; float32 GEMMs are not)
+        self.extend_on_kernel = False
 
     def _kernel_applies(self, fb: ForwardBatch) -> bool:
-        return (self.ops is not None
-                and fb.mode in (ForwardMode.DECODE, ForwardMode.TARGET_VERIFY)
+        if self.ops is None:
+            return False
+        if fb.mode == ForwardMode.EXTEND:
+            return self.extend_on_kernel and fb.custom_masks is None
+        return (fb.mode in (ForwardMode.DECODE, ForwardMode.TARGET_VERIFY)
                 and max(fb.extend_lens_list) <= MAX_VERIFY_TOKENS)
 
     def init_forward_metadata(self, fb: ForwardBatch) -> None:

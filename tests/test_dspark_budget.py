@@ -23,6 +23,7 @@ def _worker(draft_time: float = 0.1) -> DSparkWorker:
     w.sps_table, w._draft_time, w._last_batch = _SPS(), draft_time, 1  # draft = 1 step
     w.min_probe_every, w.max_probe_every = 4, 16
     w.probe_every, w._skipped_in_row, w._probing, w._acc_prior = 4, 0, False, None
+    w.probe_requests, w._probe_offset = 4, 0
     w.budget_states = {}
     return w
 
@@ -107,3 +108,19 @@ def test_jump_forward_outcome_is_not_learned_and_release_drops_state() -> None:
     assert w.budget_states[r.rid].acc_ema == 0.6 * ema + 0.4 * 5 and w._acc_prior == 5.0
     w.release(r)  # type: ignore[arg-type]
     assert w.budget_states == {}
+
+
+def test_probe_drafts_a_rotating_few_of_a_large_batch() -> None:
+    """At high load a probe drafts for ``probe_requests`` requests (rotating), not the batch."""
+    w = _worker()
+    reqs = [_req() for _ in range(10)]
+    for r in reqs:
+        w.budget_states[r.rid] = BudgetState(acc_ema=0.1)
+    probes = []
+    for _ in range(3 * w.probe_every):
+        rooms = w._draft_budget(reqs, [10] * 10)
+        if max(rooms) > 0:
+            probes.append([i for i, n in enumerate(rooms) if n > 0])
+        w._probing = False if max(rooms) == 0 else w._probing
+    assert probes and all(len(p) == w.probe_requests for p in probes)
+    assert len(probes) < 2 or probes[0] != probes[1]  # rotates through the batch

@@ -71,6 +71,8 @@ class DSparkWorker(DraftWorker):
         self.probe_every = self.min_probe_every
         self._skipped_in_row = 0
         self._probing = False
+        self.probe_requests = 4  # requests a probe drafts for
+        self._probe_offset = 0
         self._acc_prior: float | None = None  # engine-wide EMA of accepted drafts per step
         self._draft_time: float | None = None  # EMA of seconds per propose call
         self._last_batch = 1
@@ -118,8 +120,9 @@ class DSparkWorker(DraftWorker):
         depth (accepted + 2); a new request starts from the engine-wide EMA (the block size
         before anything was measured). Drafting is skipped for the whole batch when the expected
         accepted tokens per request (mean of EMAs: target steps saved) are worth less than the
-        drafter's measured cost in batch target steps. After ``probe_every`` skipped steps the
-        batch drafts once to refresh the estimates; a probe that does not pay doubles the
+        drafter's measured cost in batch target steps. After ``probe_every`` skipped steps
+        ``probe_requests`` of the batch (rotating) draft once to refresh the estimates (only
+        whole-batch drafting updates the drafter's measured cost); a probe that does not pay doubles the
         interval (up to ``max_probe_every``), drafting that pays resets it. Depends on no token
         of the current step, so verification stays lossless.
         """
@@ -154,7 +157,15 @@ class DSparkWorker(DraftWorker):
                 return [0] * len(reqs)
             self._probing = True
         self._skipped_in_row = 0
-        return [min(room, max(1, int(ema) + 2)) for ema, room in zip(emas, rooms)]
+        depths = [min(room, max(1, int(ema) + 2)) for ema, room in zip(emas, rooms)]
+        if self._probing and len(reqs) > self.probe_requests:
+            # a probe refreshes the estimates on a few requests (rotating), not the whole
+            # batch: at high load a full-batch probe costs a large draft and verify step
+            start = self._probe_offset % len(reqs)
+            self._probe_offset += self.probe_requests
+            chosen = {(start + j) % len(reqs) for j in range(self.probe_requests)}
+            depths = [d if i in chosen else 0 for i, d in enumerate(depths)]
+        return depths
 
     def _draft_cost_in_steps(self) -> float:
         if self.sps_table is None or self._draft_time is None:
@@ -172,9 +183,18 @@ class DSparkWorker(DraftWorker):
         if max(rooms) == 0:
             return [Draft() for _ in reqs]
         t0 = time.perf_counter()
-        drafts = self._propose(reqs, rooms)
+        if min(rooms) > 0:
+            drafts = self._propose(reqs, rooms)
+        else:  # draft only for the requests that get a draft (a probe's few)
+            idx = [i for i, room in enumerate(rooms) if room > 0]
+            sub = self._propose([reqs[i] for i in idx], [rooms[i] for i in idx])
+            drafts = [Draft() for _ in reqs]
+            for i, d in zip(idx, sub):
+                drafts[i] = d
         dt = time.perf_counter() - t0
-        self._draft_time = dt if self._draft_time is None else 0.8 * self._draft_time + 0.2 * dt
+        if self._draft_time is None or min(rooms) > 0:  # prices whole-batch drafting only
+            self._draft_time = (dt if self._draft_time is None
+                                else 0.8 * self._draft_time + 0.2 * dt)
         return drafts
 
     def _propose(self, reqs: list[Req], rooms: list[int]) -> list[Draft]:

@@ -257,6 +257,26 @@ def test_paged_verify_tree_mask_matters() -> None:
     assert (got_tree - got_causal).abs().max().item() > 1e-3
 
 
+def _decode_alone(backend: object, pool: object, keys: torch.Tensor, q: torch.Tensor,
+                  k: torch.Tensor, v: torch.Tensor, head_dim: int) -> torch.Tensor:
+    """Attention output of one token decoded alone over the key slots ``keys`` (its own last),
+    laid out contiguously in a fresh request row: the reference a verified or prefilled token
+    must equal bitwise."""
+    from dspark_sglang.core.forward_batch import ForwardBatch, ForwardMode
+
+    n = keys.numel()
+    table = torch.zeros(1, n + 3, dtype=torch.int64)
+    table[0, :n] = keys
+    one = ForwardBatch(
+        mode=ForwardMode.DECODE, input_ids=torch.zeros(1, dtype=torch.int64),
+        positions=torch.tensor([n - 1]), out_cache_loc=keys[-1:].clone(),
+        req_pool_indices=torch.tensor([0]), seq_lens=torch.tensor([n]),
+        extend_lens=torch.tensor([1]), req_to_token=table, custom_masks=None,
+        seq_lens_list=[n], extend_lens_list=[1])
+    backend.init_forward_metadata(one)  # type: ignore[attr-defined]
+    return backend.forward(q, k, v, 0, one, pool, head_dim ** -0.5)[0]  # type: ignore
+
+
 @needs_ops
 @pytest.mark.parametrize("seed", range(8))
 def test_paged_verify_rows_are_bitwise_decode_alone(seed: int) -> None:
@@ -264,7 +284,7 @@ def test_paged_verify_rows_are_bitwise_decode_alone(seed: int) -> None:
     visible keys laid out contiguously gives (the prefix, then its ancestors), for causal chains
     and trees, at prefix lengths around the key-tile size: speculative greedy output can only
     equal plain greedy output if this holds (quantised activations amplify any last bit)."""
-    from dspark_sglang.core.forward_batch import ForwardBatch, ForwardMode
+    from dspark_sglang.core.forward_batch import ForwardMode
     from dspark_sglang.layers.attention.base import create_attention_backend
 
     rng = np.random.default_rng(300 + seed)
@@ -294,19 +314,9 @@ def test_paged_verify_rows_are_bitwise_decode_alone(seed: int) -> None:
             j = parents[j]
         chain.reverse()  # ancestors, then the token itself
         keys = torch.cat([row_slots[:prefix], row_slots[prefix + torch.tensor(chain)]])
-        table = torch.zeros(1, keys.numel() + 3, dtype=torch.int64)
-        table[0, :keys.numel()] = keys
-        n = keys.numel()
-        one = ForwardBatch(
-            mode=ForwardMode.DECODE, input_ids=torch.zeros(1, dtype=torch.int64),
-            positions=torch.tensor([n - 1]), out_cache_loc=keys[-1:].clone(),
-            req_pool_indices=torch.tensor([0]), seq_lens=torch.tensor([n]),
-            extend_lens=torch.tensor([1]), req_to_token=table, custom_masks=None,
-            seq_lens_list=[n], extend_lens_list=[1])
-        backend.init_forward_metadata(one)
-        alone = backend.forward(q[i:i + 1], k[i:i + 1], v[i:i + 1], 0, one, pool,
-                                head_dim ** -0.5)
-        assert torch.equal(alone[0], got[i]), (i, prefix, e, (alone[0] - got[i]).abs().max())
+        alone = _decode_alone(backend, pool, keys, q[i:i + 1], k[i:i + 1], v[i:i + 1],
+                              head_dim)
+        assert torch.equal(alone, got[i]), (i, prefix, e, (alone - got[i]).abs().max())
 
 
 @needs_ops
@@ -315,7 +325,7 @@ def test_paged_extend_rows_are_bitwise_decode_alone(prefix: int, ext: int) -> No
     """With ``extend_on_kernel`` a prefill chunk's tokens are each bitwise the token decoded
     alone on the same keys (and close to SDPA), so a token's result does not depend on how
     prompts are batched or chunked."""
-    from dspark_sglang.core.forward_batch import ForwardBatch, ForwardMode
+    from dspark_sglang.core.forward_batch import ForwardMode
     from dspark_sglang.layers.attention.base import create_attention_backend
     from dspark_sglang.layers.attention.cpu_paged import PagedMetadata
 
@@ -339,19 +349,9 @@ def test_paged_extend_rows_are_bitwise_decode_alone(prefix: int, ext: int) -> No
     torch.testing.assert_close(got, want, rtol=0, atol=2e-5)
     row_slots = fb.req_to_token[fb.req_pool_indices[0]]
     for i in range(ext):
-        n = prefix + i + 1
-        table = torch.zeros(1, n + 3, dtype=torch.int64)
-        table[0, :n] = row_slots[:n]
-        one = ForwardBatch(
-            mode=ForwardMode.DECODE, input_ids=torch.zeros(1, dtype=torch.int64),
-            positions=torch.tensor([n - 1]), out_cache_loc=row_slots[n - 1:n].clone(),
-            req_pool_indices=torch.tensor([0]), seq_lens=torch.tensor([n]),
-            extend_lens=torch.tensor([1]), req_to_token=table, custom_masks=None,
-            seq_lens_list=[n], extend_lens_list=[1])
-        backend.init_forward_metadata(one)
-        alone = backend.forward(q[i:i + 1], k[i:i + 1], v[i:i + 1], 0, one, pool,
-                                head_dim ** -0.5)
-        assert torch.equal(alone[0], got[i]), (i, prefix, ext)
+        alone = _decode_alone(backend, pool, row_slots[:prefix + i + 1], q[i:i + 1],
+                              k[i:i + 1], v[i:i + 1], head_dim)
+        assert torch.equal(alone, got[i]), (i, prefix, ext)
 
 
 def test_cpu_backend_falls_back_to_sdpa_for_extend_and_without_kernels(monkeypatch) -> None:

@@ -122,9 +122,9 @@ class DSparkWorker(DraftWorker):
         accepted tokens per request (mean of EMAs: target steps saved) are worth less than the
         drafter's measured cost in batch target steps. After ``probe_every`` skipped steps
         ``probe_requests`` of the batch (rotating) draft once to refresh the estimates (only
-        whole-batch drafting updates the drafter's measured cost); a probe that does not pay doubles the
-        interval (up to ``max_probe_every``), drafting that pays resets it. Depends on no token
-        of the current step, so verification stays lossless.
+        whole-batch drafting updates the drafter's measured cost); a probe that does not pay
+        doubles the interval (up to ``max_probe_every``), drafting that pays resets it. Depends
+        on no token of the current step, so verification stays lossless.
         """
         if not self.draft_budget:
             return rooms

@@ -633,3 +633,22 @@ def test_q8_linear_and_subset_rows() -> None:
     assert sub is not None
     with torch.no_grad():
         assert torch.equal(sub(x), layer(x)[:, rows])
+
+
+@needs_ops
+def test_same_format_parts_merge_into_one_block_matrix() -> None:
+    """q/k/v (or gate/up) parts in one format become one block matrix (one kernel call) with
+    the outputs of the separate parts, in order."""
+    from dspark_sglang.layers.linear import Linear
+    from dspark_sglang.layers.quantized_linear import GGUFLinear, GGUFWeight
+
+    t = GGML_TYPES["Q4_1"]
+    ws = [random_gguf_rows(t, n, 64, seed) for n, seed in ((8, 1), (4, 2), (4, 3))]
+    base = Linear(64, 16, bias=False)
+    lin = GGUFLinear(base, [GGUFWeight(t, w, 64) for w in ws], ops)
+    assert len(lin.parts) == 1 and lin.parts[0].data.shape[0] == 16
+    x = torch.randn(3, 64)
+    with torch.no_grad():
+        got = lin.quant_forward(x)
+    want = torch.cat([gguf_matmul_q8(x, w, t) for w in ws], dim=1)
+    assert torch.equal(got, want)

@@ -86,6 +86,11 @@ class GGUFLinear(Linear):
             raise ValueError("GGUF parts do not add up to the layer's output features")
         if any(p.in_features != base.in_features for p in parts):
             raise ValueError("GGUF parts do not match the layer's input features")
+        if len(parts) > 1 and len({p.ggml_type for p in parts}) == 1:
+            # parts in one format (q/k/v, gate/up of most checkpoints): one block matrix, one
+            # kernel call (one parallel region) instead of one per part
+            parts = [GGUFWeight(parts[0].ggml_type, torch.cat([p.data for p in parts]),
+                                parts[0].in_features)]
         self.parts = parts
         self.ops = ops
         self.max_quant_rows = MAX_QUANT_ROWS

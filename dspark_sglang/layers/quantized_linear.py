@@ -1,9 +1,9 @@
 """A :class:`~dspark_sglang.layers.linear.Linear` whose few-row products run on GGUF blocks.
 
 ``GGUFLinear`` keeps the float32 ``weight`` of the layer it replaces (so ``lm_head.weight``,
-state dicts, training and prefill keep working unchanged) and adds the checkpoint's own quantised
-rows (one or more parts stacked along the output dimension, e.g. q/k/v of a fused projection,
-each in its own GGUF format). Inputs of at most ``max_quant_rows`` rows (decode, verification,
+state dicts and training keep working unchanged) and adds the checkpoint's own quantised rows
+(one or more parts stacked along the output dimension, e.g. q/k/v of a fused projection, each in
+its own GGUF format; parts sharing one format are merged into one block matrix). Inputs of at most ``max_quant_rows`` rows (decode, verification,
 drafting) on CPU in float32 without autograd are computed by the C++ kernel
 ``dspark_kernels.cpu_ops`` on the blocks, which streams 4-8x fewer weight bytes; everything else
 goes through the float32 path. A row's result does not depend on how many rows are in the call,
@@ -45,9 +45,10 @@ _local = threading.local()
 @contextmanager
 def float_weights() -> Iterator[None]:
     """Within this block, this thread's ``GGUFLinear`` calls take the float32 path. The model
-    runner wraps prefill (EXTEND) forwards in it: there the float32 GEMM on many rows is about 2x
-    faster than the block kernels (bench_offline), while decode and verification, which must
-    agree with each other, stay on the blocks."""
+    runner wraps prefill (EXTEND) forwards in it only with ``DSPARK_FLOAT_PREFILL=1``: the
+    float32 GEMM on many rows is about 2x faster than the block kernels (bench_offline), but its
+    rows depend on the batch, so by default prefill stays on the blocks like decode and
+    verification (row-independent forwards)."""
     prev = getattr(_local, "float", False)
     _local.float = True
     try:

@@ -3,10 +3,10 @@
 ``GGUFLinear`` keeps the float32 ``weight`` of the layer it replaces (so ``lm_head.weight``,
 state dicts and training keep working unchanged) and adds the checkpoint's own quantised rows
 (one or more parts stacked along the output dimension, e.g. q/k/v of a fused projection, each in
-its own GGUF format; parts sharing one format are merged into one block matrix). Inputs of at most ``max_quant_rows`` rows (decode, verification,
-drafting) on CPU in float32 without autograd are computed by the C++ kernel
-``dspark_kernels.cpu_ops`` on the blocks, which streams 4-8x fewer weight bytes; everything else
-goes through the float32 path. A row's result does not depend on how many rows are in the call,
+its own GGUF format; parts sharing one format are merged into one block matrix). Inputs of
+at most ``max_quant_rows`` rows on CPU in float32 without autograd are computed by the C++
+kernel ``dspark_kernels.cpu_ops`` on the blocks, which streams 4-8x fewer weight bytes;
+everything else goes through the float32 path. A row's result does not depend on how many rows are in the call,
 so decode and verification of the same tokens compute the same logits.
 
 Two block kernels: Q4_0 / Q4_1 / Q8_0 parts use ``gguf_matmul_q8``, which quantises the activation

@@ -6,8 +6,8 @@ state dicts and training keep working unchanged) and adds the checkpoint's own q
 its own GGUF format; parts sharing one format are merged into one block matrix). Inputs of
 at most ``max_quant_rows`` rows on CPU in float32 without autograd are computed by the C++
 kernel ``dspark_kernels.cpu_ops`` on the blocks, which streams 4-8x fewer weight bytes;
-everything else goes through the float32 path. A row's result does not depend on how many rows are in the call,
-so decode and verification of the same tokens compute the same logits.
+everything else goes through the float32 path. A row's result does not depend on how many
+rows are in the call, so decode and verification of the same tokens compute the same logits.
 
 Two block kernels: Q4_0 / Q4_1 / Q8_0 parts use ``gguf_matmul_q8``, which quantises the activation
 rows to Q8 blocks of 32 as llama.cpp does and takes integer dot products (its result equals a

@@ -104,64 +104,8 @@ inline void q8_dot_row(const uint8_t* wrow, int64_t nb, const std::vector<Q8Row>
                        int64_t ldy) {
   constexpr int kBytes = kType == kQ4_0 ? 18 : kType == kQ4_1 ? 20 : 34;
   const int64_t M = static_cast<int64_t>(xs.size());
-#if defined(__AVX512VNNI__) && defined(__AVX512F__) && defined(__AVX512DQ__)
-  // two blocks per 512-bit register: 16 int32 partial sums, 8 per block
-  __m512 acc[kMaxRows];
-  float extra[kMaxRows];
-  for (int64_t m = 0; m < M; ++m) {
-    acc[m] = _mm512_setzero_ps();
-    extra[m] = 0.f;
-  }
-  int64_t b = 0;
-  for (; b + 2 <= nb; b += 2) {
-    const uint8_t* b0 = wrow + b * kBytes;
-    const uint8_t* b1 = b0 + kBytes;
-    const float dw0 = fp16_to_fp32(read_u16(b0)), dw1 = fp16_to_fp32(read_u16(b1));
-    const __m512 dwv = _mm512_insertf32x8(_mm512_castps256_ps512(_mm256_set1_ps(dw0)),
-                                          _mm256_set1_ps(dw1), 1);
-    __m512i w;
-    if constexpr (kType == kQ8_0) {
-      const __m256i w0 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(b0 + 2));
-      const __m256i w1 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(b1 + 2));
-      // signed weights as unsigned w + 128; the -128 * sum(q_x) term goes into extra
-      w = _mm512_xor_si512(_mm512_inserti64x4(_mm512_castsi256_si512(w0), w1, 1),
-                           _mm512_set1_epi8(static_cast<char>(0x80)));
-    } else {
-      constexpr int off = kType == kQ4_1 ? 4 : 2;
-      w = _mm512_inserti64x4(_mm512_castsi256_si512(unpack_q4(b0 + off)), unpack_q4(b1 + off),
-                             1);
-    }
-    float mw0, mw1;
-    if constexpr (kType == kQ8_0) {
-      mw0 = -128.f * dw0;
-      mw1 = -128.f * dw1;
-    } else if constexpr (kType == kQ4_1) {
-      mw0 = fp16_to_fp32(read_u16(b0 + 2));
-      mw1 = fp16_to_fp32(read_u16(b1 + 2));
-    } else {
-      mw0 = -8.f * dw0;
-      mw1 = -8.f * dw1;
-    }
-    for (int64_t m = 0; m < M; ++m) {
-      const Q8Row& xr = xs[m];
-      const __m512i x = _mm512_loadu_si512(xr.q.data() + b * kQ8Block);
-      const __m512i dot = _mm512_dpbusd_epi32(_mm512_setzero_si512(), w, x);
-      const __m512 sc = _mm512_mul_ps(dwv, _mm512_loadu_ps(xr.d8.data() + b * 8));
-      acc[m] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot), sc, acc[m]);
-      extra[m] += mw0 * xr.ds[b] + mw1 * xr.ds[b + 1];
-    }
-  }
-  for (; b < nb; ++b) {  // an odd last block
-    for (int64_t m = 0; m < M; ++m) {
-      float dot, offset;
-      scalar_block_terms<kType>(wrow + b * kBytes, xs[m].q.data() + b * kQ8Block, xs[m].d[b],
-                                xs[m].ds[b], dot, offset);
-      extra[m] += offset;
-      extra[m] += dot;
-    }
-  }
-  for (int64_t m = 0; m < M; ++m) y[m * ldy] = _mm512_reduce_add_ps(acc[m]) + extra[m];
-#elif defined(__AVX2__) && defined(__FMA__)
+#if defined(__AVX2__) && defined(__FMA__)
+  // (AVX512-VNNI builds use the register tiles below, not this)
   __m256 acc[kMaxRows];
   float extra[kMaxRows];  // Q4_1: sum of m * d_x * sum(q_x); Q4_0: -8 * d_w * d_x * sum(q_x)
   for (int64_t m = 0; m < M; ++m) {
@@ -358,8 +302,7 @@ inline void gguf_matmul_q8(const at::Tensor& x, const at::Tensor& w, int64_t typ
       default: q8_rows_tiled<kQ8_0>(wp, row_bytes, nb, n0, n1, xs, yp, ldy); break;
     }
   });
-  return;
-#endif
+#else
   at::parallel_for(0, N, grain, [&](int64_t b, int64_t e) {
     for (int64_t n = b; n < e; ++n) {
       const uint8_t* wr = wp + n * row_bytes;
@@ -370,6 +313,7 @@ inline void gguf_matmul_q8(const at::Tensor& x, const at::Tensor& w, int64_t typ
       }
     }
   });
+#endif
 }
 
 }  // namespace dspark

@@ -1,4 +1,5 @@
-"""CPU kernels in C++ (``csrc/``): paged decode/verify attention and few-row GGUF matmuls.
+"""CPU kernels in C++ (``csrc/``): paged decode/verify attention, few-row GGUF matmuls and the
+small fused per-layer ops of a decode step (RMSNorm, q/k/v split + rotary + KV store, SiLU*mul).
 
 The extension is compiled with ``torch.utils.cpp_extension`` on first use, for the instruction
 set of the machine it runs on (AVX-512 when the CPU has avx512f/bw/vl, else AVX2+FMA, else plain
@@ -24,7 +25,8 @@ import torch
 logger = logging.getLogger(__name__)
 
 CSRC = Path(__file__).resolve().parent / "csrc"
-SOURCES = ("cpu_ops.cpp", "gguf_matmul.h", "gguf_q8.h", "paged_attention.h", "simd.h")
+SOURCES = ("cpu_ops.cpp", "gguf_matmul.h", "gguf_q8.h", "layer_ops.h", "paged_attention.h",
+           "simd.h")
 GGML_TYPES = {"Q4_0": 2, "Q4_1": 3, "Q8_0": 8, "Q4_K": 12, "Q6_K": 14}
 # ggml type id -> (weights per block, bytes per block)
 GGML_BLOCKS = {2: (32, 18), 3: (32, 20), 8: (32, 34), 12: (256, 144), 14: (256, 210)}
@@ -215,3 +217,67 @@ def paged_attention(
     ops.paged_attention(q.contiguous(), k_buf, v_buf, req_to_token, req_pool_indices, seq_lens,
                         ext_lens, q_start, mask_flat, mask_offsets, float(sm_scale), out)
     return out
+
+
+# ----------------------------------------------------------------------- fused layer ops
+
+
+def _ops() -> ModuleType:
+    ops = load_cpu_ops()
+    if ops is None:
+        raise RuntimeError("dspark CPU kernels are unavailable")
+    return ops
+
+
+def rms_norm(x: torch.Tensor, w: torch.Tensor, eps: float) -> torch.Tensor:
+    """Rows of x [..., d] float32 RMS-normalised, times w [d] (HF RMSNorm in float32)."""
+    return _ops().rms_norm(x.contiguous(), w.contiguous(), float(eps))
+
+
+def rms_norm_ref(x: torch.Tensor, w: torch.Tensor, eps: float) -> torch.Tensor:
+    return torch.nn.functional.rms_norm(x, (x.shape[-1],), w, eps)
+
+
+def qkv_rope_store(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                   q_norm: torch.Tensor | None, k_norm: torch.Tensor | None, eps: float,
+                   k_buf: torch.Tensor, v_buf: torch.Tensor, loc: torch.Tensor,
+                   num_heads: int, num_kv_heads: int) -> torch.Tensor:
+    """qkv [n, (H + 2 KV) d] (q, k, v heads) -> q [n, H, d] after optional per-head RMSNorm
+    (``q_norm`` / ``k_norm`` weights [d]) and rotary embedding (cos, sin [n, d]); k (normed,
+    rotated) and v are written to ``k_buf[loc]`` / ``v_buf[loc]`` ([slots, KV, d])."""
+    none = torch.empty(0)
+    return _ops().qkv_rope_store(
+        qkv.contiguous(), cos.reshape(qkv.shape[0], -1).contiguous(),
+        sin.reshape(qkv.shape[0], -1).contiguous(),
+        none if q_norm is None else q_norm.contiguous(),
+        none if k_norm is None else k_norm.contiguous(), float(eps), k_buf, v_buf,
+        loc.to(torch.int64).contiguous(), int(num_heads), int(num_kv_heads))
+
+
+def qkv_rope_store_ref(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                       q_norm: torch.Tensor | None, k_norm: torch.Tensor | None, eps: float,
+                       k_buf: torch.Tensor, v_buf: torch.Tensor, loc: torch.Tensor,
+                       num_heads: int, num_kv_heads: int) -> torch.Tensor:
+    """torch reference of :func:`qkv_rope_store` (the model's unfused code path)."""
+    from dspark_sglang.layers.rotary import apply_rotary
+
+    n, d = qkv.shape[0], k_buf.shape[-1]
+    q, k, v = qkv.split([num_heads * d, num_kv_heads * d, num_kv_heads * d], dim=-1)
+    q, k = q.reshape(n, num_heads, d), k.reshape(n, num_kv_heads, d)
+    if q_norm is not None and k_norm is not None:
+        q, k = rms_norm_ref(q, q_norm, eps), rms_norm_ref(k, k_norm, eps)
+    c, s = cos.reshape(n, 1, d), sin.reshape(n, 1, d)
+    q, k = apply_rotary(q, c, s), apply_rotary(k, c, s)
+    k_buf[loc] = k
+    v_buf[loc] = v.reshape(n, num_kv_heads, d)
+    return q
+
+
+def silu_mul(gu: torch.Tensor) -> torch.Tensor:
+    """gu [n, 2 I] = [gate | up] -> silu(gate) * up [n, I]."""
+    return _ops().silu_mul(gu.contiguous())
+
+
+def silu_mul_ref(gu: torch.Tensor) -> torch.Tensor:
+    gate, up = gu.chunk(2, dim=-1)
+    return torch.nn.functional.silu(gate) * up

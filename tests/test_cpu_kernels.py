@@ -652,3 +652,80 @@ def test_same_format_parts_merge_into_one_block_matrix() -> None:
         got = lin.quant_forward(x)
     want = torch.cat([gguf_matmul_q8(x, w, t) for w in ws], dim=1)
     assert torch.equal(got, want)
+
+
+# -------------------------------------------------------------------------- fused layer ops
+
+
+@needs_ops
+@pytest.mark.parametrize("n", [1, 3, 70])
+def test_rms_norm_and_silu_mul_match_torch(n: int) -> None:
+    from dspark_kernels.cpu_ops import rms_norm, rms_norm_ref, silu_mul, silu_mul_ref
+
+    g = torch.Generator().manual_seed(n)
+    x = torch.randn(n, 576, generator=g) * 3
+    w = torch.rand(576, generator=g) + 0.5
+    torch.testing.assert_close(rms_norm(x, w, 1e-5), rms_norm_ref(x, w, 1e-5),
+                               rtol=2e-6, atol=2e-6)
+    gu = torch.randn(n, 2 * 200, generator=g) * 4  # intermediate not a multiple of 16
+    torch.testing.assert_close(silu_mul(gu), silu_mul_ref(gu), rtol=2e-6, atol=2e-6)
+    # a row's result does not depend on the other rows of the call
+    assert torch.equal(rms_norm(x[-1:], w, 1e-5)[0], rms_norm(x, w, 1e-5)[-1])
+    assert torch.equal(silu_mul(gu[-1:])[0], silu_mul(gu)[-1])
+
+
+@needs_ops
+@pytest.mark.parametrize("qk_norm", [False, True])
+def test_qkv_rope_store_matches_unfused_layer_code(qk_norm: bool) -> None:
+    from dspark_kernels.cpu_ops import qkv_rope_store, qkv_rope_store_ref
+
+    from dspark_sglang.layers.rotary import RotaryEmbedding
+
+    heads, kv_heads, d, n, slots = 6, 2, 64, 5, 40
+    g = torch.Generator().manual_seed(int(qk_norm))
+    qkv = torch.randn(n, (heads + 2 * kv_heads) * d, generator=g)
+    cos, sin = RotaryEmbedding(d, 256, 10000.0).cos_sin(torch.tensor([0, 7, 8, 100, 255]),
+                                                         torch.float32)
+    qn = torch.rand(d, generator=g) + 0.5 if qk_norm else None
+    kn = torch.rand(d, generator=g) + 0.5 if qk_norm else None
+    loc = torch.randperm(slots, generator=g)[:n]
+    bufs = [torch.zeros(slots, kv_heads, d) for _ in range(4)]
+    q = qkv_rope_store(qkv, cos, sin, qn, kn, 1e-6, bufs[0], bufs[1], loc, heads, kv_heads)
+    q_ref = qkv_rope_store_ref(qkv, cos, sin, qn, kn, 1e-6, bufs[2], bufs[3], loc, heads,
+                               kv_heads)
+    torch.testing.assert_close(q, q_ref, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(bufs[0], bufs[2], rtol=1e-5, atol=1e-5)
+    assert torch.equal(bufs[1], bufs[3])  # v is copied
+    untouched = torch.ones(slots, dtype=torch.bool)
+    untouched[loc] = False
+    assert bufs[0][untouched].abs().sum() == 0 and bufs[0][loc].abs().sum() > 0
+    with pytest.raises(RuntimeError, match="out of range"):
+        qkv_rope_store(qkv, cos, sin, qn, kn, 1e-6, bufs[0], bufs[1], loc + slots, heads,
+                       kv_heads)
+
+
+@needs_ops
+def test_fused_layer_path_runs_and_matches_unfused(make_engine, llama_dir, monkeypatch) -> None:
+    """The engine's decode/verify forwards on the ``cpu`` backend take the fused path (counted
+    here), and give the greedy tokens of the same engine with the fused path off."""
+    from dspark_sglang.layers.attention import cpu_paged
+    from dspark_sglang.models import llama
+    from tests.conftest import PROMPTS, greedy
+
+    calls = {"fused": 0}
+    real = llama.DecoderLayer.forward_fused
+
+    def counting(self, *a, **kw):  # type: ignore[no-untyped-def]
+        calls["fused"] += 1
+        return real(self, *a, **kw)
+
+    monkeypatch.setattr(llama.DecoderLayer, "forward_fused", counting)
+    eng = make_engine(llama_dir, attention_backend="cpu")
+    got = [o["output_ids"] for o in eng.generate(PROMPTS, greedy(12))]
+    assert calls["fused"] > 0
+    monkeypatch.setattr(cpu_paged, "FUSED_LAYERS", False)
+    calls["fused"] = 0
+    ref = make_engine(llama_dir, attention_backend="cpu")
+    want = [o["output_ids"] for o in ref.generate(PROMPTS, greedy(12))]
+    assert calls["fused"] == 0
+    assert got == want

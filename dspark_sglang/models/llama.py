@@ -6,17 +6,22 @@ gate/up projections are fused into one matmul each (fewer kernel launches per la
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from dspark_sglang.core.forward_batch import ForwardBatch, ModelOutput
 from dspark_sglang.layers.attention.base import AttentionBackend
+from dspark_sglang.layers.attention.cpu_paged import CpuPagedAttnBackend
 from dspark_sglang.layers.layernorm import RMSNorm
 from dspark_sglang.layers.linear import Linear
 from dspark_sglang.layers.rotary import RotaryEmbedding, apply_rotary
 from dspark_sglang.mem_cache.kv_pool import KVPool
 from dspark_sglang.models.config import ModelConfig
+
+_EMPTY = torch.empty(0)
 
 
 class DecoderLayer(nn.Module):
@@ -56,6 +61,27 @@ class DecoderLayer(nn.Module):
         gate, up = self.gate_up_proj(self.post_attention_layernorm(x)).chunk(2, dim=-1)
         return x + self.down_proj(F.silu(gate) * up)
 
+    def forward_fused(self, x: torch.Tensor, fb: ForwardBatch,
+                      rope_cs: tuple[torch.Tensor, torch.Tensor], attn: CpuPagedAttnBackend,
+                      kv_pool: KVPool, ops: Any) -> torch.Tensor:
+        """:meth:`forward` with the small ops fused in C++ (CPU float32, paged attention
+        kernel): RMSNorm, q/k/v split + q/k norm + rotary + KV store in one call, SiLU*mul.
+        Every op is row-wise, so a token's result does not depend on the batch."""
+        n = x.shape[0]
+        ln = self.input_layernorm
+        qkv = self.qkv_proj(ops.rms_norm(x, ln.weight, ln.eps))
+        qn, kn = self.q_norm, self.k_norm
+        q = ops.qkv_rope_store(
+            qkv, rope_cs[0], rope_cs[1], qn.weight if qn is not None else _EMPTY,
+            kn.weight if kn is not None else _EMPTY, qn.eps if qn is not None else 0.0,
+            kv_pool.k_bufs[self.layer_id], kv_pool.v_bufs[self.layer_id], fb.out_cache_loc,
+            self.num_heads, self.num_kv_heads)
+        o = attn.paged_forward(q, self.layer_id, fb, kv_pool, self.scale)
+        x = x + self.o_proj(o.view(n, self.q_size))
+        ln = self.post_attention_layernorm
+        return x + self.down_proj(ops.silu_mul(self.gate_up_proj(ops.rms_norm(x, ln.weight,
+                                                                               ln.eps))))
+
 
 class LlamaForCausalLM(nn.Module):
     """Serves ``llama``, ``qwen2`` and ``qwen3`` architectures."""
@@ -82,11 +108,17 @@ class LlamaForCausalLM(nn.Module):
         x = (self.embed_tokens if tp is None else tp.embed)(fb.input_ids)  # [n, hidden]
         rope_cs = self.rope.cos_sin(fb.positions, x.dtype)  # gathered once, used by every layer
         captured: dict[int, torch.Tensor] = {}
+        ops = (attn.fused_layer_ops(fb, kv_pool)
+               if tp is None and x.dtype == torch.float32 and isinstance(attn, CpuPagedAttnBackend)
+               else None)
         for layer in self.layers:
-            x = layer(x, fb, rope_cs, attn, kv_pool)
+            if ops is not None:
+                x = layer.forward_fused(x, fb, rope_cs, attn, kv_pool, ops)
+            else:
+                x = layer(x, fb, rope_cs, attn, kv_pool)
             if layer.layer_id in fb.capture_layer_ids:
                 captured[layer.layer_id] = x
-        h = self.norm(x)
+        h = self.norm(x) if ops is None else ops.rms_norm(x, self.norm.weight, self.norm.eps)
         rows = h if fb.logits_indices is None else h[fb.logits_indices]
         head = self.lm_head if tp is None else tp.lm_head
         logits = head(rows).float() if rows.shape[0] else None

@@ -3,6 +3,7 @@
 
 #include "gguf_matmul.h"
 #include "gguf_q8.h"
+#include "layer_ops.h"
 #include "paged_attention.h"
 
 namespace {
@@ -27,5 +28,9 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("gguf_matmul_q8", &dspark::gguf_matmul_q8,
         "few-row matmul on Q4_0/Q4_1/Q8_0 weights with Q8-quantised activations");
   m.def("gguf_dequantize", &dspark::gguf_dequantize, "dequantise GGUF block rows to float32");
+  m.def("rms_norm", &dspark::rms_norm, "RMSNorm of each row times a weight");
+  m.def("qkv_rope_store", &dspark::qkv_rope_store,
+        "split q/k/v, q/k norm, rotary embedding, k/v written to pool slots; returns q");
+  m.def("silu_mul", &dspark::silu_mul, "silu(gate) * up of a fused [gate | up] row");
   m.def("isa", &isa, "instruction set the extension was compiled for");
 }

@@ -17,6 +17,7 @@ tested against.
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 
 import torch
@@ -28,6 +29,9 @@ from dspark_sglang.mem_cache.kv_pool import KVPool
 # every verify block the flags allow (speculative_num_draft_tokens <= 64): decode and verify
 # must share one kernel for a verified token to be bitwise the token decoded alone
 MAX_VERIFY_TOKENS = 64
+# the model's fused per-layer C++ ops on this backend's kernel path (DSPARK_FUSED_LAYERS=0: off)
+FUSED_LAYERS = os.environ.get("DSPARK_FUSED_LAYERS", "1").strip().lower() not in ("0", "false",
+                                                                                 "off")
 
 
 @dataclass
@@ -99,9 +103,27 @@ class CpuPagedAttnBackend(TorchNativeAttnBackend):
                 super().init_forward_metadata(fb)
             return super().forward(q, k, v, layer_id, fb, kv_pool, sm_scale)
         kv_pool.store(layer_id, fb.out_cache_loc, k, v)
-        out = torch.empty(q.shape, dtype=torch.float32)  # [num_tokens, heads, d]
+        return self.paged_forward(q.float(), layer_id, fb, kv_pool, sm_scale).to(q.dtype)
+
+    def fused_layer_ops(self, fb: ForwardBatch, kv_pool: KVPool) -> object | None:
+        """The compiled ops for a model's fused layer path (``rms_norm``, ``qkv_rope_store``,
+        ``silu_mul``) when this forward runs on the paged kernel with a float32 pool, else None
+        (the model then calls :meth:`forward` per layer). ``DSPARK_FUSED_LAYERS=0`` turns the
+        fused path off (A/B measurements)."""
+        if (isinstance(fb.attn_metadata, PagedMetadata) and kv_pool.dtype == torch.float32
+                and FUSED_LAYERS):
+            return self.ops
+        return None
+
+    def paged_forward(self, q: torch.Tensor, layer_id: int, fb: ForwardBatch, kv_pool: KVPool,
+                      sm_scale: float) -> torch.Tensor:
+        """The kernel over K/V already in the pool (this forward's new tokens stored): q
+        [num_tokens, heads, d] float32 -> [num_tokens, heads, d]."""
+        md = fb.attn_metadata
+        assert isinstance(md, PagedMetadata)
+        out = torch.empty(q.shape, dtype=torch.float32)
         self.ops.paged_attention(
-            q.float().contiguous(), kv_pool.k_bufs[layer_id], kv_pool.v_bufs[layer_id],
+            q.contiguous(), kv_pool.k_bufs[layer_id], kv_pool.v_bufs[layer_id],
             fb.req_to_token, md.req_pool_indices, md.seq_lens, md.ext_lens, md.q_start,
             md.mask_flat, md.mask_offsets, float(sm_scale), out)
-        return out.to(q.dtype)
+        return out

@@ -61,6 +61,12 @@ _ISA_FLAGS = {
 }
 
 
+# no floating-point contraction: gcc would otherwise fuse a * b + c into an FMA in some inlined
+# copies of a scalar expression and not in others, and a row's result would depend on the tile
+# shape (the number of rows in the call)
+_CFLAGS = ("-O3", "-fopenmp", "-ffp-contract=off")
+
+
 def _cache_root() -> Path:
     env = os.environ.get("DSPARK_CACHE_DIR")
     return Path(env) if env else Path.home() / ".cache" / "dspark_sglang"
@@ -98,6 +104,7 @@ def _build(isa: str) -> ModuleType | None:
     digest = hashlib.sha256()
     for name in SOURCES:
         digest.update((CSRC / name).read_bytes())
+    digest.update(" ".join([*_CFLAGS, *_ISA_FLAGS[isa]]).encode())
     tag = f"{isa}_{torch.__version__.replace('+', '_').replace('.', '_')}"
     name = f"dspark_cpu_ops_{tag}_{digest.hexdigest()[:10]}"
     build_dir = _cache_root() / "torch_extensions" / name
@@ -106,7 +113,7 @@ def _build(isa: str) -> ModuleType | None:
     try:
         return cpp_extension.load(
             name=name, sources=[str(CSRC / "cpu_ops.cpp")], build_directory=str(build_dir),
-            extra_cflags=["-O3", "-fopenmp", *_ISA_FLAGS[isa]], extra_ldflags=["-fopenmp"],
+            extra_cflags=[*_CFLAGS, *_ISA_FLAGS[isa]], extra_ldflags=["-fopenmp"],
             extra_include_paths=[str(CSRC)], verbose=False)
     except Exception as e:  # any build failure means: use the torch paths
         logger.warning("CPU kernels could not be built (%s: %s); using torch paths",
@@ -181,10 +188,20 @@ def quantize_rows_q8_ref(x: torch.Tensor) -> torch.Tensor:
     return ((xb * inv).round() * d).reshape(m, k)
 
 
+def gguf_repack_q8(w: torch.Tensor, ggml_type: int) -> torch.Tensor:
+    """GGUF rows w [N, row_bytes] (Q4_0 / Q4_1 / Q8_0) -> the repacked layout the Q8 kernel reads
+    (same shape; ``kernels/csrc/gguf_q8.h`` describes it). Done once per weight at load."""
+    return _ops().gguf_repack_q8(w.contiguous(), ggml_type)
+
+
 def gguf_matmul_q8(x: torch.Tensor, w: torch.Tensor, ggml_type: int,
-                   out: torch.Tensor | None = None, col0: int = 0) -> torch.Tensor:
+                   out: torch.Tensor | None = None, col0: int = 0,
+                   packed: bool = False) -> torch.Tensor:
     """:func:`gguf_matmul` with x quantised per row to Q8 blocks (Q4_0 / Q4_1 / Q8_0 weights):
-    ``quantize_rows_q8_ref(x) @ dequant(w).T`` to float rounding."""
+    ``quantize_rows_q8_ref(x) @ dequant(w).T`` to float rounding. ``w`` is in the file's layout
+    (repacked here) unless ``packed`` (from :func:`gguf_repack_q8`)."""
+    if not packed:
+        w = gguf_repack_q8(w, ggml_type)
     return _gguf_call("gguf_matmul_q8", x, w, ggml_type, out, col0)
 
 

@@ -9,8 +9,9 @@ scheduler thread, by wrapping the engine's objects (nothing global is patched):
 - **forward**: the target forward inside it (``runner.forward``); the rest of the step is the
   scheduler, sampling, logits processing and KV bookkeeping;
 - every ``nn.Linear`` of the target (the LM head included; GGUF block kernel or float32) and
-  the attention backend's ``forward`` are timed too: **matmul**, **attention**; the forward's
-  rest is **other ops** (norms, rotary, elementwise, KV writes) and the step's rest outside the
+  the attention backend's ``forward`` / ``paged_forward`` (the kernel the fused layer path
+  calls) are timed too: **matmul**, **attention**; the forward's rest is **other ops** (norms,
+  rotary, elementwise, KV writes, Python) and the step's rest outside the
   forward is the scheduler, sampling, logits processing and Python;
   **overhead** = step - matmul - attention, as a share of the step (goal: <= 25 % at batch 1);
 - **weight bandwidth**: bytes of weights one step reads (per layer: the GGUF blocks where the
@@ -125,7 +126,29 @@ class _SchedulerProbe:
 
         sched.step = step
         timed(runner, "forward", "forward")
-        timed(runner.attn, "forward", "attention")
+        # attention: the backend's forward, and its paged_forward that the fused layer path
+        # calls directly (a call nested in a timed one is not counted twice)
+        in_attention = [False]
+
+        def timed_attention(name: str) -> None:
+            inner = getattr(runner.attn, name)
+
+            def wrapper(*a: Any, **kw: Any) -> Any:
+                if in_attention[0]:
+                    return inner(*a, **kw)
+                in_attention[0] = True
+                t0 = time.perf_counter()
+                try:
+                    return inner(*a, **kw)
+                finally:
+                    in_attention[0] = False
+                    self._acc["attention"] += time.perf_counter() - t0
+
+            setattr(runner.attn, name, wrapper)
+
+        for name in ("forward", "paged_forward"):
+            if hasattr(runner.attn, name):
+                timed_attention(name)
         for mod in runner.model.modules():
             if isinstance(mod, torch.nn.Linear):
                 timed(mod, "forward", "matmul")

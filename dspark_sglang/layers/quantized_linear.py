@@ -94,6 +94,11 @@ class GGUFLinear(Linear):
                                 parts[0].in_features)]
         self.parts = parts
         self.ops = ops
+        self._has_bias = base.bias is not None
+        # the kernel calls of quant_forward (made by pack, on first use at the latest) and the
+        # (act_q8, parts) they were made for
+        self._plan: list[tuple[object, torch.Tensor, int, int]] = []
+        self._packed_for: tuple[object, ...] = ()
         self.max_quant_rows = MAX_QUANT_ROWS
         self.act_q8 = act_q8_enabled()
 
@@ -106,28 +111,46 @@ class GGUFLinear(Linear):
         most ``KERNEL_ROWS`` rows (a row's result does not depend on the call's rows)."""
         m = x2d.shape[0]
         out = torch.empty(m, self.out_features, dtype=torch.float32)
-        ops = self.ops
+        plan = self._plan if self._packed_for == (self.act_q8, id(self.parts)) else self.pack()
+        if m <= KERNEL_ROWS:
+            for kernel, w, ggml_type, col in plan:
+                kernel(x2d, w, ggml_type, out, col)
+            return out
         for r0 in range(0, m, KERNEL_ROWS):
-            xs = x2d[r0:r0 + KERNEL_ROWS]
-            ys = out[r0:r0 + KERNEL_ROWS] if m > KERNEL_ROWS else out
-            col = 0
-            for p in self.parts:
-                if self.act_q8 and p.ggml_type in Q8_ACT_TYPES:
-                    ops.gguf_matmul_q8(xs, p.data, p.ggml_type, ys, col)  # type: ignore
-                else:
-                    ops.gguf_matmul(xs, p.data, p.ggml_type, ys, col)  # type: ignore
-                col += p.out_features
+            xs, ys = x2d[r0:r0 + KERNEL_ROWS], out[r0:r0 + KERNEL_ROWS]
+            for kernel, w, ggml_type, col in plan:
+                kernel(xs, w, ggml_type, ys, col)
         return out
 
+    def pack(self) -> list[tuple[object, torch.Tensor, int, int]]:
+        """Repack the Q8-kernel parts (Q4_0 / Q4_1 / Q8_0 with ``act_q8``) into the layout the
+        kernel reads (same bytes, once; the file-layout ``parts`` stay for slicing) and make the
+        call plan: per part (kernel, weight, ggml type, first output column)."""
+        ops = self.ops
+        plan, col = [], 0
+        for p in self.parts:
+            if self.act_q8 and p.ggml_type in Q8_ACT_TYPES:
+                plan.append((ops.gguf_matmul_q8,  # type: ignore[attr-defined]
+                             ops.gguf_repack_q8(p.data, p.ggml_type),  # type: ignore[attr-defined]
+                             p.ggml_type, col))
+            else:
+                plan.append((ops.gguf_matmul, p.data, p.ggml_type, col))  # type: ignore
+            col += p.out_features
+        self._plan = plan
+        self._packed_for = (self.act_q8, id(self.parts))
+        return plan
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        m = x.numel() // x.shape[-1] if x.numel() else 0
-        if (0 < m <= self.max_quant_rows and x.dtype == torch.float32 and x.device.type == "cpu"
-                and not (torch.is_grad_enabled() and x.requires_grad)
+        k = x.shape[-1]
+        m = x.numel() // k if k else 0
+        if (0 < m <= self.max_quant_rows and x.dtype == torch.float32 and x.is_cpu
+                and not (x.requires_grad and torch.is_grad_enabled())
                 and not getattr(_local, "float", False)):
-            y = self.quant_forward(x.reshape(m, x.shape[-1]).contiguous())
-            if self.bias is not None:
+            y = self.quant_forward(x if x.dim() == 2 and x.is_contiguous()
+                                   else x.reshape(m, k).contiguous())
+            if self._has_bias:
                 y += self.bias
-            return y.view(*x.shape[:-1], self.out_features)
+            return y if x.dim() == 2 else y.view(*x.shape[:-1], self.out_features)
         return linear(x, self.weight, self.bias)
 
     def quant_bytes(self) -> int:

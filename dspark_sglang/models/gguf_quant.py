@@ -87,6 +87,8 @@ def apply_gguf_quantization(model: LlamaForCausalLM, model_path: str,
     head = "lm_head.weight" if "lm_head.weight" in blocks else "model.embed_tokens.weight"
     if head == "lm_head.weight" or model.config.tie_word_embeddings:
         swap(model, "lm_head", [head])
+    for layer in replaced:  # the Q8 kernel's layout, made now rather than in the first step
+        layer.pack()
     rows = choose_quant_rows(replaced)
     logger.info("quantization=gguf: %d linears on GGUF blocks (%s); rows on the block kernel per "
                 "shape: %s", len(replaced), ops.isa(), sorted(set(rows.values())))

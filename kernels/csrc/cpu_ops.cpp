@@ -26,7 +26,9 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("paged_attention", &dspark::paged_attention, "paged decode/verify attention (in place)");
   m.def("gguf_matmul", &dspark::gguf_matmul, "few-row matmul on GGUF block weights");
   m.def("gguf_matmul_q8", &dspark::gguf_matmul_q8,
-        "few-row matmul on Q4_0/Q4_1/Q8_0 weights with Q8-quantised activations");
+        "few-row matmul on repacked Q4_0/Q4_1/Q8_0 weights with Q8-quantised activations");
+  m.def("gguf_repack_q8", &dspark::gguf_repack_q8,
+        "GGUF Q4_0/Q4_1/Q8_0 rows -> the layout gguf_matmul_q8 reads");
   m.def("gguf_dequantize", &dspark::gguf_dequantize, "dequantise GGUF block rows to float32");
   m.def("rms_norm", &dspark::rms_norm, "RMSNorm of each row times a weight");
   m.def("qkv_rope_store", &dspark::qkv_rope_store,

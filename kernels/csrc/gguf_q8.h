@@ -5,12 +5,21 @@
 // float32. Far fewer instructions per weight than dequantising to float, so the weight stream,
 // not the arithmetic, bounds the speed. Each output element is accumulated over the blocks in a
 // fixed order, so a row's result does not depend on how many rows are in the call.
+//
+// The kernel reads the weights in a repacked layout (gguf_repack_q8, done once at load; same
+// bytes per row as the GGUF row) that turns the per-block field shuffling of the file layout
+// into whole-register loads while keeping each row one sequential stream. Per pair of blocks
+// (b, b + 1): [d_b, d_b+1 (float16)][Q4_1: m_b, m_b+1][quants], quants = Q8_0 the 64 signed
+// bytes of both blocks in order; Q4_0 / Q4_1 32 bytes, byte j = q_b[j] | q_b+1[j] << 4 (element
+// j of each block), so the low nibbles of one 256-bit load are block b and the high nibbles
+// block b + 1, each in element order. An odd last block stays in the file's layout.
 #pragma once
 #include <ATen/Parallel.h>
 #include <torch/extension.h>
 
 #include <algorithm>
 #include <cmath>
+#include <cstring>
 #include <vector>
 
 #include "gguf_matmul.h"
@@ -53,6 +62,140 @@ inline void quantize_row_q8(const float* x, int64_t K, Q8Row& r) {
 #endif
 }
 
+// ------------------------------------------------------------------------ repacked layout
+
+template <int kType>
+constexpr int kFileBlockBytes = kType == kQ4_0 ? 18 : kType == kQ4_1 ? 20 : 34;
+
+// bytes of one pair of blocks in the repacked layout, and of its header (scales, minimums)
+template <int kType>
+constexpr int kPairBytes = 2 * kFileBlockBytes<kType>;
+template <int kType>
+constexpr int kPairHeader = kType == kQ4_1 ? 8 : 4;
+
+// block b is in a pair (not an odd last block)
+inline bool in_pair(int64_t nb, int64_t b) { return b < (nb & ~int64_t(1)); }
+
+// the odd last block (file layout) of a repacked row
+template <int kType>
+inline const uint8_t* odd_block(const uint8_t* row, int64_t nb) {
+  return row + (nb / 2) * kPairBytes<kType>;
+}
+
+template <int kType>
+inline float block_scale(const uint8_t* row, int64_t nb, int64_t b) {
+  if (!in_pair(nb, b)) return fp16_to_fp32(read_u16(odd_block<kType>(row, nb)));
+  return fp16_to_fp32(read_u16(row + (b / 2) * kPairBytes<kType> + 2 * (b & 1)));
+}
+
+// Q4_1: the block minimum m
+inline float block_min_q4_1(const uint8_t* row, int64_t nb, int64_t b) {
+  if (!in_pair(nb, b)) return fp16_to_fp32(read_u16(odd_block<kQ4_1>(row, nb) + 2));
+  return fp16_to_fp32(read_u16(row + (b / 2) * kPairBytes<kQ4_1> + 4 + 2 * (b & 1)));
+}
+
+// block b's 32 weight values (Q4: 0..15 unsigned, Q8_0: signed) from a repacked row
+template <int kType>
+inline void unpack_block(const uint8_t* row, int64_t nb, int64_t b, int* v) {
+  if (!in_pair(nb, b)) {  // odd last block: the file's packing
+    const uint8_t* blk = odd_block<kType>(row, nb);
+    if constexpr (kType == kQ8_0) {
+      for (int j = 0; j < 32; ++j) v[j] = reinterpret_cast<const int8_t*>(blk + 2)[j];
+    } else {
+      const uint8_t* q = blk + (kType == kQ4_1 ? 4 : 2);
+      for (int j = 0; j < 16; ++j) {
+        v[j] = q[j] & 0x0F;
+        v[j + 16] = q[j] >> 4;
+      }
+    }
+    return;
+  }
+  const uint8_t* qs = row + (b / 2) * kPairBytes<kType> + kPairHeader<kType>;
+  if constexpr (kType == kQ8_0) {
+    const int8_t* q = reinterpret_cast<const int8_t*>(qs + (b & 1) * 32);
+    for (int j = 0; j < 32; ++j) v[j] = q[j];
+  } else {
+    for (int j = 0; j < 32; ++j) v[j] = (b & 1) ? (qs[j] >> 4) : (qs[j] & 0x0F);
+  }
+}
+
+template <int kType>
+inline void repack_row(const uint8_t* src, int64_t nb, uint8_t* dst) {
+  constexpr int kBytes = kFileBlockBytes<kType>;
+  constexpr int off = kType == kQ8_0 ? 2 : kType == kQ4_1 ? 4 : 2;  // quants in a file block
+  int64_t b = 0;
+  for (; b + 2 <= nb; b += 2) {
+    const uint8_t* b0 = src + b * kBytes;
+    const uint8_t* b1 = b0 + kBytes;
+    uint8_t* pp = dst + (b / 2) * kPairBytes<kType>;
+    std::memcpy(pp, b0, 2);
+    std::memcpy(pp + 2, b1, 2);
+    if constexpr (kType == kQ4_1) {
+      std::memcpy(pp + 4, b0 + 2, 2);
+      std::memcpy(pp + 6, b1 + 2, 2);
+    }
+    uint8_t* qs = pp + kPairHeader<kType>;
+    if constexpr (kType == kQ8_0) {
+      std::memcpy(qs, b0 + off, 32);
+      std::memcpy(qs + 32, b1 + off, 32);
+    } else {
+      const uint8_t* q0 = b0 + off;
+      const uint8_t* q1 = b1 + off;
+      for (int j = 0; j < 32; ++j) {
+        const int v0 = j < 16 ? (q0[j] & 0x0F) : (q0[j - 16] >> 4);
+        const int v1 = j < 16 ? (q1[j] & 0x0F) : (q1[j - 16] >> 4);
+        qs[j] = static_cast<uint8_t>(v0 | (v1 << 4));
+      }
+    }
+  }
+  if (b < nb) std::memcpy(dst + (b / 2) * kPairBytes<kType>, src + b * kBytes, kBytes);
+}
+
+inline bool q8_supported(int64_t type) {
+  return type == kQ4_0 || type == kQ4_1 || type == kQ8_0;
+}
+
+/// GGUF rows w [N, row_bytes] (Q4_0 / Q4_1 / Q8_0) -> the repacked layout gguf_matmul_q8 reads
+/// (same shape)
+inline at::Tensor gguf_repack_q8(const at::Tensor& w, int64_t type) {
+  TORCH_CHECK(w.scalar_type() == at::kByte && w.dim() == 2 && w.is_contiguous(),
+              "w must be contiguous uint8 [N, row_bytes]");
+  TORCH_CHECK(q8_supported(type), "gguf_repack_q8 takes Q4_0, Q4_1 or Q8_0, not type ", type);
+  const Format f = format_of(static_cast<int>(type));
+  const int64_t N = w.size(0), row_bytes = w.size(1);
+  TORCH_CHECK(row_bytes % f.block_bytes == 0, "row bytes are not whole blocks");
+  const int64_t nb = row_bytes / f.block_bytes;
+  at::Tensor out = at::empty_like(w);
+  const uint8_t* src = w.data_ptr<uint8_t>();
+  uint8_t* dst = out.data_ptr<uint8_t>();
+  at::parallel_for(0, N, 64, [&](int64_t b, int64_t e) {
+    for (int64_t n = b; n < e; ++n) {
+      switch (type) {
+        case kQ4_0: repack_row<kQ4_0>(src + n * row_bytes, nb, dst + n * row_bytes); break;
+        case kQ4_1: repack_row<kQ4_1>(src + n * row_bytes, nb, dst + n * row_bytes); break;
+        default: repack_row<kQ8_0>(src + n * row_bytes, nb, dst + n * row_bytes); break;
+      }
+    }
+  });
+  return out;
+}
+
+// one block's scalar terms against one activation block: the scaled integer dot, and (Q4_0,
+// Q4_1) the offset term (Q4_1: m * d_x * sum(q_x); Q4_0: -8 * d_w * d_x * sum(q_x))
+template <int kType>
+inline void scalar_block_terms(const uint8_t* row, int64_t nb, int64_t b, const int8_t* xq,
+                               float dx, float dsx, float& dot, float& offset) {
+  const float dw = block_scale<kType>(row, nb, b);
+  int v[32];
+  unpack_block<kType>(row, nb, b, v);
+  int isum = 0;
+  for (int i = 0; i < kQ8Block; ++i) isum += v[i] * xq[i];
+  offset = 0.f;
+  if constexpr (kType == kQ4_1) offset = block_min_q4_1(row, nb, b) * dsx;
+  if constexpr (kType == kQ4_0) offset = -8.f * dw * dsx;
+  dot = static_cast<float>(isum) * (dw * dx);
+}
+
 #if defined(__AVX2__) && defined(__FMA__)
 // 32 unsigned weight bytes (each <= 255 for VNNI, <= 127 for AVX2) . 32 signed activations
 // -> 8 int32 partial sums
@@ -71,38 +214,33 @@ inline float hsum256(__m256 v) {
   return _mm_cvtss_f32(s);
 }
 
-// the 32 nibbles of a Q4 block in element order (low nibbles = elements 0..15, high = 16..31)
+// the 32 nibbles of a file-layout Q4 block in element order (low nibbles = elements 0..15)
 inline __m256i unpack_q4(const uint8_t* qs) {
   const __m128i q = _mm_loadu_si128(reinterpret_cast<const __m128i*>(qs));
   const __m128i m = _mm_set1_epi8(0x0F);
   return _mm256_set_m128i(_mm_and_si128(_mm_srli_epi16(q, 4), m), _mm_and_si128(q, m));
 }
+
+// block b's 32 weight bytes from a repacked row (Q4: unsigned values; Q8_0: signed)
+template <int kType>
+inline __m256i block_quants(const uint8_t* row, int64_t nb, int64_t b) {
+  if (!in_pair(nb, b)) {
+    const uint8_t* blk = odd_block<kType>(row, nb);
+    if constexpr (kType == kQ8_0) return _mm256_loadu_si256(reinterpret_cast<const __m256i*>(blk + 2));
+    return unpack_q4(blk + (kType == kQ4_1 ? 4 : 2));
+  }
+  const uint8_t* qs = row + (b / 2) * kPairBytes<kType> + kPairHeader<kType>;
+  if constexpr (kType == kQ8_0) return _mm256_loadu_si256(reinterpret_cast<const __m256i*>(qs + (b & 1) * 32));
+  const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(qs));
+  const __m256i m = _mm256_set1_epi8(0x0F);
+  return (b & 1) ? _mm256_and_si256(_mm256_srli_epi16(v, 4), m) : _mm256_and_si256(v, m);
+}
 #endif
 
-// one block's scalar terms against one activation block: the scaled integer dot, and (Q4_0,
-// Q4_1) the offset term (Q4_1: m * d_x * sum(q_x); Q4_0: -8 * d_w * d_x * sum(q_x))
+// one output row n (repacked) against M quantised activation rows
 template <int kType>
-inline void scalar_block_terms(const uint8_t* blk, const int8_t* xq, float dx, float dsx,
-                               float& dot, float& offset) {
-  const float dw = fp16_to_fp32(read_u16(blk));
-  int isum = 0;
-  offset = 0.f;
-  if constexpr (kType == kQ8_0) {
-    const int8_t* wq = reinterpret_cast<const int8_t*>(blk + 2);
-    for (int i = 0; i < kQ8Block; ++i) isum += wq[i] * xq[i];
-  } else {
-    const uint8_t* qs = blk + (kType == kQ4_1 ? 4 : 2);
-    for (int i = 0; i < 16; ++i) isum += (qs[i] & 0x0F) * xq[i] + (qs[i] >> 4) * xq[i + 16];
-    offset = (kType == kQ4_1 ? fp16_to_fp32(read_u16(blk + 2)) : -8.f * dw) * dsx;
-  }
-  dot = static_cast<float>(isum) * (dw * dx);
-}
-
-// one output row n against M quantised activation rows
-template <int kType>
-inline void q8_dot_row(const uint8_t* wrow, int64_t nb, const std::vector<Q8Row>& xs, float* y,
+inline void q8_dot_row(const uint8_t* row, int64_t nb, const std::vector<Q8Row>& xs, float* y,
                        int64_t ldy) {
-  constexpr int kBytes = kType == kQ4_0 ? 18 : kType == kQ4_1 ? 20 : 34;
   const int64_t M = static_cast<int64_t>(xs.size());
 #if defined(__AVX2__) && defined(__FMA__)
   // (AVX512-VNNI builds use the register tiles below, not this)
@@ -113,10 +251,9 @@ inline void q8_dot_row(const uint8_t* wrow, int64_t nb, const std::vector<Q8Row>
     extra[m] = 0.f;
   }
   for (int64_t b = 0; b < nb; ++b) {
-    const uint8_t* blk = wrow + b * kBytes;
-    const float dw = fp16_to_fp32(read_u16(blk));
+    const float dw = block_scale<kType>(row, nb, b);
     if constexpr (kType == kQ8_0) {
-      const __m256i w = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(blk + 2));
+      const __m256i w = block_quants<kType>(row, nb, b);
       const __m256i wa = _mm256_sign_epi8(w, w);  // |w| (Q8_0 values are in [-127, 127])
       for (int64_t m = 0; m < M; ++m) {
         const __m256i x = _mm256_loadu_si256(
@@ -126,8 +263,8 @@ inline void q8_dot_row(const uint8_t* wrow, int64_t nb, const std::vector<Q8Row>
                                  acc[m]);
       }
     } else {
-      const __m256i w = unpack_q4(blk + (kType == kQ4_1 ? 4 : 2));
-      const float mw = kType == kQ4_1 ? fp16_to_fp32(read_u16(blk + 2)) : -8.f * dw;
+      const __m256i w = block_quants<kType>(row, nb, b);
+      const float mw = kType == kQ4_1 ? block_min_q4_1(row, nb, b) : -8.f * dw;
       for (int64_t m = 0; m < M; ++m) {
         const __m256i x = _mm256_loadu_si256(
             reinterpret_cast<const __m256i*>(xs[m].q.data() + b * kQ8Block));
@@ -144,7 +281,7 @@ inline void q8_dot_row(const uint8_t* wrow, int64_t nb, const std::vector<Q8Row>
     float acc = 0.f, extra = 0.f;
     for (int64_t b = 0; b < nb; ++b) {
       float dot, offset;
-      scalar_block_terms<kType>(wrow + b * kBytes, xs[m].q.data() + b * kQ8Block, xs[m].d[b],
+      scalar_block_terms<kType>(row, nb, b, xs[m].q.data() + b * kQ8Block, xs[m].d[b],
                                 xs[m].ds[b], dot, offset);
       extra += offset;  // Q8_0: 0
       acc += dot;
@@ -158,14 +295,6 @@ inline void q8_dot_row(const uint8_t* wrow, int64_t nb, const std::vector<Q8Row>
 constexpr int kTileN = 4;  // weight rows per tile
 constexpr int kTileM = 4;  // activation rows per tile
 
-// the offset term's per-block weight factor: Q8_0 -128 * d_w (signed weights are fed to dpbusd
-// as w + 128), Q4_0 -8 * d_w, Q4_1 the block minimum m
-template <int kType>
-inline float offset_factor(const uint8_t* blk) {
-  if constexpr (kType == kQ4_1) return fp16_to_fp32(read_u16(blk + 2));
-  return (kType == kQ8_0 ? -128.f : -8.f) * fp16_to_fp32(read_u16(blk));
-}
-
 // sum_b a[b] * c[b] over n floats: 16 lanes, then the lanes' sum (fixed order for any caller)
 inline float dot_blocks(const float* a, const float* c, int64_t n) {
   __m512 acc = _mm512_setzero_ps();
@@ -178,9 +307,31 @@ inline float dot_blocks(const float* a, const float* c, int64_t n) {
   return _mm512_reduce_add_ps(acc);
 }
 
+// the offset term's per-block weight factor: Q8_0 -128 * d_w (signed weights are fed to dpbusd
+// as w + 128; an odd last block 0: its dot is taken signed by scalar_block_terms), Q4_0
+// -8 * d_w, Q4_1 the block minimum m
+template <int kType>
+inline void offset_factors(const uint8_t* row, int64_t nb, float* fac) {
+  constexpr int kField = kType == kQ4_1 ? 4 : 0;  // m or d in the pair header
+  const __m128 k = _mm_set1_ps(kType == kQ8_0 ? -128.f : -8.f);
+  int64_t b = 0;
+  for (; b + 2 <= nb; b += 2) {  // both blocks' fields of a pair: 2 float16 -> 2 floats
+    uint32_t f2;
+    std::memcpy(&f2, row + (b / 2) * kPairBytes<kType> + kField, 4);
+    __m128 v = _mm_cvtph_ps(_mm_cvtsi32_si128(static_cast<int>(f2)));
+    if constexpr (kType != kQ4_1) v = _mm_mul_ps(v, k);
+    _mm_storel_pi(reinterpret_cast<__m64*>(fac + b), v);
+  }
+  if (b < nb) {
+    if constexpr (kType == kQ4_1) fac[b] = block_min_q4_1(row, nb, b);
+    else if constexpr (kType == kQ4_0) fac[b] = -8.f * block_scale<kType>(row, nb, b);
+    else fac[b] = 0.f;
+  }
+}
+
 // NR weight rows (w0, w0 + row_bytes, ...) x MC activation rows: register tile of NR * MC
-// accumulators; per pair of blocks each weight register is unpacked once for all MC rows and
-// each activation register loaded once for all NR rows. y[c * ldy + r] for the tile.
+// accumulators; per pair of blocks each weight register is loaded once for all MC rows and
+// each activation register once for all NR rows. y[c * ldy + r] for the tile.
 // Per output element: integer block dots scaled and summed lane-wise over the block pairs in
 // order, the lanes' sum, plus the offset term dot_blocks(factors, d_x * sum(q_x)), plus an odd
 // last block's scalar terms: the same arithmetic whatever the tile shape, so a row's result
@@ -188,7 +339,8 @@ inline float dot_blocks(const float* a, const float* c, int64_t n) {
 template <int kType, int NR, int MC>
 inline void q8_tile(const uint8_t* w0, int64_t row_bytes, int64_t nb, const Q8Row* xs,
                     float* y, int64_t ldy, float* fac) {
-  constexpr int kBytes = kType == kQ4_0 ? 18 : kType == kQ4_1 ? 20 : 34;
+  constexpr int kPB = kPairBytes<kType>, kHdr = kPairHeader<kType>;
+  const __m512i pair_idx = _mm512_set_epi32(1, 1, 1, 1, 1, 1, 1, 1, 0, 0, 0, 0, 0, 0, 0, 0);
   __m512 acc[NR][MC];
   for (int r = 0; r < NR; ++r)
     for (int c = 0; c < MC; ++c) acc[r][c] = _mm512_setzero_ps();
@@ -197,19 +349,20 @@ inline void q8_tile(const uint8_t* w0, int64_t row_bytes, int64_t nb, const Q8Ro
     __m512i w[NR];
     __m512 dw[NR];
     for (int r = 0; r < NR; ++r) {
-      const uint8_t* b0 = w0 + r * row_bytes + b * kBytes;
-      const uint8_t* b1 = b0 + kBytes;
-      dw[r] = _mm512_insertf32x8(_mm512_castps256_ps512(_mm256_set1_ps(fp16_to_fp32(read_u16(b0)))),
-                                 _mm256_set1_ps(fp16_to_fp32(read_u16(b1))), 1);
+      const uint8_t* pp = w0 + r * row_bytes + (b / 2) * kPB;
+      uint32_t d2;
+      std::memcpy(&d2, pp, 4);
+      // [d_b x 8, d_b+1 x 8]
+      dw[r] = _mm512_permutexvar_ps(pair_idx, _mm512_castps128_ps512(
+          _mm_cvtph_ps(_mm_cvtsi32_si128(static_cast<int>(d2)))));
       if constexpr (kType == kQ8_0) {
-        const __m256i q0 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(b0 + 2));
-        const __m256i q1 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(b1 + 2));
-        w[r] = _mm512_xor_si512(_mm512_inserti64x4(_mm512_castsi256_si512(q0), q1, 1),
+        w[r] = _mm512_xor_si512(_mm512_loadu_si512(pp + kHdr),
                                 _mm512_set1_epi8(static_cast<char>(0x80)));
       } else {
-        constexpr int off = kType == kQ4_1 ? 4 : 2;
-        w[r] = _mm512_inserti64x4(_mm512_castsi256_si512(unpack_q4(b0 + off)),
-                                  unpack_q4(b1 + off), 1);
+        const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(pp + kHdr));
+        const __m256i m = _mm256_set1_epi8(0x0F);
+        w[r] = _mm512_inserti64x4(_mm512_castsi256_si512(_mm256_and_si256(v, m)),
+                                  _mm256_and_si256(_mm256_srli_epi16(v, 4), m), 1);
       }
     }
     for (int c = 0; c < MC; ++c) {
@@ -223,14 +376,12 @@ inline void q8_tile(const uint8_t* w0, int64_t row_bytes, int64_t nb, const Q8Ro
   }
   for (int r = 0; r < NR; ++r) {
     const uint8_t* wr = w0 + r * row_bytes;
-    for (int64_t i = 0; i < nb; ++i) fac[i] = offset_factor<kType>(wr + i * kBytes);
-    // an odd last Q8_0 block is dotted signed by scalar_block_terms: no +128 to undo
-    if (kType == kQ8_0 && b < nb) fac[b] = 0.f;
+    offset_factors<kType>(wr, nb, fac);
     for (int c = 0; c < MC; ++c) {
       float v = _mm512_reduce_add_ps(acc[r][c]) + dot_blocks(fac, xs[c].ds.data(), nb);
       if (b < nb) {  // an odd last block: its scaled integer dot (its offset is in dot_blocks)
         float dot, offset;
-        scalar_block_terms<kType>(wr + b * kBytes, xs[c].q.data() + b * kQ8Block, xs[c].d[b],
+        scalar_block_terms<kType>(wr, nb, b, xs[c].q.data() + b * kQ8Block, xs[c].d[b],
                                   xs[c].ds[b], dot, offset);
         v += dot;
       }
@@ -267,12 +418,9 @@ inline void q8_rows_tiled(const uint8_t* wp, int64_t row_bytes, int64_t nb, int6
 }
 #endif
 
-inline bool q8_supported(int64_t type) {
-  return type == kQ4_0 || type == kQ4_1 || type == kQ8_0;
-}
-
-/// x [M, K] float32 contiguous (M <= 64); w [N, row_bytes] uint8 GGUF rows of ``type`` (Q4_0,
-/// Q4_1 or Q8_0); out [M, ldy] float32 contiguous: columns col0 .. col0 + N are overwritten.
+/// x [M, K] float32 contiguous (M <= 64); w [N, row_bytes] uint8 rows of ``type`` (Q4_0, Q4_1
+/// or Q8_0) in the repacked layout of gguf_repack_q8; out [M, ldy] float32 contiguous: columns
+/// col0 .. col0 + N are overwritten.
 inline void gguf_matmul_q8(const at::Tensor& x, const at::Tensor& w, int64_t type,
                            at::Tensor& out, int64_t col0) {
   TORCH_CHECK(x.scalar_type() == at::kFloat && out.scalar_type() == at::kFloat, "float32 only");

@@ -59,6 +59,13 @@ inline float exp_shift_sum(float* s, int n, float m) {
 }
 
 constexpr int kKeyTile = 64;
+// keys ahead whose K / V rows are prefetched: the pool's rows of one request are scattered
+// over per-layer buffers far larger than the caches, so each row would otherwise be a miss
+constexpr int kPrefetch = 8;
+
+inline void prefetch_row(const float* p, int64_t d) {
+  for (int64_t i = 0; i < d; i += 16) __builtin_prefetch(p + i, 0, 3);
+}
 constexpr int64_t kTokenChunk = 16;  // new tokens per work item
 
 /// q [T, H, D], k_buf/v_buf [S, KVH, D], req_to_token [R, C], per-request int64 vectors
@@ -133,6 +140,7 @@ inline void paged_attention(const at::Tensor& q, const at::Tensor& k_buf, const 
       // one tile of n keys (slot list ks) for rows [r0, r1): scores, online softmax, values
       auto tile = [&](const int64_t* ks, int n, int64_t r0, int64_t r1) {
         for (int t = 0; t < n; ++t) {
+          if (t + kPrefetch < n) prefetch_row(kp + (ks[t + kPrefetch] * KVH + h) * D, D);
           const float* krow = kp + (ks[t] * KVH + h) * D;
           for (int64_t r = r0; r < r1; ++r) s[r * kKeyTile + t] = dot(qs.data() + r * D, krow, D);
         }
@@ -150,6 +158,7 @@ inline void paged_attention(const at::Tensor& q, const at::Tensor& k_buf, const 
           l[r] += exp_shift_sum(sr, n, m_new);
         }
         for (int t = 0; t < n; ++t) {
+          if (t + kPrefetch < n) prefetch_row(vp + (ks[t + kPrefetch] * KVH + h) * D, D);
           const float* vrow = vp + (ks[t] * KVH + h) * D;
           for (int64_t r = r0; r < r1; ++r) {
             const float p = s[r * kKeyTile + t];

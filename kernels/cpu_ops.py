@@ -25,8 +25,8 @@ import torch
 logger = logging.getLogger(__name__)
 
 CSRC = Path(__file__).resolve().parent / "csrc"
-SOURCES = ("cpu_ops.cpp", "gguf_matmul.h", "gguf_q8.h", "layer_ops.h", "paged_attention.h",
-           "simd.h")
+SOURCES = ("cpu_ops.cpp", "decoder_stack.h", "gguf_matmul.h", "gguf_q8.h", "layer_ops.h",
+           "paged_attention.h", "simd.h")
 GGML_TYPES = {"Q4_0": 2, "Q4_1": 3, "Q8_0": 8, "Q4_K": 12, "Q6_K": 14}
 # ggml type id -> (weights per block, bytes per block)
 GGML_BLOCKS = {2: (32, 18), 3: (32, 20), 8: (32, 34), 12: (256, 144), 14: (256, 210)}

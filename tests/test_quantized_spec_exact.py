@@ -64,3 +64,58 @@ def test_batching_and_chunking_do_not_change_tokens_on_blocks(make_engine) -> No
         outs.append([o["output_ids"] for o in eng.generate(prompts, greedy(24))])
         eng.shutdown()
     assert outs[0] == outs[1]
+
+
+def test_decoder_stack_is_bitwise_the_per_layer_path(monkeypatch) -> None:
+    """The C++ DecoderStack (one call per forward) computes exactly what the per-layer fused
+    Python path computes: the same logits and captured hidden states, bit for bit, for a
+    prefill, a decode and a verify forward; the stack is what the engine's forwards use."""
+    import torch
+
+    from dspark_sglang.core.forward_batch import ForwardMode
+    from dspark_sglang.entrypoints.model_setup import build_engine_parts
+    from dspark_sglang.model_executor.model_runner import BatchRequestSpec, build_forward_batch
+    from dspark_sglang.models import llama
+    from dspark_sglang.server_args import ServerArgs
+
+    parts = build_engine_parts(ServerArgs(model_path=None, dtype="float32", max_total_tokens=512,
+                                          attention_backend="cpu", quantization="gguf"),
+                               emit=lambda r, f: None)
+    runner, cache = parts.runner, parts.cache
+    model = runner.model
+    ids = list(range(2000, 2000 + 70))  # crosses a 64-key tile
+
+    def run_all() -> list[torch.Tensor]:
+        row = cache.req_to_token_pool.alloc()
+        slots = cache.allocator.alloc(len(ids) + 8)
+        cache.req_to_token_pool.write(row, 0, slots)
+        outs = []
+        for mode, start, toks in ((ForwardMode.EXTEND, 0, ids),
+                                  (ForwardMode.DECODE, len(ids), [7]),
+                                  (ForwardMode.TARGET_VERIFY, len(ids) + 1, [5, 9, 11, 3])):
+            loc = cache.req_to_token[row, start:start + len(toks)]
+            fb = build_forward_batch(mode, [BatchRequestSpec(row, toks, start, loc)],
+                                     cache.req_to_token)
+            fb.capture_layer_ids = (1, 8, 27)
+            out = runner.forward(fb)
+            outs += [out.logits.clone(), out.aux_hidden.clone()]
+        cache.allocator.free(slots)
+        cache.req_to_token_pool.free(row)
+        return outs
+
+    used = {"stack": 0}
+    real = model._decoder_stack
+
+    def counting(*a, **kw):  # type: ignore[no-untyped-def]
+        s = real(*a, **kw)
+        used["stack"] += s is not None
+        return s
+
+    monkeypatch.setattr(model, "_decoder_stack", counting)
+    with_stack = run_all()
+    assert used["stack"] == 3
+    monkeypatch.setattr(llama, "DECODER_STACK", False)
+    per_layer = run_all()
+    assert used["stack"] == 3
+    for a, b in zip(with_stack, per_layer):
+        assert torch.equal(a, b)

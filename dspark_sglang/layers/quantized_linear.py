@@ -57,6 +57,11 @@ def float_weights() -> Iterator[None]:
         _local.float = prev
 
 
+def float_weights_active() -> bool:
+    """This thread is inside :func:`float_weights`."""
+    return bool(getattr(_local, "float", False))
+
+
 def act_q8_enabled() -> bool:
     """``DSPARK_GGUF_ACT_Q8`` (default on): Q8 activations for Q4_0 / Q4_1 / Q8_0 parts."""
     return os.environ.get("DSPARK_GGUF_ACT_Q8", "1").strip().lower() not in ("0", "false", "off")
@@ -111,7 +116,7 @@ class GGUFLinear(Linear):
         most ``KERNEL_ROWS`` rows (a row's result does not depend on the call's rows)."""
         m = x2d.shape[0]
         out = torch.empty(m, self.out_features, dtype=torch.float32)
-        plan = self._plan if self._packed_for == (self.act_q8, id(self.parts)) else self.pack()
+        plan = self.plan()
         if m <= KERNEL_ROWS:
             for kernel, w, ggml_type, col in plan:
                 kernel(x2d, w, ggml_type, out, col)
@@ -121,6 +126,11 @@ class GGUFLinear(Linear):
             for kernel, w, ggml_type, col in plan:
                 kernel(xs, w, ggml_type, ys, col)
         return out
+
+    def plan(self) -> list[tuple[object, torch.Tensor, int, int]]:
+        """The kernel calls of :meth:`quant_forward`: per part (kernel, weight, ggml type,
+        first output column), made by :meth:`pack` when missing or stale."""
+        return self._plan if self._packed_for == (self.act_q8, id(self.parts)) else self.pack()
 
     def pack(self) -> list[tuple[object, torch.Tensor, int, int]]:
         """Repack the Q8-kernel parts (Q4_0 / Q4_1 / Q8_0 with ``act_q8``) into the layout the

@@ -6,6 +6,7 @@ gate/up projections are fused into one matmul each (fewer kernel launches per la
 
 from __future__ import annotations
 
+import os
 from typing import Any
 
 import torch
@@ -17,11 +18,15 @@ from dspark_sglang.layers.attention.base import AttentionBackend
 from dspark_sglang.layers.attention.cpu_paged import CpuPagedAttnBackend
 from dspark_sglang.layers.layernorm import RMSNorm
 from dspark_sglang.layers.linear import Linear
+from dspark_sglang.layers.quantized_linear import ALL_ROWS, GGUFLinear, float_weights_active
 from dspark_sglang.layers.rotary import RotaryEmbedding, apply_rotary
 from dspark_sglang.mem_cache.kv_pool import KVPool
 from dspark_sglang.models.config import ModelConfig
 
 _EMPTY = torch.empty(0)
+# the whole decoder stack in one C++ call where it applies (DSPARK_DECODER_STACK=0: per-layer)
+DECODER_STACK = os.environ.get("DSPARK_DECODER_STACK", "1").strip().lower() not in ("0", "false",
+                                                                                   "off")
 
 
 class DecoderLayer(nn.Module):
@@ -96,6 +101,8 @@ class LlamaForCausalLM(nn.Module):
         self.rope = RotaryEmbedding(cfg.head_dim, max_positions or cfg.max_position_embeddings,
                                     cfg.rope_theta, cfg.rope_scaling)
         self.tp_shards: nn.Module | None = None  # set by distributed.tp_layers.shard_llama_
+        self._stack: Any = None  # C++ DecoderStack (see _decoder_stack) and what it was built for
+        self._stack_key: tuple[object, ...] = ()
 
     def local_head_counts(self) -> tuple[int, int]:
         """(attention heads, KV heads) this rank computes: all of them unless sharded."""
@@ -111,13 +118,22 @@ class LlamaForCausalLM(nn.Module):
         ops = (attn.fused_layer_ops(fb, kv_pool)
                if tp is None and x.dtype == torch.float32 and isinstance(attn, CpuPagedAttnBackend)
                else None)
-        for layer in self.layers:
-            if ops is not None:
-                x = layer.forward_fused(x, fb, rope_cs, attn, kv_pool, ops)
-            else:
-                x = layer(x, fb, rope_cs, attn, kv_pool)
-            if layer.layer_id in fb.capture_layer_ids:
-                captured[layer.layer_id] = x
+        stack = self._decoder_stack(attn, kv_pool, ops) if ops is not None else None
+        if stack is not None:  # every layer in one C++ call (same kernels, same order)
+            md = fb.attn_metadata
+            res = stack.forward(x, rope_cs[0], rope_cs[1], fb.out_cache_loc, fb.req_to_token,
+                                md.req_pool_indices, md.seq_lens, md.ext_lens, md.q_start,
+                                md.mask_flat, md.mask_offsets, list(fb.capture_layer_ids))
+            x = res[0]
+            captured = dict(zip(fb.capture_layer_ids, res[1:]))
+        else:
+            for layer in self.layers:
+                if ops is not None:
+                    x = layer.forward_fused(x, fb, rope_cs, attn, kv_pool, ops)
+                else:
+                    x = layer(x, fb, rope_cs, attn, kv_pool)
+                if layer.layer_id in fb.capture_layer_ids:
+                    captured[layer.layer_id] = x
         h = self.norm(x) if ops is None else ops.rms_norm(x, self.norm.weight, self.norm.eps)
         rows = h if fb.logits_indices is None else h[fb.logits_indices]
         head = self.lm_head if tp is None else tp.lm_head
@@ -126,6 +142,45 @@ class LlamaForCausalLM(nn.Module):
                if fb.capture_layer_ids else None)
         return ModelOutput(logits=logits, aux_hidden=aux,
                            final_hidden=h if fb.capture_final_hidden else None)
+
+    def _decoder_stack(self, attn: CpuPagedAttnBackend, kv_pool: KVPool, ops: Any) -> Any:
+        """The C++ ``DecoderStack`` of this model (built once, rebuilt when a projection, its
+        kernel plan or the KV pool changes) when every projection of every layer is one
+        Q8-kernel block matrix taken for any row count, else None (the fused Python path)."""
+        if not DECODER_STACK or float_weights_active():
+            return None
+        lins = [(lyr.qkv_proj, lyr.o_proj, lyr.gate_up_proj, lyr.down_proj)
+                for lyr in self.layers]
+        key = (id(kv_pool), id(ops),
+               tuple((id(li), id(getattr(li, "_plan", None)), getattr(li, "max_quant_rows", 0))
+                     for quad in lins for li in quad))
+        if key == self._stack_key:
+            return self._stack
+        self._stack_key, self._stack = key, None
+        plans = []
+        for quad in lins:
+            for i, li in enumerate(quad):
+                if not (isinstance(li, GGUFLinear) and li.max_quant_rows >= ALL_ROWS
+                        and (i == 0 or li.bias is None)):
+                    return None
+                plan = li.plan()
+                if len(plan) != 1 or plan[0][0] is not ops.gguf_matmul_q8:
+                    return None
+            plans.append([li.plan()[0] for li in quad])
+        stack = ops.DecoderStack()
+        for lyr, quad in zip(self.layers, plans):
+            qn, kn = lyr.q_norm, lyr.k_norm
+            bias = lyr.qkv_proj.bias
+            (_, w_qkv, t_qkv, _), (_, w_o, t_o, _), (_, w_gu, t_gu, _), (_, w_d, t_d, _) = quad
+            stack.add_layer(
+                lyr.input_layernorm.weight, lyr.post_attention_layernorm.weight,
+                lyr.input_layernorm.eps, qn.weight if qn is not None else _EMPTY,
+                kn.weight if kn is not None else _EMPTY, qn.eps if qn is not None else 0.0,
+                w_qkv, t_qkv, bias if bias is not None else _EMPTY, w_o, t_o, w_gu, t_gu, w_d,
+                t_d, lyr.num_heads, lyr.num_kv_heads, lyr.scale,
+                kv_pool.k_bufs[lyr.layer_id], kv_pool.v_bufs[lyr.layer_id])
+        self._stack = stack
+        return stack
 
     def load_hf_state_dict(self, sd: dict[str, torch.Tensor], dtype: torch.dtype) -> None:
         """Copy HF-named weights in (fusing q/k/v and gate/up), then cast to ``dtype``."""

@@ -1,6 +1,7 @@
 // Python bindings of the CPU kernels (built by kernels/cpu_ops.py with torch.utils.cpp_extension).
 #include <torch/extension.h>
 
+#include "decoder_stack.h"
 #include "gguf_matmul.h"
 #include "gguf_q8.h"
 #include "layer_ops.h"
@@ -34,5 +35,12 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("qkv_rope_store", &dspark::qkv_rope_store,
         "split q/k/v, q/k norm, rotary embedding, k/v written to pool slots; returns q");
   m.def("silu_mul", &dspark::silu_mul, "silu(gate) * up of a fused [gate | up] row");
+  py::class_<dspark::DecoderStack>(m, "DecoderStack")
+      .def(py::init<>())
+      .def("add_layer", &dspark::DecoderStack::add_layer)
+      .def("num_layers", &dspark::DecoderStack::num_layers)
+      .def("set_profile", &dspark::DecoderStack::set_profile)
+      .def("take_times", &dspark::DecoderStack::take_times)
+      .def("forward", &dspark::DecoderStack::forward);
   m.def("isa", &isa, "instruction set the extension was compiled for");
 }

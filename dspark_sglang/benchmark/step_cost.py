@@ -10,7 +10,8 @@ scheduler thread, by wrapping the engine's objects (nothing global is patched):
   scheduler, sampling, logits processing and KV bookkeeping;
 - every ``nn.Linear`` of the target (the LM head included; GGUF block kernel or float32) and
   the attention backend's ``forward`` / ``paged_forward`` (the kernel the fused layer path
-  calls) are timed too: **matmul**, **attention**; the forward's rest is **other ops** (norms,
+  calls) are timed too, and a C++ ``DecoderStack`` (all layers in one call) times its own
+  matmuls and attention calls: **matmul**, **attention**; the forward's rest is **other ops** (norms,
   rotary, elementwise, KV writes, Python) and the step's rest outside the
   forward is the scheduler, sampling, logits processing and Python;
   **overhead** = step - matmul - attention, as a share of the step (goal: <= 25 % at batch 1);
@@ -118,10 +119,17 @@ class _SchedulerProbe:
                         and not sched.prefilling)
             for k in self._acc:
                 self._acc[k] = 0.0
+            for st in self._stacks.values():
+                st.take_times()
             t0 = time.perf_counter()
             out = inner_step(*a, **kw)
+            dt = time.perf_counter() - t0
+            for st in self._stacks.values():  # the C++ decoder stack times its own parts
+                matmul_s, attention_s, _ = st.take_times()
+                self._acc["matmul"] += matmul_s
+                self._acc["attention"] += attention_s
             if decoding:
-                self.rows.append({"step": time.perf_counter() - t0, **self._acc})
+                self.rows.append({"step": dt, **self._acc})
             return out
 
         sched.step = step
@@ -152,6 +160,20 @@ class _SchedulerProbe:
         for mod in runner.model.modules():
             if isinstance(mod, torch.nn.Linear):
                 timed(mod, "forward", "matmul")
+        # a model whose layers run as one C++ DecoderStack (models/llama.py): profile it
+        self._stacks: dict[int, Any] = {}
+        model = runner.model
+        if hasattr(model, "_decoder_stack"):
+            inner_stack = model._decoder_stack
+
+            def stack(*a: Any, **kw: Any) -> Any:
+                st = inner_stack(*a, **kw)
+                if st is not None and id(st) not in self._stacks:
+                    st.set_profile(True)
+                    self._stacks[id(st)] = st
+                return st
+
+            model._decoder_stack = stack
 
     def run_on_scheduler(self, engine: Any, fn: Callable[[], Any]) -> Any:
         """Run ``fn`` on the scheduler thread (before the step a 1-token request triggers)."""

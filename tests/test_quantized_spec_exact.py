@@ -119,3 +119,35 @@ def test_decoder_stack_is_bitwise_the_per_layer_path(monkeypatch) -> None:
     assert used["stack"] == 3
     for a, b in zip(with_stack, per_layer):
         assert torch.equal(a, b)
+
+
+def test_drafter_context_update_fast_path_matches_torch(make_engine) -> None:
+    """Next to a GGUF target the drafter's per-step context update runs k/v as one Q8 kernel
+    call and norm + rotary + store in C++; the pool it writes matches the torch path's (drafts
+    only: what is verified never depends on it)."""
+    import torch
+
+    from dspark_sglang.core.forward_batch import ForwardBatch, ModelOutput
+
+    eng = make_engine(None, quantization="gguf", attention_backend="cpu",
+                      speculative_algorithm="DSPARK")
+    w = eng.parts.decoder.worker
+    assert getattr(w.drafter, "kv_blocks", None) is not None
+    n = 6
+    g = torch.Generator().manual_seed(0)
+    aux = torch.randn(n, w.drafter.fc.in_features, generator=g)
+    fb = ForwardBatch.__new__(ForwardBatch)
+    fb.positions = torch.tensor([0, 1, 2, 40, 41, 300])
+    fb.out_cache_loc = torch.tensor([3, 4, 5, 9, 10, 11])
+    out = ModelOutput(logits=None, aux_hidden=aux, final_hidden=None)
+    w.on_target_forward(fb, out)
+    fast = [b[fb.out_cache_loc].clone() for b in w.ctx_pool.k_bufs + w.ctx_pool.v_bufs]
+    saved, w.drafter.kv_blocks = w.drafter.kv_blocks, None
+    try:
+        w.on_target_forward(fb, out)
+    finally:
+        w.drafter.kv_blocks = saved
+    slow = [b[fb.out_cache_loc] for b in w.ctx_pool.k_bufs + w.ctx_pool.v_bufs]
+    for a, b in zip(fast, slow):
+        assert b.abs().max() > 0
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)

@@ -186,6 +186,10 @@ class _SchedulerProbe:
         return self.pending_result
 
     def median_ms(self) -> dict[str, float]:
+        if not self.rows:
+            raise RuntimeError(
+                f"no step had all {self.batch} requests decoding (the first ones finished "
+                "while the last ones were still prefilling): raise --steps")
         return {k: statistics.median(r[k] for r in self.rows) * 1e3 for k in self.rows[0]}
 
 

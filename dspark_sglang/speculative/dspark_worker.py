@@ -25,8 +25,11 @@ from dspark_sglang.speculative.context import DraftContext, SpeculativeConfig
 from dspark_sglang.speculative.draft_length import Tree, draft_length_policy
 from dspark_sglang.speculative.dspark import DSparkDrafter, load_dspark_checkpoint
 from dspark_sglang.speculative.dspark.config import dspark_num_draft_from_num_draft_tokens
+from dspark_sglang.speculative.dspark.model import rope_cos_sin
 from dspark_sglang.speculative.sps_profile import SPSTable
 from dspark_sglang.speculative.worker import Draft, DraftWorker, StepResult
+
+_EMPTY = torch.empty(0)
 
 logger = logging.getLogger(__name__)
 
@@ -86,6 +89,20 @@ class DSparkWorker(DraftWorker):
     def on_target_forward(self, fb: ForwardBatch, out: ModelOutput) -> None:
         assert out.aux_hidden is not None, "target forward must capture target_layer_ids"
         h_ctx = self.drafter.project_context(out.aux_hidden)  # [n, H]
+        fused = getattr(self.drafter, "kv_blocks", None)
+        if fused is not None and self.ctx_pool.dtype == torch.float32 and h_ctx.is_cpu:
+            # one Q8 kernel call for k and v, then norm + rotary + store in C++ (drafts only)
+            ops, kv_blocks = fused
+            cos, sin = rope_cos_sin(fb.positions, self.drafter.inv_freq, torch.float32)
+            for layer_id, (layer, lin) in enumerate(zip(self.drafter.layers, kv_blocks)):
+                att = layer.self_attn
+                kn = att.k_norm
+                w = kn.weight if kn is not None else _EMPTY
+                ops.qkv_rope_store(lin(h_ctx.float()).contiguous(), cos, sin, w, w,
+                                   kn.eps if kn is not None else 0.0,
+                                   self.ctx_pool.k_bufs[layer_id], self.ctx_pool.v_bufs[layer_id],
+                                   fb.out_cache_loc, 0, att.num_kv_heads)
+            return
         for layer_id, (k, v) in enumerate(self.drafter.context_kv(h_ctx, fb.positions)):
             self.ctx_pool.store(layer_id, fb.out_cache_loc, k, v)
 
@@ -379,6 +396,18 @@ def _quantize_drafter(drafter: DSparkDrafter) -> None:
             if (type(child) is Linear and child.in_features % 32 == 0
                     and child.weight.dtype == torch.float32):
                 setattr(owner, name, q8_linear(child, ops))
+    # the per-step context update: k and v of each layer in one kernel call (Q8_0 blocks are
+    # per row, so the stacked rows quantise exactly as the separate projections do)
+    kv = []
+    for layer in drafter.layers:
+        att = layer.self_attn
+        if att.k_proj.bias is not None or att.v_proj.bias is not None:
+            return
+        w = torch.cat([att.k_proj.weight, att.v_proj.weight]).detach()
+        base = Linear(w.shape[1], w.shape[0], bias=False, device="meta")
+        base.weight = torch.nn.Parameter(w, requires_grad=False)
+        kv.append(q8_linear(base, ops))
+    drafter.kv_blocks = (ops, kv)
 
 
 def _install_token_map(drafter: DSparkDrafter, drafter_dir: str, cfg: SpeculativeConfig) -> None:

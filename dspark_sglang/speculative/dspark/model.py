@@ -44,14 +44,28 @@ from dspark_sglang.speculative.dspark.token_map import DraftVocab
 MaskFn = Callable[[int, torch.Tensor], "torch.Tensor | None"]
 
 
-def apply_rope(x: torch.Tensor, positions: torch.Tensor, inv_freq: torch.Tensor) -> torch.Tensor:
-    """Rotate-half RoPE. ``x [..., heads, d]``, ``positions [...]`` -> ``[..., heads, d]``."""
+# (cos, sin) of rope_cos_sin: computed once per forward, shared by q and k of every layer
+CosSin = tuple[torch.Tensor, torch.Tensor]
+
+
+def rope_cos_sin(positions: torch.Tensor, inv_freq: torch.Tensor, dtype: torch.dtype) -> CosSin:
+    """``positions [...]`` -> ``(cos, sin)``, each ``[..., 1, d]`` in ``dtype``."""
     angles = positions.float().unsqueeze(-1) * inv_freq.float()  # [..., d/2]
     emb = torch.cat([angles, angles], dim=-1).unsqueeze(-2)  # [..., 1, d]
-    cos, sin = emb.cos().to(x.dtype), emb.sin().to(x.dtype)
+    return emb.cos().to(dtype), emb.sin().to(dtype)
+
+
+def rotate(x: torch.Tensor, cs: CosSin) -> torch.Tensor:
+    """Rotate-half RoPE of ``x [..., heads, d]`` with ``rope_cos_sin``'s tables."""
+    cos, sin = cs
     half = x.shape[-1] // 2
     rotated = torch.cat([-x[..., half:], x[..., :half]], dim=-1)
     return x * cos + rotated * sin
+
+
+def apply_rope(x: torch.Tensor, positions: torch.Tensor, inv_freq: torch.Tensor) -> torch.Tensor:
+    """Rotate-half RoPE. ``x [..., heads, d]``, ``positions [...]`` -> ``[..., heads, d]``."""
+    return rotate(x, rope_cos_sin(positions, inv_freq, x.dtype))
 
 
 class DraftAttention(nn.Module):
@@ -70,14 +84,18 @@ class DraftAttention(nn.Module):
         self.k_norm = RMSNorm(d, cfg.rms_norm_eps) if cfg.qk_norm else None
 
     def project_kv(
-        self, x: torch.Tensor, positions: torch.Tensor, inv_freq: torch.Tensor
+        self, x: torch.Tensor, positions: torch.Tensor, inv_freq: torch.Tensor,
+        cs: CosSin | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """``x [..., H]``, ``positions [...]`` -> roped ``k``, ``v``: ``[..., kv_heads, d]``."""
+        """``x [..., H]``, ``positions [...]`` -> roped ``k``, ``v``: ``[..., kv_heads, d]``
+        (``cs``: ``rope_cos_sin(positions, ...)`` when the caller has it)."""
         shape = (*x.shape[:-1], self.num_kv_heads, self.head_dim)
         k = self.k_proj(x).view(shape)
         if self.k_norm is not None:
             k = self.k_norm(k)
-        return apply_rope(k, positions, inv_freq), self.v_proj(x).view(shape)
+        if cs is None:
+            cs = rope_cos_sin(positions, inv_freq, k.dtype)
+        return rotate(k, cs), self.v_proj(x).view(shape)
 
     def forward(
         self,
@@ -87,19 +105,21 @@ class DraftAttention(nn.Module):
         ctx_v: torch.Tensor,  # [bs, L, kv_heads, d]
         attn_mask: torch.Tensor,  # [bs, 1, g, L + g] bool, True = attend
         inv_freq: torch.Tensor,
+        cs: CosSin | None = None,  # rope_cos_sin(positions, ...) when the caller has it
     ) -> torch.Tensor:
         bs, g, _ = x.shape
         q = self.q_proj(x).view(bs, g, self.num_heads, self.head_dim)
         if self.q_norm is not None:
             q = self.q_norm(q)
-        q = apply_rope(q, positions, inv_freq)
-        k_blk, v_blk = self.project_kv(x, positions, inv_freq)
+        if cs is None:
+            cs = rope_cos_sin(positions, inv_freq, q.dtype)
+        q = rotate(q, cs)
+        k_blk, v_blk = self.project_kv(x, positions, inv_freq, cs)
         k = torch.cat([ctx_k.to(k_blk.dtype), k_blk], dim=1).transpose(1, 2)  # [bs, kvh, L+g, d]
         v = torch.cat([ctx_v.to(v_blk.dtype), v_blk], dim=1).transpose(1, 2)
-        groups = self.num_heads // self.num_kv_heads
-        if groups > 1:
-            k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)
-        out = F.scaled_dot_product_attention(q.transpose(1, 2), k, v, attn_mask=attn_mask)
+        # GQA inside SDPA: no repeat_interleave copies of the context's keys and values
+        out = F.scaled_dot_product_attention(q.transpose(1, 2), k, v, attn_mask=attn_mask,
+                                             enable_gqa=self.num_heads != self.num_kv_heads)
         return self.o_proj(out.transpose(1, 2).reshape(bs, g, self.num_heads * self.head_dim))
 
 
@@ -225,7 +245,8 @@ class DSparkDrafter(nn.Module):
         These depend only on the token's own target hidden state and position, so the engine
         computes them once when the target computes a token and keeps them per KV slot.
         """
-        return [layer.self_attn.project_kv(h_ctx, positions, self.inv_freq)
+        cs = rope_cos_sin(positions, self.inv_freq, h_ctx.dtype)
+        return [layer.self_attn.project_kv(h_ctx, positions, self.inv_freq, cs)
                 for layer in self.layers]
 
     # ---- block backbone -------------------------------------------------------------------
@@ -254,9 +275,10 @@ class DSparkDrafter(nn.Module):
         attn_mask = torch.cat(
             [ctx_valid.bool().view(bs, 1, 1, lmax).expand(bs, 1, g, lmax),
              torch.ones(bs, 1, g, g, dtype=torch.bool, device=x.device)], dim=-1)
+        cs = rope_cos_sin(positions, self.inv_freq, x.dtype)
         for layer, k_l, v_l in zip(self.layers, ctx_k, ctx_v):
             attn = layer.self_attn(layer.input_layernorm(x), positions, k_l, v_l, attn_mask,
-                                   self.inv_freq)
+                                   self.inv_freq, cs)
             x = x + attn
             x = x + layer.mlp(layer.post_attention_layernorm(x))
         return self.norm(x)

@@ -111,10 +111,16 @@ class DraftVocab:
         # the target's LM head on GGUF blocks (--quantization gguf): the map's rows of its own
         # blocks, so the sub-head streams 4x fewer bytes than float32 (drafts only)
         self.head_blocks = None
+        self.markov_blocks = None  # the Markov head's map rows on Q8_0 blocks, likewise
         if block_head is not None and dtype in (None, "float32"):
-            from dspark_sglang.layers.quantized_linear import subset_rows
+            from dspark_sglang.layers.linear import Linear
+            from dspark_sglang.layers.quantized_linear import q8_linear, subset_rows
 
             self.head_blocks = subset_rows(block_head, self.token_ids)
+            if self.markov_weight is not None and self.markov_weight.shape[1] % 32 == 0:
+                base = Linear(self.markov_weight.shape[1], len(self), bias=False, device="meta")
+                base.weight = torch.nn.Parameter(self.markov_weight.float(), requires_grad=False)
+                self.markov_blocks = q8_linear(base, block_head.ops)
 
     def __len__(self) -> int:
         return int(self.token_ids.numel())
@@ -138,6 +144,9 @@ class DraftVocab:
         """``W2 · u`` on the map's rows: ``[..., r] -> [..., V]`` float32, 0 outside
         (``scatter=False``: ``[..., len(map)]``)."""
         assert self.markov_weight is not None
-        sub = linear(u.to(self.dtype), self.markov_weight)
+        if self.markov_blocks is not None:
+            sub = self.markov_blocks(u.float())
+        else:
+            sub = linear(u.to(self.dtype), self.markov_weight)
         return self._scatter(sub, 0.0) if scatter else sub.float()
 

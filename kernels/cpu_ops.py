@@ -33,6 +33,7 @@ GGML_BLOCKS = {2: (32, 18), 3: (32, 20), 8: (32, 34), 12: (256, 144), 14: (256, 
 MAX_MATMUL_ROWS = 64
 
 
+@functools.cache
 def cpu_isa() -> str:
     """``avx512``, ``avx2`` or ``scalar``: the widest instruction set the kernels use here."""
     try:

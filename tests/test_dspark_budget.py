@@ -124,3 +124,23 @@ def test_probe_drafts_a_rotating_few_of_a_large_batch() -> None:
         w._probing = False if max(rooms) == 0 else w._probing
     assert probes and all(len(p) == w.probe_requests for p in probes)
     assert len(probes) < 2 or probes[0] != probes[1]  # rotates through the batch
+
+
+class _CostlyVerifySPS:
+    """Step time grows with the tokens in the forward: 1 token 0.1 s, 3 tokens 0.2 s, ..."""
+
+    def sps(self, num_tokens: int) -> float:
+        return 10.0 / (1 + (num_tokens - 1) / 2)
+
+
+def test_verify_cost_of_the_drafted_positions_counts() -> None:
+    """Accepting 1.5 drafts per step pays for a draft of 1 step when verifying is free (flat
+    table), not when verifying the 3 drafted positions costs 1.5 extra steps."""
+    for table, pays in ((_SPS(), True), (_CostlyVerifySPS(), False)):
+        w = _worker()
+        w.sps_table = table
+        r = _req()
+        w.budget_states[r.rid] = BudgetState(acc_ema=1.5)
+        rooms = w._draft_budget([r], [10])
+        assert (max(rooms) > 0) is pays, type(table).__name__
+    assert w._verify_cost_in_steps(1, 2.0) == 1.0  # 3 tokens take 0.2 s against 0.1 s

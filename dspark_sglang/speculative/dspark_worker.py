@@ -160,8 +160,11 @@ class DSparkWorker(DraftWorker):
             self.budget_states[r.rid] = BudgetState(acc_ema=ema)
             emas.append(ema)
         # a batch step yields one token per request; drafting pays when the expected accepted
-        # drafts per request (mean EMA, in steps saved) exceed the draft's cost in batch steps
-        worth = sum(emas) / len(emas) >= self._draft_cost_in_steps()
+        # drafts per request (mean EMA, in steps saved) exceed what it costs in batch steps:
+        # the draft itself, and verifying the drafted positions instead of one token each
+        depth = sum(min(room, int(ema) + 2) for ema, room in zip(emas, rooms)) / len(emas)
+        worth = (sum(emas) / len(emas)
+                 >= self._draft_cost_in_steps() + self._verify_cost_in_steps(len(reqs), depth))
         if self._probing:  # this step sees the probe's outcome
             self._probing = False
             self.probe_every = (self.min_probe_every if worth
@@ -183,6 +186,15 @@ class DSparkWorker(DraftWorker):
             chosen = {(start + j) % len(reqs) for j in range(self.probe_requests)}
             depths = [d if i in chosen else 0 for i, d in enumerate(depths)]
         return depths
+
+    def _verify_cost_in_steps(self, batch: int, depth: float) -> float:
+        """Extra batch steps of verifying ``depth`` drafted positions per request (the SPS
+        table's step time at ``batch * (1 + depth)`` tokens over that at ``batch``), an upper
+        bound: the prefix scheduler may verify fewer."""
+        if self.sps_table is None or depth <= 0:
+            return 0.0
+        b = max(1, batch)
+        return max(0.0, self.sps_table.sps(b) / self.sps_table.sps(round(b * (1 + depth))) - 1)
 
     def _draft_cost_in_steps(self) -> float:
         if self.sps_table is None or self._draft_time is None:

@@ -730,3 +730,30 @@ def test_fused_layer_path_runs_and_matches_unfused(make_engine, llama_dir, monke
     want = [o["output_ids"] for o in ref.generate(PROMPTS, greedy(12))]
     assert calls["fused"] == 0
     assert got == want
+
+
+@needs_ops
+def test_paged_attention_head_grouping_is_bitwise_per_request() -> None:
+    """With many requests a work item takes all kv heads of a request (contiguous K/V reads);
+    with one request, one kv head per item. Each request's output is bitwise the same either
+    way (the same per-head arithmetic)."""
+    from dspark_kernels.cpu_ops import paged_attention
+
+    gen = torch.Generator().manual_seed(7)
+    kv_heads, g, d, slots = 3, 3, 64, 2000
+    k_buf, v_buf = torch.randn(slots, kv_heads, d, generator=gen), torch.randn(
+        slots, kv_heads, d, generator=gen)
+    lens = [70, 5, 130, 64, 65, 200]
+    table = torch.randperm(slots, generator=gen)[:6 * 256].view(6, 256).contiguous()
+    q = torch.randn(len(lens), kv_heads * g, d, generator=gen)
+
+    def run(idx: list[int]) -> torch.Tensor:
+        n = len(idx)
+        return paged_attention(
+            q[idx].contiguous(), k_buf, v_buf, table, torch.tensor(idx), torch.tensor(
+                [lens[i] for i in idx]), torch.ones(n, dtype=torch.long),
+            torch.arange(n), torch.empty(0, dtype=torch.uint8), torch.full((n,), -1), d ** -0.5)
+
+    together = run(list(range(len(lens))))
+    for i in range(len(lens)):
+        assert torch.equal(run([i])[0], together[i]), i

@@ -1,8 +1,9 @@
 // Paged attention of a few new tokens per request over a KV pool read in place through the
 // request -> slot table (decode: 1 token; verify: a short chain or tree with a custom mask).
 //
-// Work item = (request, kv head): its query rows are the request's new tokens x the query heads
-// that share the kv head (GQA), so each K/V row is loaded once for all of them. Keys are visited
+// Work item = (request, chunk of new tokens, kv head; or all kv heads when there are enough
+// requests to keep the threads busy): its query rows are the new tokens x the query heads that
+// share a kv head (GQA), so each K/V row is loaded once for all of them. Keys are visited
 // in tiles with an online softmax (running max and sum per query row); nothing is gathered or
 // padded. Masked keys are skipped, not zeroed: see the note in paged_attention.
 #pragma once
@@ -116,53 +117,69 @@ inline void paged_attention(const at::Tensor& q, const at::Tensor& k_buf, const 
       item_i0.push_back(i0);
     }
   const int64_t n_chunks = static_cast<int64_t>(item_b.size());
-  at::parallel_for(0, n_chunks * KVH, 1, [&](int64_t begin, int64_t end) {
+  // kv heads per work item: one (threads over heads too) when there are few (request, chunk)
+  // pairs, all of them when there are enough pairs to keep every thread busy: a slot's K / V
+  // rows of all heads are then read together, one contiguous stream per request. Each head's
+  // arithmetic is the same either way (its own scores, softmax state and accumulation order).
+  const int64_t HG = n_chunks >= 2 * at::get_num_threads() ? KVH : 1;
+  const int64_t n_groups = KVH / HG;
+  at::parallel_for(0, n_chunks * n_groups, 1, [&](int64_t begin, int64_t end) {
     std::vector<float> qs, acc, m, l, s;
     std::vector<int64_t> keys;  // slots of one new token's keys past the shared tiles
     for (int64_t item = begin; item < end; ++item) {
-      const int64_t ci = item / KVH, h = item % KVH, b = item_b[ci], i0 = item_i0[ci];
+      const int64_t ci = item / n_groups, h0 = (item % n_groups) * HG, b = item_b[ci],
+                    i0 = item_i0[ci];
       const int64_t e = ext[b], len = seq[b], prefix = len - e;
       const int64_t i1 = std::min(e, i0 + kTokenChunk), rows = (i1 - i0) * G;
       TORCH_CHECK(len <= C && e >= 1, "bad sequence length");
       const int64_t* slots = table + rpi[b] * C;
       const uint8_t* mask = moff[b] >= 0 ? mflat + moff[b] : nullptr;
-      qs.assign(rows * D, 0.f);
-      acc.assign(rows * D, 0.f);
-      m.assign(rows, neg_inf);
-      l.assign(rows, 0.f);
-      s.resize(rows * kKeyTile);
-      for (int64_t i = i0; i < i1; ++i)  // row r = (i - i0) * G + g
-        for (int64_t g = 0; g < G; ++g) {
-          const float* src = qp + ((qst[b] + i) * H + h * G + g) * D;
-          float* dst = qs.data() + ((i - i0) * G + g) * D;
-          for (int64_t t = 0; t < D; ++t) dst[t] = src[t] * scale;
-        }
-      // one tile of n keys (slot list ks) for rows [r0, r1): scores, online softmax, values
+      // state of head h0 + hh, row r at index hh * rows + r
+      qs.assign(HG * rows * D, 0.f);
+      acc.assign(HG * rows * D, 0.f);
+      m.assign(HG * rows, neg_inf);
+      l.assign(HG * rows, 0.f);
+      s.resize(HG * rows * kKeyTile);
+      for (int64_t hh = 0; hh < HG; ++hh)
+        for (int64_t i = i0; i < i1; ++i)  // row r = (i - i0) * G + g
+          for (int64_t g = 0; g < G; ++g) {
+            const float* src = qp + ((qst[b] + i) * H + (h0 + hh) * G + g) * D;
+            float* dst = qs.data() + (hh * rows + (i - i0) * G + g) * D;
+            for (int64_t t = 0; t < D; ++t) dst[t] = src[t] * scale;
+          }
+      // one tile of n keys (slot list ks) for rows [r0, r1) of every head of the item: scores,
+      // online softmax, values
       auto tile = [&](const int64_t* ks, int n, int64_t r0, int64_t r1) {
         for (int t = 0; t < n; ++t) {
-          if (t + kPrefetch < n) prefetch_row(kp + (ks[t + kPrefetch] * KVH + h) * D, D);
-          const float* krow = kp + (ks[t] * KVH + h) * D;
-          for (int64_t r = r0; r < r1; ++r) s[r * kKeyTile + t] = dot(qs.data() + r * D, krow, D);
-        }
-        for (int64_t r = r0; r < r1; ++r) {
-          float* sr = s.data() + r * kKeyTile;
-          float tmax = neg_inf;
-          for (int t = 0; t < n; ++t) tmax = std::max(tmax, sr[t]);
-          const float m_new = std::max(m[r], tmax);
-          if (m_new > m[r]) {
-            const float c = m[r] == neg_inf ? 0.f : std::exp(m[r] - m_new);
-            scale_inplace(c, acc.data() + r * D, D);
-            l[r] *= c;
-            m[r] = m_new;
+          if (t + kPrefetch < n) prefetch_row(kp + (ks[t + kPrefetch] * KVH + h0) * D, HG * D);
+          for (int64_t hh = 0; hh < HG; ++hh) {
+            const float* krow = kp + (ks[t] * KVH + h0 + hh) * D;
+            for (int64_t r = r0; r < r1; ++r)
+              s[(hh * rows + r) * kKeyTile + t] = dot(qs.data() + (hh * rows + r) * D, krow, D);
           }
-          l[r] += exp_shift_sum(sr, n, m_new);
         }
+        for (int64_t hh = 0; hh < HG; ++hh)
+          for (int64_t r = hh * rows + r0; r < hh * rows + r1; ++r) {
+            float* sr = s.data() + r * kKeyTile;
+            float tmax = neg_inf;
+            for (int t = 0; t < n; ++t) tmax = std::max(tmax, sr[t]);
+            const float m_new = std::max(m[r], tmax);
+            if (m_new > m[r]) {
+              const float c = m[r] == neg_inf ? 0.f : std::exp(m[r] - m_new);
+              scale_inplace(c, acc.data() + r * D, D);
+              l[r] *= c;
+              m[r] = m_new;
+            }
+            l[r] += exp_shift_sum(sr, n, m_new);
+          }
         for (int t = 0; t < n; ++t) {
-          if (t + kPrefetch < n) prefetch_row(vp + (ks[t + kPrefetch] * KVH + h) * D, D);
-          const float* vrow = vp + (ks[t] * KVH + h) * D;
-          for (int64_t r = r0; r < r1; ++r) {
-            const float p = s[r * kKeyTile + t];
-            if (p != 0.f) axpy(p, vrow, acc.data() + r * D, D);
+          if (t + kPrefetch < n) prefetch_row(vp + (ks[t + kPrefetch] * KVH + h0) * D, HG * D);
+          for (int64_t hh = 0; hh < HG; ++hh) {
+            const float* vrow = vp + (ks[t] * KVH + h0 + hh) * D;
+            for (int64_t r = hh * rows + r0; r < hh * rows + r1; ++r) {
+              const float p = s[r * kKeyTile + t];
+              if (p != 0.f) axpy(p, vrow, acc.data() + r * D, D);
+            }
           }
         }
       };
@@ -177,14 +194,15 @@ inline void paged_attention(const at::Tensor& q, const at::Tensor& k_buf, const 
           tile(keys.data() + c0, static_cast<int>(std::min<int64_t>(kKeyTile, nk - c0)),
                (i - i0) * G, (i - i0 + 1) * G);
       }
-      for (int64_t i = i0; i < i1; ++i)
-        for (int64_t g = 0; g < G; ++g) {
-          const int64_t r = (i - i0) * G + g;
-          const float inv = l[r] > 0.f ? 1.f / l[r] : 0.f;
-          float* dst = op + ((qst[b] + i) * H + h * G + g) * D;
-          const float* a = acc.data() + r * D;
-          for (int64_t t = 0; t < D; ++t) dst[t] = a[t] * inv;
-        }
+      for (int64_t hh = 0; hh < HG; ++hh)
+        for (int64_t i = i0; i < i1; ++i)
+          for (int64_t g = 0; g < G; ++g) {
+            const int64_t r = hh * rows + (i - i0) * G + g;
+            const float inv = l[r] > 0.f ? 1.f / l[r] : 0.f;
+            float* dst = op + ((qst[b] + i) * H + (h0 + hh) * G + g) * D;
+            const float* a = acc.data() + r * D;
+            for (int64_t t = 0; t < D; ++t) dst[t] = a[t] * inv;
+          }
     }
   });
 }

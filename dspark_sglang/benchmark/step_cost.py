@@ -11,9 +11,9 @@ scheduler thread, by wrapping the engine's objects (nothing global is patched):
 - every ``nn.Linear`` of the target (the LM head included; GGUF block kernel or float32) and
   the attention backend's ``forward`` / ``paged_forward`` (the kernel the fused layer path
   calls) are timed too, and a C++ ``DecoderStack`` (all layers in one call) times its own
-  matmuls and attention calls: **matmul**, **attention**; the forward's rest is **other ops** (norms,
-  rotary, elementwise, KV writes, Python) and the step's rest outside the
-  forward is the scheduler, sampling, logits processing and Python;
+  matmuls and attention calls: **matmul**, **attention**; the forward's rest is **other ops**
+  (norms, rotary, elementwise, KV writes, Python) and the step's rest outside the forward is
+  the scheduler, sampling, logits processing and Python;
   **overhead** = step - matmul - attention, as a share of the step (goal: <= 25 % at batch 1);
 - **weight bandwidth**: bytes of weights one step reads (per layer: the GGUF blocks where the
   block kernel runs at this row count, else float32) over the matmul time and over the step,

@@ -29,6 +29,7 @@ from dataclasses import dataclass
 import torch
 
 from dspark_sglang.layers.linear import Linear, linear
+from dspark_sglang.utils.env import env_on
 
 # rows up to which the float-activation block kernel may be used (decode / verify / draft sizes)
 MAX_QUANT_ROWS = 32
@@ -64,7 +65,7 @@ def float_weights_active() -> bool:
 
 def act_q8_enabled() -> bool:
     """``DSPARK_GGUF_ACT_Q8`` (default on): Q8 activations for Q4_0 / Q4_1 / Q8_0 parts."""
-    return os.environ.get("DSPARK_GGUF_ACT_Q8", "1").strip().lower() not in ("0", "false", "off")
+    return env_on("DSPARK_GGUF_ACT_Q8")
 
 
 @dataclass(frozen=True)
@@ -181,6 +182,13 @@ def q8_linear(base: Linear, ops: object, max_rows: int = KERNEL_ROWS) -> GGUFLin
     layer.act_q8 = True
     layer.max_quant_rows = max_rows
     return layer
+
+
+def q8_linear_of(weight: torch.Tensor, ops: object, max_rows: int = KERNEL_ROWS) -> GGUFLinear:
+    """:func:`q8_linear` of a bias-free linear whose weight ``[out, in]`` is ``weight``."""
+    base = Linear(weight.shape[1], weight.shape[0], bias=False, device="meta")
+    base.weight = torch.nn.Parameter(weight.detach().float(), requires_grad=False)
+    return q8_linear(base, ops, max_rows)
 
 
 def subset_rows(layer: GGUFLinear, rows: torch.Tensor) -> GGUFLinear | None:

@@ -6,7 +6,6 @@ gate/up projections are fused into one matmul each (fewer kernel launches per la
 
 from __future__ import annotations
 
-import os
 from typing import Any
 
 import torch
@@ -22,11 +21,11 @@ from dspark_sglang.layers.quantized_linear import ALL_ROWS, GGUFLinear, float_we
 from dspark_sglang.layers.rotary import RotaryEmbedding, apply_rotary
 from dspark_sglang.mem_cache.kv_pool import KVPool
 from dspark_sglang.models.config import ModelConfig
+from dspark_sglang.utils.env import env_on
 
 _EMPTY = torch.empty(0)
 # the whole decoder stack in one C++ call where it applies (DSPARK_DECODER_STACK=0: per-layer)
-DECODER_STACK = os.environ.get("DSPARK_DECODER_STACK", "1").strip().lower() not in ("0", "false",
-                                                                                   "off")
+DECODER_STACK = env_on("DSPARK_DECODER_STACK")
 
 
 class DecoderLayer(nn.Module):
@@ -73,8 +72,7 @@ class DecoderLayer(nn.Module):
         kernel): RMSNorm, q/k/v split + q/k norm + rotary + KV store in one call, SiLU*mul.
         Every op is row-wise, so a token's result does not depend on the batch."""
         n = x.shape[0]
-        ln = self.input_layernorm
-        qkv = self.qkv_proj(ops.rms_norm(x, ln.weight, ln.eps))
+        qkv = self.qkv_proj(self.input_layernorm(x))
         qn, kn = self.q_norm, self.k_norm
         q = ops.qkv_rope_store(
             qkv, rope_cs[0], rope_cs[1], qn.weight if qn is not None else _EMPTY,
@@ -83,9 +81,8 @@ class DecoderLayer(nn.Module):
             self.num_heads, self.num_kv_heads)
         o = attn.paged_forward(q, self.layer_id, fb, kv_pool, self.scale)
         x = x + self.o_proj(o.view(n, self.q_size))
-        ln = self.post_attention_layernorm
-        return x + self.down_proj(ops.silu_mul(self.gate_up_proj(ops.rms_norm(x, ln.weight,
-                                                                               ln.eps))))
+        return x + self.down_proj(ops.silu_mul(self.gate_up_proj(
+            self.post_attention_layernorm(x))))
 
 
 class LlamaForCausalLM(nn.Module):
@@ -134,7 +131,7 @@ class LlamaForCausalLM(nn.Module):
                     x = layer(x, fb, rope_cs, attn, kv_pool)
                 if layer.layer_id in fb.capture_layer_ids:
                     captured[layer.layer_id] = x
-        h = self.norm(x) if ops is None else ops.rms_norm(x, self.norm.weight, self.norm.eps)
+        h = self.norm(x)
         rows = h if fb.logits_indices is None else h[fb.logits_indices]
         head = self.lm_head if tp is None else tp.lm_head
         logits = head(rows).float() if rows.shape[0] else None
@@ -159,6 +156,7 @@ class LlamaForCausalLM(nn.Module):
         self._stack_key, self._stack = key, None
         plans = []
         for quad in lins:
+            calls = []
             for i, li in enumerate(quad):
                 if not (isinstance(li, GGUFLinear) and li.max_quant_rows >= ALL_ROWS
                         and (i == 0 or li.bias is None)):
@@ -166,7 +164,8 @@ class LlamaForCausalLM(nn.Module):
                 plan = li.plan()
                 if len(plan) != 1 or plan[0][0] is not ops.gguf_matmul_q8:
                     return None
-            plans.append([li.plan()[0] for li in quad])
+                calls.append(plan[0])
+            plans.append(calls)
         stack = ops.DecoderStack()
         for lyr, quad in zip(self.layers, plans):
             qn, kn = lyr.q_norm, lyr.k_norm

@@ -397,7 +397,7 @@ def _quantize_drafter(drafter: DSparkDrafter) -> None:
     from dspark_kernels.cpu_ops import load_cpu_ops
 
     from dspark_sglang.layers.linear import Linear
-    from dspark_sglang.layers.quantized_linear import q8_linear
+    from dspark_sglang.layers.quantized_linear import q8_linear, q8_linear_of
 
     ops = load_cpu_ops()
     if ops is None:
@@ -415,10 +415,7 @@ def _quantize_drafter(drafter: DSparkDrafter) -> None:
         att = layer.self_attn
         if att.k_proj.bias is not None or att.v_proj.bias is not None:
             return
-        w = torch.cat([att.k_proj.weight, att.v_proj.weight]).detach()
-        base = Linear(w.shape[1], w.shape[0], bias=False, device="meta")
-        base.weight = torch.nn.Parameter(w, requires_grad=False)
-        kv.append(q8_linear(base, ops))
+        kv.append(q8_linear_of(torch.cat([att.k_proj.weight, att.v_proj.weight]), ops))
     drafter.kv_blocks = (ops, kv)
 
 

@@ -17,7 +17,6 @@ tested against.
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 
 import torch
@@ -25,13 +24,13 @@ import torch
 from dspark_sglang.core.forward_batch import ForwardBatch, ForwardMode
 from dspark_sglang.layers.attention.torch_native import TorchNativeAttnBackend
 from dspark_sglang.mem_cache.kv_pool import KVPool
+from dspark_sglang.utils.env import env_on
 
 # every verify block the flags allow (speculative_num_draft_tokens <= 64): decode and verify
 # must share one kernel for a verified token to be bitwise the token decoded alone
 MAX_VERIFY_TOKENS = 64
 # the model's fused per-layer C++ ops on this backend's kernel path (DSPARK_FUSED_LAYERS=0: off)
-FUSED_LAYERS = os.environ.get("DSPARK_FUSED_LAYERS", "1").strip().lower() not in ("0", "false",
-                                                                                 "off")
+FUSED_LAYERS = env_on("DSPARK_FUSED_LAYERS")
 
 
 @dataclass

@@ -113,14 +113,11 @@ class DraftVocab:
         self.head_blocks = None
         self.markov_blocks = None  # the Markov head's map rows on Q8_0 blocks, likewise
         if block_head is not None and dtype in (None, "float32"):
-            from dspark_sglang.layers.linear import Linear
-            from dspark_sglang.layers.quantized_linear import q8_linear, subset_rows
+            from dspark_sglang.layers.quantized_linear import q8_linear_of, subset_rows
 
             self.head_blocks = subset_rows(block_head, self.token_ids)
             if self.markov_weight is not None and self.markov_weight.shape[1] % 32 == 0:
-                base = Linear(self.markov_weight.shape[1], len(self), bias=False, device="meta")
-                base.weight = torch.nn.Parameter(self.markov_weight.float(), requires_grad=False)
-                self.markov_blocks = q8_linear(base, block_head.ops)
+                self.markov_blocks = q8_linear_of(self.markov_weight, block_head.ops)
 
     def __len__(self) -> int:
         return int(self.token_ids.numel())

@@ -162,13 +162,22 @@ inline at::Tensor silu_mul(const at::Tensor& gu) {
   at::Tensor y = at::empty({n, I}, gu.options());
   const float* gp = gu.data_ptr<float>();
   float* yp = y.data_ptr<float>();
-  at::parallel_for(0, n, std::max<int64_t>(1, 8192 / std::max<int64_t>(I, 1)),
+  // vectorised exp (simd.h vexp, ~1 ulp of float32 against std::exp); few rows stay on one
+  // thread (waking the pool costs more than the work)
+  at::parallel_for(0, n, std::max<int64_t>(1, 32768 / std::max<int64_t>(I, 1)),
                    [&](int64_t b, int64_t e) {
+    const VecF one = VecF::set1(1.f), zero = VecF::set1(0.f);
     for (int64_t r = b; r < e; ++r) {
       const float* g = gp + r * 2 * I;
       const float* u = g + I;
       float* o = yp + r * I;
-      for (int64_t i = 0; i < I; ++i) o[i] = g[i] / (1.f + std::exp(-g[i])) * u[i];
+      int64_t i = 0;
+      for (; i + VecF::kWidth <= I; i += VecF::kWidth) {
+        const VecF gv = VecF::load(g + i);
+        const VecF den = one + vexp(zero - gv);
+        (gv / den * VecF::load(u + i)).store(o + i);
+      }
+      for (; i < I; ++i) o[i] = g[i] / (1.f + std::exp(-g[i])) * u[i];
     }
   });
   return y;

@@ -34,6 +34,45 @@ inline void axpy(float alpha, const float* x, float* y, int64_t d) {
   for (; i < d; ++i) y[i] += alpha * x[i];
 }
 
+// dot() of four rows a0..a3 with one b: each result is bitwise dot(a_j, b, d) (same per-row
+// arithmetic), with b's registers loaded once for the four
+inline void dot4(const float* a0, const float* a1, const float* a2, const float* a3,
+                 const float* b, int64_t d, float* out, int64_t stride) {
+  VecF c0, c1, c2, c3;
+  int64_t i = 0;
+  for (; i + VecF::kWidth <= d; i += VecF::kWidth) {
+    const VecF bv = VecF::load(b + i);
+    c0 = fma(VecF::load(a0 + i), bv, c0);
+    c1 = fma(VecF::load(a1 + i), bv, c1);
+    c2 = fma(VecF::load(a2 + i), bv, c2);
+    c3 = fma(VecF::load(a3 + i), bv, c3);
+  }
+  float s0 = c0.sum(), s1 = c1.sum(), s2 = c2.sum(), s3 = c3.sum();
+  for (; i < d; ++i) {
+    s0 += a0[i] * b[i];
+    s1 += a1[i] * b[i];
+    s2 += a2[i] * b[i];
+    s3 += a3[i] * b[i];
+  }
+  out[0] = s0;
+  out[stride] = s1;
+  out[2 * stride] = s2;
+  out[3 * stride] = s3;
+}
+
+// y += sum_t p[t] * x_t over n rows x_t = rows[t] (in t order; per element exactly the axpy
+// sequence), with y held in NV registers across the rows
+template <int NV>
+inline void axpy_rows(const float* p, const float* const* rows, int n, float* y) {
+  VecF acc[NV];
+  for (int j = 0; j < NV; ++j) acc[j] = VecF::load(y + j * VecF::kWidth);
+  for (int t = 0; t < n; ++t) {
+    const VecF a = VecF::set1(p[t]);
+    for (int j = 0; j < NV; ++j) acc[j] = fma(a, VecF::load(rows[t] + j * VecF::kWidth), acc[j]);
+  }
+  for (int j = 0; j < NV; ++j) acc[j].store(y + j * VecF::kWidth);
+}
+
 inline void scale_inplace(float alpha, float* y, int64_t d) {
   const VecF a = VecF::set1(alpha);
   int64_t i = 0;
@@ -110,9 +149,19 @@ inline void paged_attention(const at::Tensor& q, const at::Tensor& k_buf, const 
   // prefix are shared by all rows of a work item; the rest is visited per new token.
   // work items: (request, chunk of at most kTokenChunk new tokens, kv head); a chunk's rows
   // are computed exactly as in any other split, so prefill chunks parallelise too
+  // With few requests (one verify chain) the chunks get smaller until there are enough items
+  // for every thread (a prefix tile is then read once per chunk, from cache).
+  const int64_t threads = at::get_num_threads();
+  int64_t chunk = kTokenChunk;
+  auto count_chunks = [&](int64_t c) {
+    int64_t n = 0;
+    for (int64_t b = 0; b < bs; ++b) n += (ext[b] + c - 1) / c;
+    return n;
+  };
+  while (chunk > 1 && count_chunks(chunk) * KVH < 4 * threads) chunk = (chunk + 1) / 2;
   std::vector<int64_t> item_b, item_i0;
   for (int64_t b = 0; b < bs; ++b)
-    for (int64_t i0 = 0; i0 < ext[b]; i0 += kTokenChunk) {
+    for (int64_t i0 = 0; i0 < ext[b]; i0 += chunk) {
       item_b.push_back(b);
       item_i0.push_back(i0);
     }
@@ -130,7 +179,7 @@ inline void paged_attention(const at::Tensor& q, const at::Tensor& k_buf, const 
       const int64_t ci = item / n_groups, h0 = (item % n_groups) * HG, b = item_b[ci],
                     i0 = item_i0[ci];
       const int64_t e = ext[b], len = seq[b], prefix = len - e;
-      const int64_t i1 = std::min(e, i0 + kTokenChunk), rows = (i1 - i0) * G;
+      const int64_t i1 = std::min(e, i0 + chunk), rows = (i1 - i0) * G;
       TORCH_CHECK(len <= C && e >= 1, "bad sequence length");
       const int64_t* slots = table + rpi[b] * C;
       const uint8_t* mask = moff[b] >= 0 ? mflat + moff[b] : nullptr;
@@ -151,11 +200,19 @@ inline void paged_attention(const at::Tensor& q, const at::Tensor& k_buf, const 
       // online softmax, values
       auto tile = [&](const int64_t* ks, int n, int64_t r0, int64_t r1) {
         for (int t = 0; t < n; ++t) {
-          if (t + kPrefetch < n) prefetch_row(kp + (ks[t + kPrefetch] * KVH + h0) * D, HG * D);
+          if (t + kPrefetch < n) {
+            prefetch_row(kp + (ks[t + kPrefetch] * KVH + h0) * D, HG * D);
+            prefetch_row(vp + (ks[t + kPrefetch] * KVH + h0) * D, HG * D);
+          }
           for (int64_t hh = 0; hh < HG; ++hh) {
             const float* krow = kp + (ks[t] * KVH + h0 + hh) * D;
-            for (int64_t r = r0; r < r1; ++r)
-              s[(hh * rows + r) * kKeyTile + t] = dot(qs.data() + (hh * rows + r) * D, krow, D);
+            const float* qh = qs.data() + hh * rows * D;
+            float* sh = s.data() + hh * rows * kKeyTile + t;
+            int64_t r = r0;
+            for (; r + 4 <= r1; r += 4)
+              dot4(qh + r * D, qh + (r + 1) * D, qh + (r + 2) * D, qh + (r + 3) * D, krow, D,
+                   sh + r * kKeyTile, kKeyTile);
+            for (; r < r1; ++r) sh[r * kKeyTile] = dot(qh + r * D, krow, D);
           }
         }
         for (int64_t hh = 0; hh < HG; ++hh)
@@ -172,13 +229,19 @@ inline void paged_attention(const at::Tensor& q, const at::Tensor& k_buf, const 
             }
             l[r] += exp_shift_sum(sr, n, m_new);
           }
-        for (int t = 0; t < n; ++t) {
-          if (t + kPrefetch < n) prefetch_row(vp + (ks[t + kPrefetch] * KVH + h0) * D, HG * D);
-          for (int64_t hh = 0; hh < HG; ++hh) {
-            const float* vrow = vp + (ks[t] * KVH + h0 + hh) * D;
-            for (int64_t r = hh * rows + r0; r < hh * rows + r1; ++r) {
-              const float p = s[r * kKeyTile + t];
-              if (p != 0.f) axpy(p, vrow, acc.data() + r * D, D);
+        // values: per row, acc += p_t * v_t over the tile's keys in order, held in registers
+        const float* vrows[kKeyTile];
+        for (int64_t hh = 0; hh < HG; ++hh) {
+          for (int t = 0; t < n; ++t) vrows[t] = vp + (ks[t] * KVH + h0 + hh) * D;
+          for (int64_t r = hh * rows + r0; r < hh * rows + r1; ++r) {
+            const float* pr = s.data() + r * kKeyTile;
+            float* ar = acc.data() + r * D;
+            if (D == 4 * VecF::kWidth) {
+              axpy_rows<4>(pr, vrows, n, ar);
+            } else if (D == 8 * VecF::kWidth) {
+              axpy_rows<8>(pr, vrows, n, ar);
+            } else {
+              for (int t = 0; t < n; ++t) axpy(pr[t], vrows[t], ar, D);
             }
           }
         }

@@ -27,6 +27,7 @@ inline VecF fma(VecF a, VecF b, VecF c) { return VecF(_mm512_fmadd_ps(a.v, b.v, 
 inline VecF operator*(VecF a, VecF b) { return VecF(_mm512_mul_ps(a.v, b.v)); }
 inline VecF operator+(VecF a, VecF b) { return VecF(_mm512_add_ps(a.v, b.v)); }
 inline VecF operator-(VecF a, VecF b) { return VecF(_mm512_sub_ps(a.v, b.v)); }
+inline VecF operator/(VecF a, VecF b) { return VecF(_mm512_div_ps(a.v, b.v)); }
 inline VecF vmax(VecF a, VecF b) { return VecF(_mm512_max_ps(a.v, b.v)); }
 inline VecF vmin(VecF a, VecF b) { return VecF(_mm512_min_ps(a.v, b.v)); }
 inline VecF vround(VecF a) {
@@ -64,6 +65,7 @@ inline VecF fma(VecF a, VecF b, VecF c) { return VecF(_mm256_fmadd_ps(a.v, b.v, 
 inline VecF operator*(VecF a, VecF b) { return VecF(_mm256_mul_ps(a.v, b.v)); }
 inline VecF operator+(VecF a, VecF b) { return VecF(_mm256_add_ps(a.v, b.v)); }
 inline VecF operator-(VecF a, VecF b) { return VecF(_mm256_sub_ps(a.v, b.v)); }
+inline VecF operator/(VecF a, VecF b) { return VecF(_mm256_div_ps(a.v, b.v)); }
 inline VecF vmax(VecF a, VecF b) { return VecF(_mm256_max_ps(a.v, b.v)); }
 inline VecF vmin(VecF a, VecF b) { return VecF(_mm256_min_ps(a.v, b.v)); }
 inline VecF vround(VecF a) {
@@ -90,6 +92,7 @@ inline VecF fma(VecF a, VecF b, VecF c) { return VecF(std::fma(a.v, b.v, c.v)); 
 inline VecF operator*(VecF a, VecF b) { return VecF(a.v * b.v); }
 inline VecF operator+(VecF a, VecF b) { return VecF(a.v + b.v); }
 inline VecF operator-(VecF a, VecF b) { return VecF(a.v - b.v); }
+inline VecF operator/(VecF a, VecF b) { return VecF(a.v / b.v); }
 inline VecF vmax(VecF a, VecF b) { return VecF(a.v > b.v ? a.v : b.v); }
 inline VecF vmin(VecF a, VecF b) { return VecF(a.v < b.v ? a.v : b.v); }
 inline VecF vround(VecF a) { return VecF(std::nearbyint(a.v)); }

@@ -528,6 +528,24 @@ def test_sps_cache_key_tells_quantized_models_apart() -> None:
     assert q8 == _sps_cache_path("m", runner(Q(32, True)))
 
 
+def test_sps_cache_key_changes_with_the_kernel_build(monkeypatch) -> None:
+    """A table profiled with one build of the C++ kernels must not be reused by another (a
+    faster kernel makes the old table overprice verification)."""
+    from types import SimpleNamespace
+
+    import dspark_kernels.cpu_ops as cpu_ops
+    from dspark_sglang.speculative.sps_runtime import _sps_cache_path
+
+    runner = SimpleNamespace(dtype=torch.float32, device="cpu", attn=object(),
+                             model=torch.nn.Linear(4, 4))
+    keys = set()
+    for name in ("dspark_cpu_ops_avx2_a", "dspark_cpu_ops_avx2_b", None):
+        monkeypatch.setattr(cpu_ops, "load_cpu_ops",
+                            lambda n=name: SimpleNamespace(__name__=n) if n else None)
+        keys.add(_sps_cache_path("m", runner))
+    assert len(keys) == 3
+
+
 @needs_ops
 def test_q8_layers_take_every_row_count_in_chunks(monkeypatch) -> None:
     """Layers whose parts all have the Q8 kernel run it at any row count (so decode, verify and

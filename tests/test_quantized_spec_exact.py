@@ -151,3 +151,44 @@ def test_drafter_context_update_fast_path_matches_torch(make_engine) -> None:
     for a, b in zip(fast, slow):
         assert b.abs().max() > 0
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+
+
+def test_drafter_block_stack_matches_torch_forward_block(make_engine) -> None:
+    """Next to a GGUF target the drafter's block forward runs as one C++ DecoderStack over the
+    context pool (block K/V in scratch slots, a mask of ones among the block's rows); its block
+    hidden states match the torch forward_block's (drafts only: verification decides)."""
+    import torch
+
+    from dspark_sglang.core.forward_batch import ForwardBatch, ModelOutput
+
+    eng = make_engine(None, quantization="gguf", attention_backend="cpu",
+                      speculative_algorithm="DSPARK")
+    w = eng.parts.decoder.worker
+    stack = w.block_stack()
+    assert stack is not None
+    g = torch.Generator().manual_seed(1)
+    lens = torch.tensor([5, 70])  # two requests, contexts of different lengths
+    slots = torch.zeros(2, 70, dtype=torch.long)
+    slots[0, :5] = torch.arange(100, 105)
+    slots[1] = torch.arange(200, 270)
+    n = int(lens.sum())
+    fb = ForwardBatch.__new__(ForwardBatch)
+    fb.positions = torch.cat([torch.arange(5), torch.arange(70)])
+    fb.out_cache_loc = torch.cat([slots[0, :5], slots[1]])
+    aux = torch.randn(n, w.drafter.fc.in_features, generator=g)
+    w.on_target_forward(fb, ModelOutput(logits=None, aux_hidden=aux, final_hidden=None))
+    anchors = torch.tensor([17, 4242])
+    fast = w._forward_block_stack(stack, anchors, lens, slots)
+    valid = torch.arange(70)[None, :] < lens[:, None]
+    ctx_k = [b[slots] for b in w.ctx_pool.k_bufs]
+    ctx_v = [b[slots] for b in w.ctx_pool.v_bufs]
+    slow = w.drafter.forward_block(anchors, lens, ctx_k, ctx_v, valid)
+    assert fast.shape == slow.shape == (2, w.gamma, w.drafter.config.hidden_size)
+    # The layers' inputs are quantised to Q8 per block of 32: a float-rounding difference of the
+    # attention (paged kernel vs SDPA) can move a value across a rounding boundary, one step of
+    # amax / 127, so elementwise closeness holds only up to that; the whole agrees tightly.
+    rel = float((fast - slow).norm() / slow.norm())
+    assert rel < 5e-3, rel
+    assert float((fast - slow).abs().max()) < 0.05 * float(slow.abs().max())
+    # the scratch slots are past the target's: the context pool's own slots are untouched
+    assert int(w._scratch.min()) > int(eng.parts.cache.req_to_token.max())

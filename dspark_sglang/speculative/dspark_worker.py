@@ -28,8 +28,13 @@ from dspark_sglang.speculative.dspark.config import dspark_num_draft_from_num_dr
 from dspark_sglang.speculative.dspark.model import rope_cos_sin
 from dspark_sglang.speculative.sps_profile import SPSTable
 from dspark_sglang.speculative.worker import Draft, DraftWorker, StepResult
+from dspark_sglang.utils.env import env_on
 
 _EMPTY = torch.empty(0)
+# requests per call of the drafter's C++ block path (larger batches go in chunks)
+BLOCK_SCRATCH_REQS = 64
+# DSPARK_DRAFTER_STACK=0: the drafter's block forward stays on torch ops
+BLOCK_STACK = env_on("DSPARK_DRAFTER_STACK")
 
 logger = logging.getLogger(__name__)
 
@@ -65,8 +70,15 @@ class DSparkWorker(DraftWorker):
         self.context_len = context_len
         self.req_to_token = req_to_token
         self.capture_layer_ids = tuple(cfg.target_layer_ids)
-        self.ctx_pool = KVPool(cfg.num_hidden_layers, num_slots, cfg.num_key_value_heads,
-                               cfg.head_dim, dtype, device)
+        # past the target's slots: scratch slots for the drafted blocks' own K/V (the C++ block
+        # path writes them there and reads them with the context through one slot table)
+        self.scratch_reqs = BLOCK_SCRATCH_REQS
+        self.ctx_pool = KVPool(cfg.num_hidden_layers, num_slots + self.gamma * self.scratch_reqs,
+                               cfg.num_key_value_heads, cfg.head_dim, dtype, device)
+        self._scratch = torch.arange(num_slots + 1, num_slots + 1 + self.gamma * self.scratch_reqs,
+                                     device=device)
+        self._block_stack: Any = None  # C++ DecoderStack of the drafter's layers (see below)
+        self._block_stack_linears: list[Any] = []  # the merged Q8 linears it holds
         self.last_decision = None
         self.draft_budget = draft_budget and self.policy.budgeted
         self.min_probe_every = 16
@@ -236,10 +248,18 @@ class DSparkWorker(DraftWorker):
         lens = lens.to(dev)
         valid = torch.arange(max_len, device=dev)[None, :] < lens[:, None]
         slots = torch.where(valid, slots, torch.zeros_like(slots))
-        ctx_k = [self.ctx_pool.k_bufs[i][slots] for i in range(self.ctx_pool.num_layers)]
-        ctx_v = [self.ctx_pool.v_bufs[i][slots] for i in range(self.ctx_pool.num_layers)]
         anchors = torch.tensor([r.output_ids[-1] for r in reqs], device=dev)
-        hidden = self.drafter.forward_block(anchors, lens, ctx_k, ctx_v, valid)  # [bs, g, H]
+        stack = self.block_stack()
+        if stack is not None:
+            hidden = torch.cat([
+                self._forward_block_stack(stack, anchors[i:i + self.scratch_reqs],
+                                          lens[i:i + self.scratch_reqs],
+                                          slots[i:i + self.scratch_reqs])
+                for i in range(0, bs, self.scratch_reqs)])
+        else:
+            ctx_k = [self.ctx_pool.k_bufs[i][slots] for i in range(self.ctx_pool.num_layers)]
+            ctx_v = [self.ctx_pool.v_bufs[i][slots] for i in range(self.ctx_pool.num_layers)]
+            hidden = self.drafter.forward_block(anchors, lens, ctx_k, ctx_v, valid)  # [bs, g, H]
         temps = torch.tensor([0.0 if r.sampling_params.is_greedy
                               else float(r.sampling_params.temperature) for r in reqs],
                              device=dev)
@@ -274,6 +294,73 @@ class DSparkWorker(DraftWorker):
                              probs=chain.probs[i, :n] if sampled and n else None,
                              confidences=chain.confidences[i, :n].tolist()))
         return out
+
+    def block_stack(self) -> Any:
+        """The drafter's layers as one C++ ``DecoderStack`` (the target's, kernels/csrc/
+        decoder_stack.h) over the context pool, when the drafter runs on Q8 blocks next to a
+        GGUF target (``drafter.kv_blocks``) with a float32 CPU pool and no biases; else None.
+        A block's rows attend to the request's context slots and to each other (a custom mask
+        of ones), with the block's own K/V in scratch slots: one call instead of ~40 torch ops
+        per layer. Built on first use."""
+        if self._block_stack is not None:
+            return self._block_stack
+        fused = getattr(self.drafter, "kv_blocks", None)
+        if (fused is None or self.ctx_pool.dtype != torch.float32
+                or not self.ctx_pool.k_bufs[0].is_cpu or not BLOCK_STACK):
+            return None
+        from dspark_sglang.layers.quantized_linear import GGUFLinear, q8_linear_of
+
+        ops = fused[0]
+        stack = ops.DecoderStack()
+        lins = []
+        for i, layer in enumerate(self.drafter.layers):
+            att, mlp = layer.self_attn, layer.mlp
+            if any(m.bias is not None for m in (att.q_proj, att.k_proj, att.v_proj, att.o_proj)):
+                return None
+            qkv = q8_linear_of(torch.cat([att.q_proj.weight, att.k_proj.weight,
+                                          att.v_proj.weight]), ops)
+            gu = q8_linear_of(torch.cat([mlp.gate_proj.weight, mlp.up_proj.weight]), ops)
+            o = att.o_proj if isinstance(att.o_proj, GGUFLinear) else q8_linear_of(
+                att.o_proj.weight, ops)
+            down = mlp.down_proj if isinstance(mlp.down_proj, GGUFLinear) else q8_linear_of(
+                mlp.down_proj.weight, ops)
+            (_, w_qkv, t_qkv, _), = qkv.plan()
+            (_, w_o, t_o, _), = o.plan()
+            (_, w_gu, t_gu, _), = gu.plan()
+            (_, w_d, t_d, _), = down.plan()
+            qn, kn = att.q_norm, att.k_norm
+            stack.add_layer(
+                layer.input_layernorm.weight.detach(), layer.post_attention_layernorm.weight.detach(),
+                layer.input_layernorm.eps, qn.weight.detach() if qn is not None else _EMPTY,
+                kn.weight.detach() if kn is not None else _EMPTY,
+                qn.eps if qn is not None else 0.0, w_qkv, t_qkv, _EMPTY, w_o, t_o, w_gu, t_gu,
+                w_d, t_d, att.num_heads, att.num_kv_heads, att.head_dim ** -0.5,
+                self.ctx_pool.k_bufs[i], self.ctx_pool.v_bufs[i])
+            lins += [qkv, o, gu, down]
+        self._block_stack_linears = lins
+        self._block_ones = torch.ones(self.gamma * self.gamma, dtype=torch.uint8)
+        self._block_stack = stack
+        return stack
+
+    def _forward_block_stack(self, stack: Any, anchors: torch.Tensor, lens: torch.Tensor,
+                             slots: torch.Tensor) -> torch.Tensor:
+        """``forward_block`` on the C++ stack: ``anchors``, ``lens`` [bs], ``slots`` [bs, L]
+        (each row's context slots, then anything) -> final-normed block hidden [bs, g, H]."""
+        d, g = self.drafter, self.gamma
+        bs = int(anchors.shape[0])
+        x = d.embed_tokens(d.block_input_ids(anchors)).reshape(bs * g, -1).float().contiguous()
+        offs = torch.arange(g)
+        positions = (lens.long()[:, None] + offs).reshape(-1)
+        cos, sin = rope_cos_sin(positions, d.inv_freq, torch.float32)
+        scratch = self._scratch[: bs * g].view(bs, g)
+        table = torch.zeros(bs, slots.shape[1] + g, dtype=torch.long)
+        table[:, : slots.shape[1]] = slots
+        table.scatter_(1, lens.long()[:, None] + offs, scratch)
+        ar = torch.arange(bs)
+        out = stack.forward(x, cos, sin, scratch.reshape(-1), table, ar, lens.long() + g,
+                            torch.full((bs,), g, dtype=torch.long), ar * g, self._block_ones,
+                            torch.zeros(bs, dtype=torch.long), [])[0]
+        return d.norm(out).view(bs, g, -1)
 
     def _propose_tree(self, reqs: list[Req], hidden: torch.Tensor, base: torch.Tensor,
                       anchors: torch.Tensor, temps: torch.Tensor, rooms: list[int]

@@ -42,9 +42,15 @@ def _sps_cache_path(model_path: str, runner: ModelRunner) -> Path:
     quant = sorted({(type(m).__name__, getattr(m, "max_quant_rows", None),
                      getattr(m, "act_q8", None)) for m in runner.model.modules()
                     if hasattr(m, "quant_forward")}, key=str)
+    # ... and the C++ kernels' build (its name carries the ISA and a digest of the sources):
+    # a faster kernel makes the old table overprice verification
+    from dspark_kernels.cpu_ops import load_cpu_ops
+
+    ops = load_cpu_ops() if runner.device == "cpu" else None
     key = json.dumps([model_path, str(runner.dtype), runner.device, torch.get_num_threads(),
                       runner.attn.__class__.__name__, "small-rows-linear", linear.SMALL_ROWS,
-                      quant, "profile-version", PROFILE_VERSION], default=str)
+                      quant, "profile-version", PROFILE_VERSION,
+                      getattr(ops, "__name__", None)], default=str)
     h = hashlib.sha256(key.encode()).hexdigest()[:16]
     return default_cache_root() / "sps" / f"{h}.json"
 

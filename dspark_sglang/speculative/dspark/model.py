@@ -157,9 +157,20 @@ class DraftChain:
     """
 
     tokens: torch.Tensor  # [bs, k] int64
-    probs: torch.Tensor  # [bs, k, V] float32
     confidences: torch.Tensor  # [bs, k] float32
     confidence_logits: torch.Tensor | None = None  # [bs, k] float32
+    # [bs, k, V] float32; None: every row is greedy and probs is the one-hot of tokens over
+    # _vocab, built on first access (an all-greedy chain's caller never reads it)
+    _probs: torch.Tensor | None = None
+    _vocab: int = 0
+
+    @property
+    def probs(self) -> torch.Tensor:
+        if self._probs is None:
+            bs, k = self.tokens.shape
+            self._probs = torch.zeros(bs, k, self._vocab, device=self.tokens.device).scatter_(
+                2, self.tokens.unsqueeze(-1), 1.0)
+        return self._probs
 
 
 class DSparkDrafter(nn.Module):
@@ -380,6 +391,9 @@ class DSparkDrafter(nn.Module):
         ids = (sub.token_ids.to(device) if sub is not None
                and base_logits.shape[-1] == len(sub) != vocab else None)
         tokens, probs, confs, conf_logits = [], [], [], []
+        # with a confidence head and no grammar mask, every position's confidence is computed
+        # after the loop in one call (it reads h_k and x_{k-1} only, both known by then)
+        batch_conf = mask_fn is None and self.confidence_head is not None
         for k in range(k_total):
             h_k = block_hidden[:, k]
             logits = base_logits[:, k].float()  # [bs, V]
@@ -396,8 +410,8 @@ class DSparkDrafter(nn.Module):
             masked = logits if mask is None else logits + mask.to(logits)
             argmax = masked.argmax(dim=-1)  # [bs] (column; a token id unless in map space)
             tok = argmax if ids is None else ids[argmax]
-            one_hot = F.one_hot(argmax, masked.shape[-1]).to(torch.float32)
             if sampled_rows:
+                one_hot = F.one_hot(argmax, masked.shape[-1]).to(torch.float32)
                 q = torch.softmax(masked / safe_t, dim=-1)  # [bs, V] (or [bs, len(map)])
                 u = torch.stack(draw_uniforms(sampled_gens, [1] * len(sampled_rows), device))
                 tok = tok.clone()
@@ -409,25 +423,31 @@ class DSparkDrafter(nn.Module):
                         q_r = q[r] if ids is None else self._to_vocab(q[r], ids, 0.0)
                         tok[r] = gumbel_argmax(q_r, position_gumbel(seed, pos + k, vocab,
                                                                     q.device))
-                q = torch.where(greedy.unsqueeze(1), one_hot, q)
-            else:  # all greedy: the draft distribution is one-hot, skip the softmax
-                q = one_hot
+                probs.append(torch.where(greedy.unsqueeze(1), one_hot, q))
+            # (all greedy: the draft distribution is one-hot, DraftChain builds it on demand)
 
             # The confidence decides whether draft k is verified, so it may use only what is
             # known before x_k is drawn (DSpark App. A): the distribution, never the sampled
             # token. Both fallbacks read the draft's mode, which for greedy rows is x_k itself.
-            z = self.confidence_logits(h_k, prev)
-            if z is None:
-                c = torch.softmax(masked, dim=-1).max(dim=-1).values
-            else:
-                c = apply_sts_torch(z, self.sts_temperatures[k : k + 1])
-                if mask is not None:
-                    c = mask_adjusted_confidence(c, logits, masked, argmax)
-                conf_logits.append(z.float())
+            if not batch_conf:
+                z = self.confidence_logits(h_k, prev)
+                if z is None:
+                    c = torch.softmax(masked, dim=-1).max(dim=-1).values
+                else:
+                    c = apply_sts_torch(z, self.sts_temperatures[k : k + 1])
+                    if mask is not None:
+                        c = mask_adjusted_confidence(c, logits, masked, argmax)
+                    conf_logits.append(z.float())
+                confs.append(c.float())
             tokens.append(tok)
-            probs.append(q)
-            confs.append(c.float())
             prev = tok
+        if batch_conf and k_total:
+            toks = torch.stack(tokens, 1)  # [bs, k]
+            prevs = torch.cat([anchor_ids.long().to(device)[:, None], toks[:, :-1]], dim=1)
+            z_all = self.confidence_logits(block_hidden[:, :k_total], prevs)
+            assert z_all is not None
+            conf_logits = list(z_all.float().unbind(1))
+            confs = list(apply_sts_torch(z_all, self.sts_temperatures).float().unbind(1))
 
         if ids is None:
             vocab = base_logits.shape[-1]
@@ -437,7 +457,7 @@ class DSparkDrafter(nn.Module):
         return DraftChain(
             tokens=torch.stack(tokens, 1) if tokens else torch.empty(bs, 0, dtype=torch.long,
                                                                       device=device),
-            probs=probs_t if probs_t is not None else torch.empty(bs, 0, vocab, device=device),
+            _probs=probs_t, _vocab=vocab,
             confidences=torch.stack(confs, 1) if confs else torch.empty(bs, 0, device=device),
             confidence_logits=(torch.stack(conf_logits, 1) if conf_logits
                                else (torch.empty(bs, 0, device=device)

@@ -192,3 +192,45 @@ def test_drafter_block_stack_matches_torch_forward_block(make_engine) -> None:
     assert float((fast - slow).abs().max()) < 0.05 * float(slow.abs().max())
     # the scratch slots are past the target's: the context pool's own slots are untouched
     assert int(w._scratch.min()) > int(eng.parts.cache.req_to_token.max())
+
+
+def test_drafter_context_update_in_one_call_is_the_fast_path(make_engine, monkeypatch) -> None:
+    """At decode / verify sizes the context update is one C++ call (draft_context_update);
+    it writes bitwise what the per-layer fast path writes (same kernels, same order)."""
+    import torch
+
+    from dspark_sglang.core.forward_batch import ForwardBatch, ModelOutput
+
+    eng = make_engine(None, quantization="gguf", attention_backend="cpu",
+                      speculative_algorithm="DSPARK")
+    w = eng.parts.decoder.worker
+    assert w._context_plan() is not None
+    g = torch.Generator().manual_seed(2)
+    fb = ForwardBatch.__new__(ForwardBatch)
+    fb.positions = torch.tensor([0, 7, 8, 9, 500])
+    fb.out_cache_loc = torch.tensor([20, 21, 22, 23, 24])
+    out = ModelOutput(logits=None, aux_hidden=torch.randn(5, w.drafter.fc.in_features,
+                                                          generator=g), final_hidden=None)
+    calls = {"n": 0}
+    ops = w.drafter.kv_blocks[0]
+    real = ops.draft_context_update
+
+    class Counting:  # the extension module's attributes are read-only: wrap the holder
+        def __getattr__(self, name):  # type: ignore[no-untyped-def]
+            return getattr(ops, name)
+
+        def draft_context_update(self, *a):  # type: ignore[no-untyped-def]
+            calls["n"] += 1
+            return real(*a)
+
+    monkeypatch.setattr(w.drafter, "kv_blocks", (Counting(), w.drafter.kv_blocks[1]))
+    w.on_target_forward(fb, out)
+    assert calls["n"] == 1
+    one_call = [b[fb.out_cache_loc].clone() for b in w.ctx_pool.k_bufs + w.ctx_pool.v_bufs]
+    w._ctx_plan = ()  # no plan: the per-layer fast path
+    w.on_target_forward(fb, out)
+    assert calls["n"] == 1
+    per_layer = [b[fb.out_cache_loc] for b in w.ctx_pool.k_bufs + w.ctx_pool.v_bufs]
+    for a, b in zip(one_call, per_layer):
+        assert b.abs().max() > 0
+        assert torch.equal(a, b)

@@ -31,6 +31,9 @@ from dspark_sglang.speculative.worker import Draft, DraftWorker, StepResult
 from dspark_sglang.utils.env import env_on
 
 _EMPTY = torch.empty(0)
+# rows up to which the context update runs as one C++ call (the drafter's Q8 linears take
+# at most this many rows; prefill-sized updates keep their float32 path)
+KERNEL_ROWS = 64
 # requests per call of the drafter's C++ block path (larger batches go in chunks)
 BLOCK_SCRATCH_REQS = 64
 # DSPARK_DRAFTER_STACK=0: the drafter's block forward stays on torch ops
@@ -78,6 +81,8 @@ class DSparkWorker(DraftWorker):
         self._scratch = torch.arange(num_slots + 1, num_slots + 1 + self.gamma * self.scratch_reqs,
                                      device=device)
         self._block_stack: Any = None  # C++ DecoderStack of the drafter's layers (see below)
+        self._ctx_plan: tuple[Any, ...] | None = None  # draft_context_update's weights; () none
+        self._rope_table: tuple[torch.Tensor, torch.Tensor] | None = None
         self._block_stack_linears: list[Any] = []  # the merged Q8 linears it holds
         self.last_decision = None
         self.draft_budget = draft_budget and self.policy.budgeted
@@ -100,12 +105,24 @@ class DSparkWorker(DraftWorker):
     @torch.inference_mode()
     def on_target_forward(self, fb: ForwardBatch, out: ModelOutput) -> None:
         assert out.aux_hidden is not None, "target forward must capture target_layer_ids"
-        h_ctx = self.drafter.project_context(out.aux_hidden)  # [n, H]
         fused = getattr(self.drafter, "kv_blocks", None)
+        aux = out.aux_hidden
+        if (fused is not None and self.ctx_pool.dtype == torch.float32 and aux.is_cpu
+                and aux.shape[0] <= KERNEL_ROWS):
+            # decode / verify sizes: the whole update in one C++ call (the fast path below,
+            # same kernels, same order)
+            plan = self._context_plan()
+            if plan is not None:
+                cos, sin = self._rope_tables(fb.positions)
+                fused[0].draft_context_update(
+                    aux.float(), *plan, self.ctx_pool.k_bufs, self.ctx_pool.v_bufs, cos, sin,
+                    fb.out_cache_loc, self.drafter.layers[0].self_attn.num_kv_heads)
+                return
+        h_ctx = self.drafter.project_context(aux)  # [n, H]
         if fused is not None and self.ctx_pool.dtype == torch.float32 and h_ctx.is_cpu:
             # one Q8 kernel call for k and v, then norm + rotary + store in C++ (drafts only)
             ops, kv_blocks = fused
-            cos, sin = rope_cos_sin(fb.positions, self.drafter.inv_freq, torch.float32)
+            cos, sin = self._rope_tables(fb.positions)
             for layer_id, (layer, lin) in enumerate(zip(self.drafter.layers, kv_blocks)):
                 att = layer.self_attn
                 kn = att.k_norm
@@ -117,6 +134,42 @@ class DSparkWorker(DraftWorker):
             return
         for layer_id, (k, v) in enumerate(self.drafter.context_kv(h_ctx, fb.positions)):
             self.ctx_pool.store(layer_id, fb.out_cache_loc, k, v)
+
+    def _rope_tables(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``rope_cos_sin(positions, inv_freq, float32)`` read from a table made once (the
+        same elementwise values)."""
+        table = self._rope_table
+        if table is None or int(positions.max()) >= table[0].shape[0]:
+            n = max(8192, 2 * int(positions.max()) + 1)
+            table = rope_cos_sin(torch.arange(n), self.drafter.inv_freq, torch.float32)
+            self._rope_table = table
+        return table[0][positions], table[1][positions]
+
+    def _context_plan(self) -> tuple[Any, ...] | None:
+        """The Q8 weights of ``draft_context_update`` (fc, hidden norm, each layer's stacked
+        k/v and k norm), or None when the drafter's fc is not one Q8-kernel block matrix."""
+        if self._ctx_plan is not None:
+            return self._ctx_plan or None
+        from dspark_sglang.layers.quantized_linear import GGUFLinear
+
+        fused = getattr(self.drafter, "kv_blocks", None)
+        fc = self.drafter.fc
+        self._ctx_plan = ()
+        if fused is None or not isinstance(fc, GGUFLinear) or not fc.all_parts_q8():
+            return None
+        (kernel, w_fc, t_fc, _), = fc.plan()
+        kv_w, kv_t, norms = [], [], []
+        for layer, lin in zip(self.drafter.layers, fused[1]):
+            (_, w, t, _), = lin.plan()
+            kn = layer.self_attn.k_norm
+            kv_w.append(w)
+            kv_t.append(t)
+            norms.append(kn.weight.detach() if kn is not None else _EMPTY)
+        kn0 = self.drafter.layers[0].self_attn.k_norm
+        hn = self.drafter.hidden_norm
+        self._ctx_plan = (w_fc, t_fc, hn.weight.detach(), hn.eps, kv_w, kv_t, norms,
+                          kn0.eps if kn0 is not None else 0.0)
+        return self._ctx_plan
 
     # ---- per-request state -------------------------------------------------------------------
     def on_verified(self, results: list[StepResult]) -> None:

@@ -41,6 +41,31 @@ inline at::Tensor q8_linear(const at::Tensor& x, const Q8Linear& lin) {
   return y;
 }
 
+// The DSpark drafter's per-step context update in one call: h = rms_norm(aux W_fc); per draft
+// layer kv = h W_kv (k and v rows stacked), then k norm + rotary + store of k and v into that
+// layer's pool buffers at loc (qkv_rope_store with no query heads). The same kernels in the
+// same order as the Python fast path (DSparkWorker.on_target_forward), so bitwise its result.
+inline void draft_context_update(const at::Tensor& aux, const at::Tensor& fc_w, int64_t fc_type,
+                                 const at::Tensor& norm_w, double eps,
+                                 const std::vector<at::Tensor>& kv_w,
+                                 const std::vector<int64_t>& kv_type,
+                                 const std::vector<at::Tensor>& k_norm, double k_eps,
+                                 std::vector<at::Tensor> k_bufs, std::vector<at::Tensor> v_bufs,
+                                 const at::Tensor& cos, const at::Tensor& sin,
+                                 const at::Tensor& loc, int64_t num_kv_heads) {
+  const size_t n = kv_w.size();
+  TORCH_CHECK(kv_type.size() == n && k_norm.size() == n && k_bufs.size() == n &&
+                  v_bufs.size() == n, "one kv weight, type, k norm and buffer pair per layer");
+  TORCH_CHECK(q8_supported(fc_type), "fc is not a Q8-kernel weight");
+  const at::Tensor h = rms_norm(q8_linear(aux.contiguous(), {fc_w, fc_type}), norm_w, eps);
+  for (size_t l = 0; l < n; ++l) {
+    TORCH_CHECK(q8_supported(kv_type[l]), "kv is not a Q8-kernel weight");
+    const at::Tensor kv = q8_linear(h, {kv_w[l], kv_type[l]});
+    qkv_rope_store(kv, cos, sin, k_norm[l], k_norm[l], k_eps, k_bufs[l], v_bufs[l], loc, 0,
+                   num_kv_heads);
+  }
+}
+
 struct StackLayer {
   at::Tensor ln1, ln2, q_norm, k_norm, qkv_bias;  // q/k norm and bias: empty when absent
   double eps = 1e-6, qk_eps = 1e-6, scale = 1.0;

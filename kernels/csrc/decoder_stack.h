@@ -123,6 +123,7 @@ class DecoderStack {
                                   const at::Tensor& mask_flat, const at::Tensor& mask_offsets,
                                   const std::vector<int64_t>& capture) {
     check_f32_contig(x, "x");
+    x = x.clone();  // the residual stream, updated in place (no new tensor per residual add)
     const int64_t n = x.size(0);
     std::vector<at::Tensor> captured(capture.size());
     using clock = std::chrono::steady_clock;
@@ -149,7 +150,7 @@ class DecoderStack {
       lap(t_attention_);
       at::Tensor y = q8_linear(o.view({n, l.num_heads * q.size(2)}), l.o);
       lap(t_matmul_);
-      x = x + y;
+      x.add_(y);
       h = rms_norm(x, l.ln2, l.eps);
       lap(t_other_);
       at::Tensor gu = q8_linear(h, l.gate_up);
@@ -158,9 +159,9 @@ class DecoderStack {
       lap(t_other_);
       y = q8_linear(a, l.down);
       lap(t_matmul_);
-      x = x + y;
+      x.add_(y);
       for (size_t c = 0; c < capture.size(); ++c)
-        if (capture[c] == li) captured[c] = x;
+        if (capture[c] == li) captured[c] = x.clone();
       lap(t_other_);
     }
     std::vector<at::Tensor> out = {x};

@@ -351,7 +351,8 @@ def _backend_batch(device: str, dtype: torch.dtype, mode_name: str, seed: int) -
             req_to_token=r2t.to(device), custom_masks=masks, seq_lens_list=seqs,
             extend_lens_list=ext)
 
-    qkv = [torch.randn(n, h, head_dim, generator=gen).to(dtype) for h in (heads, kv_heads, kv_heads)]
+    qkv = [torch.randn(n, h, head_dim, generator=gen).to(dtype)
+           for h in (heads, kv_heads, kv_heads)]
     return make_fb, pools, qkv, head_dim**-0.5
 
 

@@ -25,6 +25,7 @@ from dspark_kernels.cpu_ops import (
     gguf_matmul_q8,
     gguf_matmul_q8_ref,
     gguf_matmul_ref,
+    gguf_repack_q8,
     load_cpu_ops,
     quantize_rows_q8_ref,
 )
@@ -102,7 +103,7 @@ def test_gguf_matmul_writes_only_its_columns_and_rejects_bad_shapes() -> None:
 @pytest.mark.parametrize("k", [768, 544])  # 24 and 17 blocks (an odd last block)
 @pytest.mark.parametrize("t", Q8_TYPES)
 def test_gguf_matmul_q8_matches_quantized_reference_every_row_count(t: int, k: int) -> None:
-    n = 202  # not a multiple of the 4-row register tile
+    n = 202  # not a multiple of the 16-row groups of the repacked layout (a padded last group)
     w = random_gguf_rows(t, n, k, seed=20 + t)
     w_f = gguf_dequantize_ref(w, t, k).double()
     gen = torch.Generator().manual_seed(t)
@@ -121,6 +122,22 @@ def test_gguf_matmul_q8_matches_quantized_reference_every_row_count(t: int, k: i
     exact = x_all.double() @ w_f.t()
     rel = (gguf_matmul_q8(x_all, w, t).double() - exact).norm() / exact.norm()
     assert float(rel) < 0.02
+
+
+@needs_ops
+def test_gguf_matmul_q8_packed_layout_and_its_padding() -> None:
+    """The repacked weights are a view of the first N rows of storage padded to 16-row groups;
+    the kernel refuses a tensor whose storage is not padded (file-layout rows, N % 16 != 0)."""
+    t, n, k = GGML_TYPES["Q4_1"], 37, 96
+    w = random_gguf_rows(t, n, k, seed=3)
+    packed = gguf_repack_q8(w, t)
+    assert packed.shape == w.shape and packed.is_contiguous()
+    assert packed.untyped_storage().nbytes() == 48 * w.shape[1]  # 3 groups of 16 rows
+    x = torch.randn(5, k)
+    torch.testing.assert_close(gguf_matmul_q8(x, packed, t, packed=True),
+                               gguf_matmul_q8(x, w, t), rtol=0, atol=0)
+    with pytest.raises(RuntimeError, match="not padded"):
+        gguf_matmul_q8(x, w, t, packed=True)
 
 
 @needs_ops
@@ -534,6 +551,7 @@ def test_sps_cache_key_changes_with_the_kernel_build(monkeypatch) -> None:
     from types import SimpleNamespace
 
     import dspark_kernels.cpu_ops as cpu_ops
+
     from dspark_sglang.speculative.sps_runtime import _sps_cache_path
 
     runner = SimpleNamespace(dtype=torch.float32, device="cpu", attn=object(),

@@ -383,8 +383,9 @@ class DSparkWorker(DraftWorker):
             (_, w_d, t_d, _), = down.plan()
             qn, kn = att.q_norm, att.k_norm
             stack.add_layer(
-                layer.input_layernorm.weight.detach(), layer.post_attention_layernorm.weight.detach(),
-                layer.input_layernorm.eps, qn.weight.detach() if qn is not None else _EMPTY,
+                layer.input_layernorm.weight.detach(),
+                layer.post_attention_layernorm.weight.detach(), layer.input_layernorm.eps,
+                qn.weight.detach() if qn is not None else _EMPTY,
                 kn.weight.detach() if kn is not None else _EMPTY,
                 qn.eps if qn is not None else 0.0, w_qkv, t_qkv, _EMPTY, w_o, t_o, w_gu, t_gu,
                 w_d, t_d, att.num_heads, att.num_kv_heads, att.head_dim ** -0.5,

@@ -114,11 +114,25 @@ def test_decoder_stack_is_bitwise_the_per_layer_path(monkeypatch) -> None:
     monkeypatch.setattr(model, "_decoder_stack", counting)
     with_stack = run_all()
     assert used["stack"] == 3
+    built = model._stack
     monkeypatch.setattr(llama, "DECODER_STACK", False)
     per_layer = run_all()
     assert used["stack"] == 3
     for a, b in zip(with_stack, per_layer):
         assert torch.equal(a, b)
+    # the stack is built once and kept; a projection that leaves the Q8 kernel for some row
+    # counts (the 70-row prefill) drops it (per-layer path), and coming back builds a new one
+    monkeypatch.setattr(llama, "DECODER_STACK", True)
+    run_all()
+    assert used["stack"] == 6 and model._stack is built
+    o_proj = model.layers[3].o_proj
+    rows = o_proj.max_quant_rows
+    o_proj.max_quant_rows = 32
+    run_all()
+    assert used["stack"] == 6
+    o_proj.max_quant_rows = rows
+    assert torch.equal(run_all()[2], with_stack[2]) and used["stack"] == 9
+    assert model._stack is not built
 
 
 def test_drafter_context_update_fast_path_matches_torch(make_engine) -> None:

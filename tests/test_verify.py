@@ -11,6 +11,7 @@ from dspark_sglang.layers.sampler import make_generator
 from dspark_sglang.speculative.verify import (
     greedy_verify,
     greedy_verify_padded,
+    greedy_verify_rows,
     rejection_verify,
     rejection_verify_padded,
 )
@@ -61,6 +62,14 @@ def test_greedy_verify_padded_matches_list_version() -> None:
         assert res.output_ids[r, : n + 1].tolist() == ref[r]
         assert (res.output_ids[r, n + 1 :] == -1).all()
     assert {int(n) for n in res.num_accepted} != {0}  # the case mix exercised acceptance
+    # the list form the engine runs: every request's rows in one flat list of argmax ids
+    flat, offsets, drafts = [], [], []
+    for r in range(bs):
+        n = int(lens[r])
+        offsets.append(len(flat))
+        flat += target[r, : n + 1].tolist()
+        drafts.append(draft[r, :n].tolist())
+    assert greedy_verify_rows(flat, drafts, offsets) == ref
 
 
 # ------------------------------------------------------------------- synthetic language

@@ -81,6 +81,22 @@ class GGUFWeight:
         return int(self.data.shape[0])
 
 
+# bumped whenever what a GGUFLinear computes with may change (its parts, kernel plan, weight,
+# activation mode or row limit) and when a decoder layer swaps a submodule: a C++ DecoderStack
+# built from the projections (models/llama.py) is current while this number is unchanged
+_generation = [0]
+_WATCHED = frozenset({"parts", "_plan", "_packed_for", "act_q8", "max_quant_rows", "weight",
+                      "bias"})
+
+
+def linear_generation() -> int:
+    return _generation[0]
+
+
+def bump_linear_generation() -> None:
+    _generation[0] += 1
+
+
 class GGUFLinear(Linear):
     """Drop-in for a float ``Linear`` (same parameters) with GGUF block parts for few rows."""
 
@@ -107,6 +123,11 @@ class GGUFLinear(Linear):
         self._packed_for: tuple[object, ...] = ()
         self.max_quant_rows = MAX_QUANT_ROWS
         self.act_q8 = act_q8_enabled()
+
+    def __setattr__(self, name: str, value: object) -> None:
+        super().__setattr__(name, value)
+        if name in _WATCHED:
+            _generation[0] += 1
 
     def all_parts_q8(self) -> bool:
         """Every part runs the Q8-activation integer kernel."""

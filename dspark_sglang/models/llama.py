@@ -17,7 +17,13 @@ from dspark_sglang.layers.attention.base import AttentionBackend
 from dspark_sglang.layers.attention.cpu_paged import CpuPagedAttnBackend
 from dspark_sglang.layers.layernorm import RMSNorm
 from dspark_sglang.layers.linear import Linear
-from dspark_sglang.layers.quantized_linear import ALL_ROWS, GGUFLinear, float_weights_active
+from dspark_sglang.layers.quantized_linear import (
+    ALL_ROWS,
+    GGUFLinear,
+    bump_linear_generation,
+    float_weights_active,
+    linear_generation,
+)
 from dspark_sglang.layers.rotary import RotaryEmbedding, apply_rotary
 from dspark_sglang.mem_cache.kv_pool import KVPool
 from dspark_sglang.models.config import ModelConfig
@@ -46,6 +52,11 @@ class DecoderLayer(nn.Module):
         self.q_norm = RMSNorm(self.head_dim, cfg.rms_norm_eps) if cfg.qk_norm else None
         self.k_norm = RMSNorm(self.head_dim, cfg.rms_norm_eps) if cfg.qk_norm else None
         self.scale = self.head_dim ** -0.5
+
+    def __setattr__(self, name: str, value: object) -> None:
+        super().__setattr__(name, value)
+        if isinstance(value, nn.Module):  # a swapped projection / norm: rebuild the stack
+            bump_linear_generation()
 
     def forward(self, x: torch.Tensor, fb: ForwardBatch,
                 rope_cs: tuple[torch.Tensor, torch.Tensor], attn: AttentionBackend,
@@ -146,16 +157,18 @@ class LlamaForCausalLM(nn.Module):
         Q8-kernel block matrix taken for any row count, else None (the fused Python path)."""
         if not DECODER_STACK or float_weights_active():
             return None
-        # read through _modules (plain dict lookups): this runs on every forward, and
-        # nn.Module attribute access of 120 submodules cost ~0.3 ms per step
+        # one number tracks every projection's kernel inputs and every submodule swap (this
+        # runs on every forward: keying on the 120 projections' plans cost ~0.1 ms per step)
+        if (id(kv_pool), id(ops), linear_generation()) == self._stack_key:
+            return self._stack
+        self._stack = self._build_stack(kv_pool, ops)
+        # keyed after building: making a plan (pack) bumps the generation
+        self._stack_key = (id(kv_pool), id(ops), linear_generation())
+        return self._stack
+
+    def _build_stack(self, kv_pool: KVPool, ops: Any) -> Any:
         lins = [(m["qkv_proj"], m["o_proj"], m["gate_up_proj"], m["down_proj"])
                 for m in (lyr._modules for lyr in self.layers)]
-        key = (id(kv_pool), id(ops),
-               tuple((id(li), id(getattr(li, "_plan", None)), getattr(li, "max_quant_rows", 0))
-                     for quad in lins for li in quad))
-        if key == self._stack_key:
-            return self._stack
-        self._stack_key, self._stack = key, None
         plans = []
         for quad in lins:
             calls = []
@@ -180,7 +193,6 @@ class LlamaForCausalLM(nn.Module):
                 w_qkv, t_qkv, bias if bias is not None else _EMPTY, w_o, t_o, w_gu, t_gu, w_d,
                 t_d, lyr.num_heads, lyr.num_kv_heads, lyr.scale,
                 kv_pool.k_bufs[lyr.layer_id], kv_pool.v_bufs[lyr.layer_id])
-        self._stack = stack
         return stack
 
     def load_hf_state_dict(self, sd: dict[str, torch.Tensor], dtype: torch.dtype) -> None:

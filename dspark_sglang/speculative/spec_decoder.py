@@ -330,21 +330,11 @@ class SpecDecoder:
     @staticmethod
     def _greedy_chains(drafts: list[Draft], offsets: list[int], greedy_tok: torch.Tensor
                        ) -> list[list[int]]:
-        """Greedy chain acceptance for several requests in one ``greedy_verify_padded`` call;
-        request ``r``'s verify rows start at ``offsets[r]`` of ``greedy_tok [rows]``."""
+        """Greedy chain acceptance for several requests (``vfy.greedy_verify_rows``); request
+        ``r``'s verify rows start at ``offsets[r]`` of ``greedy_tok [rows]``."""
         if not drafts:
             return []
-        width = max(len(d) for d in drafts)
-        # [bs, L + 1] row of each (request, position), clamped to the request's last row
-        index = [[off + min(j, len(d)) for j in range(width + 1)]
-                 for d, off in zip(drafts, offsets)]
-        device = greedy_tok.device
-        target = greedy_tok[torch.tensor(index, dtype=torch.int64, device=device)]
-        draft = torch.tensor([d.tokens + [-1] * (width - len(d)) for d in drafts],
-                             dtype=torch.int64, device=device).reshape(len(drafts), width)
-        lens = torch.tensor([len(d) for d in drafts], dtype=torch.int64, device=device)
-        res = vfy.greedy_verify_padded(target, draft, lens)
-        return vfy.padded_to_lists(res)
+        return vfy.greedy_verify_rows(greedy_tok.tolist(), [d.tokens for d in drafts], offsets)
 
     # ---- commit -------------------------------------------------------------------------------
     def _commit(self, reqs: list[Req], drafts: list[Draft], specs: list[BatchRequestSpec],
@@ -358,10 +348,16 @@ class SpecDecoder:
         st.last_expected_tau = dec.expected_tau if dec is not None else None
         for req, d, spec, res, keep_rows in zip(reqs, drafts, specs, results, kept_rows):
             # keep_rows: anchor row 0 + accepted draft rows (the last token is not in KV)
-            keep = spec.out_cache_loc[torch.tensor(keep_rows, dtype=torch.int64)]
-            drop_mask = torch.ones(spec.out_cache_loc.numel(), dtype=torch.bool)
-            drop_mask[torch.tensor(keep_rows, dtype=torch.int64)] = False
-            self.cache.free_slots(spec.out_cache_loc[drop_mask])
+            loc, n_keep = spec.out_cache_loc, len(keep_rows)
+            if keep_rows[-1] == n_keep - 1:  # rows 0..n_keep-1 (a chain): slices, no index
+                keep = loc[:n_keep]
+                if n_keep < loc.numel():
+                    self.cache.free_slots(loc[n_keep:])
+            else:
+                keep = loc[torch.tensor(keep_rows, dtype=torch.int64)]
+                drop_mask = torch.ones(loc.numel(), dtype=torch.bool)
+                drop_mask[torch.tensor(keep_rows, dtype=torch.int64)] = False
+                self.cache.free_slots(loc[drop_mask])
             self.cache.req_to_token_pool.write(req.req_pool_idx, req.kv_len, keep)
             req.kv_len += len(keep_rows)
             accepted = res.num_accepted

@@ -9,7 +9,8 @@ therefore has length ``num_accepted + 1``.
 
 Which rule a request gets (``SpecDecoder._accept``):
 
-- chain, greedy: :func:`greedy_verify_padded` (one call for the batch's greedy chains);
+- chain, greedy: :func:`greedy_verify_rows` (the batch's greedy chains over one list of argmax
+  ids; :func:`greedy_verify_padded` is the same rule on padded tensors);
 - chain, T > 0 with a ``seed``: :func:`coupled_verify` (accept while the draft equals the
   position-keyed Gumbel-max sample, ``layers/coupling.py``);
 - chain, T > 0 without a seed: :func:`rejection_verify`;
@@ -43,6 +44,23 @@ def padded_to_lists(res: PaddedVerifyResult) -> list[list[int]]:
     counts = (res.num_accepted + 1).tolist()
     rows = res.output_ids.tolist()
     return [row[:c] for row, c in zip(rows, counts)]
+
+
+def greedy_verify_rows(target_argmax: Sequence[int], drafts: Sequence[Sequence[int]],
+                       offsets: Sequence[int]) -> list[list[int]]:
+    """:func:`greedy_verify_padded`'s rule over plain lists: request ``r``'s verify rows start at
+    ``offsets[r]`` of ``target_argmax`` (the argmax of every verify row of the batch, read once
+    to the host). Per request: the accepted drafts, then the target's token after them. A few
+    list comparisons per request, where the padded form builds and reduces tensors."""
+    out = []
+    for d, off in zip(drafts, offsets):
+        n = 0
+        for tok in d:
+            if tok != target_argmax[off + n]:
+                break
+            n += 1
+        out.append(list(d[:n]) + [target_argmax[off + n]])
+    return out
 
 
 def greedy_verify_padded(

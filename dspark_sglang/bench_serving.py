@@ -32,7 +32,8 @@ def build_parser() -> argparse.ArgumentParser:
                         help="launch our server once per --modes entry (the default)")
     p.add_argument("--modes", nargs="*", default=["NONE", "NGRAM"], choices=list(ENGINE_MODES))
     p.add_argument("--model-path", default=None, help="default: the embedded SmolLM2-135M")
-    p.add_argument("--dtype", default="bfloat16", choices=["float32", "bfloat16"])
+    p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16"],
+                   help="auto: what the server picks (float32 on CPU, bfloat16 on GPU)")
     p.add_argument("--api", default="native", choices=["native", "openai"])
     p.add_argument("--concurrency", nargs="*", type=int, default=None,
                    help="closed-loop client counts (default: 1 when no --request-rate)")

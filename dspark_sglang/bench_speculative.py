@@ -22,7 +22,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m dspark_sglang.bench_speculative",
                                 description=__doc__.split("\n")[0])
     p.add_argument("--model-path", default=None, help="default: the embedded SmolLM2-135M")
-    p.add_argument("--dtype", default="bfloat16", choices=["float32", "bfloat16"])
+    p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16"],
+                   help="auto: what the server picks (float32 on CPU, bfloat16 on GPU)")
     p.add_argument("--modes", nargs="+", default=["NONE", "MTP1", "CHAIN", "DSPARK", "NGRAM",
                                                    "TREE"], choices=list(ENGINE_MODES))
     p.add_argument("--concurrency", nargs="+", type=int, default=[1, 8])

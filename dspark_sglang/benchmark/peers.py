@@ -133,6 +133,8 @@ class HFPeer:
         from transformers.utils import logging as hf_logging
 
         hf_logging.disable_progress_bar()
+        if dtype == "auto":  # as the engine resolves it (model_loader.resolve_dtype)
+            dtype = "bfloat16" if torch.cuda.is_available() else "float32"
         if dtype not in _TORCH_DTYPES:
             raise ValueError(f"dtype must be one of {_TORCH_DTYPES}")
         self.torch_dtype = getattr(torch, dtype)

@@ -30,7 +30,7 @@ class ServingConfig:
     levels: list[LoadLevel] = field(default_factory=lambda: [LoadLevel("conc", 1)])
     url: str | None = None
     model_path: str | None = None
-    dtype: str = "bfloat16"
+    dtype: str = "auto"
     api: str = "native"
     max_new_tokens: int = 64
     temperature: float = 0.0

@@ -31,7 +31,7 @@ class SpecBenchConfig:
     modes: list[str]
     concurrency: list[int]
     model_path: str | None = None
-    dtype: str = "bfloat16"
+    dtype: str = "auto"
     max_new_tokens: int = 64
     temperature: float = 0.0
     seed: int = 0
@@ -67,10 +67,13 @@ def _run_mode(cfg: SpecBenchConfig, mode: str) -> tuple[list[dict[str, Any]], di
         sps = [sampling_for(p, cfg.max_new_tokens, cfg.temperature, cfg.seed + i)
                for i, p in enumerate(cfg.prompts)]
         domains = [p.domain for p in cfg.prompts]
-        engine.generate(texts[0], {**sps[0], "max_new_tokens": 4})  # warm-up
         timer = StepTimer(engine.parts) if cfg.profile_steps else None
         for c in cfg.concurrency:
             try:
+                # warm-up at this concurrency: the first batch of this size pays one-time costs
+                # (allocator growth, first-touch of buffers) that would favour later modes
+                w = min(c, len(texts))
+                engine.generate(texts[:w], [{**sp, "max_new_tokens": 4} for sp in sps[:w]])
                 engine.flush_cache()
                 reset_engine_stats(engine)
                 if timer is not None:

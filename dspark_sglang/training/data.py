@@ -167,7 +167,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     ap.add_argument("--out", required=True)
     ap.add_argument("--prompts", nargs="*", default=list(DEFAULT_PROMPT_FILES))
     ap.add_argument("--model-path", default=None)
-    ap.add_argument("--dtype", default="bfloat16")
+    ap.add_argument("--dtype", default="auto", help="auto: float32 on CPU, bfloat16 on GPU")
     ap.add_argument("--max-new-tokens", type=int, default=256)
     ap.add_argument("--batch-size", type=int, default=32)
     ap.add_argument("--sample-fraction", type=float, default=0.25)

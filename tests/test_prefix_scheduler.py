@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 import torch
 
+from dspark_sglang.speculative import prefix_scheduler
 from dspark_sglang.speculative.prefix_scheduler import (
     PrefixScheduler,
     fixed_lengths,
@@ -149,6 +150,32 @@ def test_matches_reference_scan_on_random_inputs() -> None:
         assert dec.num_verify_tokens == b == bs + sum(lengths)
         assert dec.expected_tau == pytest.approx(tau)
         assert dec.objective == pytest.approx(obj)
+
+
+def test_small_scan_and_array_form_decide_identically() -> None:
+    """Few candidates run as a Python scan, many as numpy: the same decision, bit for bit
+    (lengths, expected tau, B, objective), for lists and tensors, NaN / inf / ties / budgets."""
+    rng = random.Random(1)
+    tables = [_linear_time_table(0.02, 0.0005), _linear_time_table(0.003, 0.002),
+              SPSTable.from_measurements({1: 50.0, 8: 48.0, 9: 20.0, 64: 18.0}), SPSTable.flat()]
+    specials = [float("nan"), float("inf"), -float("inf"), 0.0, 1.0, 0.5, 1.5, -0.2]
+    scans = 0
+    for trial in range(300):
+        bs, width = rng.randint(1, 36), rng.randint(0, 8)
+        conf = torch.tensor([[rng.choice(specials) if rng.random() < 0.15 else rng.random() ** 0.3
+                              for _ in range(width)] for _ in range(bs)], dtype=torch.float32)
+        conf = conf.reshape(bs, width)
+        limits = [rng.randint(-1, width) for _ in range(bs)] if trial % 2 else None
+        budget = rng.choice([None, bs + rng.randint(0, 40)])
+        table = tables[trial % len(tables)]
+        ref = prefix_scheduler._schedule_numpy(conf, table, limits, budget)
+        scans += prefix_scheduler._small_rows(conf, limits) is not None
+        for inp in (conf, conf.tolist(), conf.numpy()):
+            dec = schedule_prefix(inp, table, limits, budget)
+            assert dec.lengths == ref.lengths
+            assert dec.num_verify_tokens == ref.num_verify_tokens
+            assert dec.expected_tau == ref.expected_tau and dec.objective == ref.objective
+    assert 100 < scans < 300  # both forms were exercised
 
 
 def test_tensor_input_and_scheduler_class() -> None:

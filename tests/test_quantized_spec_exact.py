@@ -208,6 +208,49 @@ def test_drafter_block_stack_matches_torch_forward_block(make_engine) -> None:
     assert int(w._scratch.min()) > int(eng.parts.cache.req_to_token.max())
 
 
+def test_greedy_chain_kernel_draws_the_python_loops_tokens(make_engine, monkeypatch) -> None:
+    """Next to a GGUF target an all-greedy chain over the vanilla Markov head runs as one C++
+    call (markov_greedy_chain): the same tokens and confidences as sample_chain's Python loop."""
+    import torch
+
+    from dspark_sglang.speculative.dspark import model as dmodel
+
+    eng = make_engine(None, quantization="gguf", attention_backend="cpu",
+                      speculative_algorithm="DSPARK")
+    d = eng.parts.decoder.worker.drafter
+    assert d.draft_vocab is not None and d.draft_vocab.markov_blocks is not None
+    g = torch.Generator().manual_seed(2)
+    bs = 5
+    hidden = torch.randn(bs, d.gamma, d.config.hidden_size, generator=g)
+    base = d.base_logits(hidden, in_map=True)
+    anchors = torch.randint(0, d.config.vocab_size, (bs,), generator=g)
+    temps = torch.zeros(bs)
+    calls = {"n": 0}
+    real = d.draft_vocab.markov_blocks.ops.markov_greedy_chain
+
+    def counting(*a):  # type: ignore[no-untyped-def]
+        calls["n"] += 1
+        return real(*a)
+
+    def chain_kernel(b, i, f=d._chain_kernel):  # type: ignore[no-untyped-def]
+        got = f(b, i)
+        return None if got is None else (counting, *got[1:])
+
+    monkeypatch.setattr(d, "_chain_kernel", chain_kernel)
+    for k in (1, 4, d.gamma):
+        fast = d.sample_chain(hidden, base, anchors, temps, num_tokens=k)
+        monkeypatch.setattr(dmodel, "CHAIN_KERNEL", False)
+        slow = d.sample_chain(hidden, base, anchors, temps, num_tokens=k)
+        monkeypatch.setattr(dmodel, "CHAIN_KERNEL", True)
+        assert torch.equal(fast.tokens, slow.tokens)
+        assert torch.equal(fast.confidences, slow.confidences)
+        assert fast.tokens.shape == (bs, k)
+    assert calls["n"] == 3
+    # a sampled row takes the Python loop
+    d.sample_chain(hidden, base, anchors, torch.full((bs,), 0.7), num_tokens=3)
+    assert calls["n"] == 3
+
+
 def test_drafter_context_update_in_one_call_is_the_fast_path(make_engine, monkeypatch) -> None:
     """At decode / verify sizes the context update is one C++ call (draft_context_update);
     it writes bitwise what the per-layer fast path writes (same kernels, same order)."""

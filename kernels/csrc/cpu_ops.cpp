@@ -35,6 +35,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("qkv_rope_store", &dspark::qkv_rope_store,
         "split q/k/v, q/k norm, rotary embedding, k/v written to pool slots; returns q");
   m.def("silu_mul", &dspark::silu_mul, "silu(gate) * up of a fused [gate | up] row");
+  m.def("markov_greedy_chain", &dspark::markov_greedy_chain,
+        "greedy DSpark chain with a vanilla Markov head on Q8 blocks (token ids [bs, k])");
   m.def("draft_context_update", &dspark::draft_context_update,
         "DSpark drafter context update: fc + norm, per layer k/v + k norm + rotary + store");
   py::class_<dspark::DecoderStack>(m, "DecoderStack")

@@ -11,6 +11,8 @@
 #include <torch/extension.h>
 
 #include <chrono>
+#include <cmath>
+#include <cstring>
 #include <vector>
 
 #include "gguf_q8.h"
@@ -64,6 +66,63 @@ inline void draft_context_update(const at::Tensor& aux, const at::Tensor& fc_w, 
     qkv_rope_store(kv, cos, sin, k_norm[l], k_norm[l], k_eps, k_bufs[l], v_bufs[l], loc, 0,
                    num_kv_heads);
   }
+}
+
+// The DSpark drafter's greedy chain with a vanilla Markov head, left to right in one call: for
+// draft j, row r's logits are base[r, j] + W2 e (e = W1[prev_r], W2 on Q8 blocks, the token
+// map's rows), its column the first maximum (torch.argmax), its token ids[column] (the column
+// itself when ids is empty), which becomes prev_r. The same kernel, add and argmax as
+// DSparkDrafter.sample_chain's Python loop, so the same tokens. base [bs, >= k, Vm] float32
+// contiguous; w1 [V, R] float32; anchors [bs] int64. Returns tokens [bs, k] int64.
+inline at::Tensor markov_greedy_chain(const at::Tensor& base, int64_t k, const at::Tensor& w1,
+                                      const at::Tensor& w2, int64_t w2_type,
+                                      const at::Tensor& ids, const at::Tensor& anchors) {
+  TORCH_CHECK(base.dim() == 3 && base.scalar_type() == at::kFloat && base.is_contiguous(),
+              "base must be float32 [bs, k, Vm] contiguous");
+  TORCH_CHECK(w1.dim() == 2 && w1.scalar_type() == at::kFloat && w1.is_contiguous(),
+              "w1 must be float32 [V, R] contiguous");
+  TORCH_CHECK(anchors.scalar_type() == at::kLong && ids.scalar_type() == at::kLong,
+              "anchors and ids must be int64");
+  const int64_t bs = base.size(0), kmax = base.size(1), vm = base.size(2), R = w1.size(1);
+  const int64_t V = w1.size(0);
+  TORCH_CHECK(k >= 0 && k <= kmax && anchors.numel() == bs, "bad chain length or anchors");
+  TORCH_CHECK(ids.numel() == 0 || ids.numel() == vm, "ids must map every column");
+  TORCH_CHECK(w2.size(0) == vm, "W2 must have one row per column");
+  at::Tensor tokens = at::empty({bs, k}, anchors.options());
+  if (bs == 0 || k == 0) return tokens;
+  const int64_t* idp = ids.numel() ? ids.data_ptr<int64_t>() : nullptr;
+  const float* bp = base.data_ptr<float>();
+  const float* w1p = w1.data_ptr<float>();
+  int64_t* tp = tokens.data_ptr<int64_t>();
+  std::vector<int64_t> prev(anchors.data_ptr<int64_t>(), anchors.data_ptr<int64_t>() + bs);
+  at::Tensor e = at::empty({bs, R}, base.options());
+  float* ep = e.data_ptr<float>();
+  const Q8Linear w2l{w2, w2_type};
+  for (int64_t j = 0; j < k; ++j) {
+    for (int64_t r = 0; r < bs; ++r) {
+      TORCH_CHECK(prev[r] >= 0 && prev[r] < V, "token id out of the Markov embedding");
+      std::memcpy(ep + r * R, w1p + prev[r] * R, R * sizeof(float));
+    }
+    const at::Tensor bias = q8_linear(e, w2l);  // [bs, Vm]
+    const float* biasp = bias.data_ptr<float>();
+    for (int64_t r = 0; r < bs; ++r) {
+      const float* br = bp + (r * kmax + j) * vm;
+      const float* ur = biasp + r * vm;
+      int64_t best = 0;
+      float bv = br[0] + ur[0];
+      for (int64_t c = 1; c < vm && !std::isnan(bv); ++c) {
+        const float v = br[c] + ur[c];
+        if (v > bv || std::isnan(v)) {
+          bv = v;
+          best = c;
+        }
+      }
+      const int64_t tok = idp ? idp[best] : best;
+      tp[r * k + j] = tok;
+      prev[r] = tok;
+    }
+  }
+  return tokens;
 }
 
 struct StackLayer {

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -39,6 +40,11 @@ from dspark_sglang.speculative.dspark.confidence import (
 from dspark_sglang.speculative.dspark.config import DSparkConfig
 from dspark_sglang.speculative.dspark.markov import MarkovHead, build_markov_head
 from dspark_sglang.speculative.dspark.token_map import DraftVocab
+from dspark_sglang.utils.env import env_on
+
+# the all-greedy chain over a vanilla Markov head on Q8 blocks as one C++ call
+# (DSPARK_CHAIN_KERNEL=0: the Python loop)
+CHAIN_KERNEL = env_on("DSPARK_CHAIN_KERNEL")
 
 # mask_fn(k, prev_tokens [bs]) -> additive mask [bs, V] (0 = allowed, -inf = banned) or None
 MaskFn = Callable[[int, torch.Tensor], "torch.Tensor | None"]
@@ -203,6 +209,7 @@ class DSparkDrafter(nn.Module):
             persistent=False)
         self.register_buffer("sts_temperatures", torch.ones(config.block_size), persistent=False)
         self.draft_vocab: DraftVocab | None = None  # token map (set_token_map); None = full
+        self._w1_float: tuple[torch.Tensor, torch.Tensor] | None = None  # (W1, float32 W1)
 
     @property
     def gamma(self) -> int:
@@ -344,6 +351,26 @@ class DSparkDrafter(nn.Module):
 
     # ---- chain sampling -------------------------------------------------------------------
 
+    def _chain_kernel(self, base_logits: torch.Tensor, ids: torch.Tensor | None
+                      ) -> tuple[Any, torch.Tensor, torch.Tensor, int] | None:
+        """(op, W1 float32, W2 map blocks, their type) for ``markov_greedy_chain`` when the
+        all-greedy chain can run in C++: CPU, map space, a vanilla Markov head whose map rows
+        are on one Q8-kernel block matrix; else None."""
+        sub, head = self.draft_vocab, self.markov_head
+        if (not CHAIN_KERNEL or ids is None or sub is None or sub.markov_blocks is None
+                or head is None or head.head_type != "vanilla" or base_logits.device.type != "cpu"):
+            return None
+        blocks = sub.markov_blocks
+        plan = blocks.plan()
+        op = getattr(blocks.ops, "markov_greedy_chain", None)
+        if op is None or len(plan) != 1 or plan[0][0] is not blocks.ops.gguf_matmul_q8:
+            return None
+        w1 = head.markov_w1.weight
+        if self._w1_float is None or self._w1_float[0] is not w1:
+            self._w1_float = (w1, w1.detach().float().contiguous())
+        return op, self._w1_float[1], plan[0][1], plan[0][2]
+
+
     @torch.no_grad()
     def sample_chain(
         self,
@@ -394,7 +421,13 @@ class DSparkDrafter(nn.Module):
         # with a confidence head and no grammar mask, every position's confidence is computed
         # after the loop in one call (it reads h_k and x_{k-1} only, both known by then)
         batch_conf = mask_fn is None and self.confidence_head is not None
-        for k in range(k_total):
+        chain_op = (self._chain_kernel(base_logits, ids)
+                    if batch_conf and not sampled_rows and k_total else None)
+        if chain_op is not None:  # the loop below in C++ (same kernels: the same tokens)
+            op, w1, w2, w2_type = chain_op
+            tokens = list(op(base_logits.float().contiguous(), k_total, w1, w2, w2_type,
+                             ids.long(), prev.cpu()).unbind(1))
+        for k in range(k_total if chain_op is None else 0):
             h_k = block_hidden[:, k]
             logits = base_logits[:, k].float()  # [bs, V]
             if self.markov_head is not None:

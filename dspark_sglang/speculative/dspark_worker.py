@@ -177,10 +177,11 @@ class DSparkWorker(DraftWorker):
             return
         for res in results:
             st = self.budget_states.get(res.req.rid)
-            if st is not None:  # forced tokens replaced the proposal: nothing to learn
-                self.budget_states[res.req.rid] = replace(
-                    st, proposed=0 if res.forced else st.proposed,
-                    last_accepted=res.num_accepted)
+            if st is None or (st.proposed == 0 and st.last_accepted == res.num_accepted):
+                continue  # (no draft: the record would not change)
+            # forced tokens replaced the proposal: nothing to learn
+            self.budget_states[res.req.rid] = replace(
+                st, proposed=0 if res.forced else st.proposed, last_accepted=res.num_accepted)
 
     def release(self, req: Req) -> None:
         self.budget_states.pop(req.rid, None)
@@ -211,18 +212,21 @@ class DSparkWorker(DraftWorker):
         if not self.draft_budget:
             return rooms
         emas = []
+        states = self.budget_states
         for r in reqs:
-            st = self.budget_states.get(r.rid)
+            st = states.get(r.rid)
             if st is None:
                 ema = float(self.gamma) if self._acc_prior is None else self._acc_prior
             else:
                 ema = st.acc_ema
-                if st.proposed > 0:  # drafted last step (verified or not)
-                    acc = st.last_accepted
-                    ema = 0.6 * ema + 0.4 * acc
-                    self._acc_prior = (float(acc) if self._acc_prior is None
-                                       else 0.9 * self._acc_prior + 0.1 * acc)
-            self.budget_states[r.rid] = BudgetState(acc_ema=ema)
+                if st.proposed == 0:  # no draft last step: the record stays as it is
+                    emas.append(ema)
+                    continue
+                acc = st.last_accepted  # drafted last step (verified or not)
+                ema = 0.6 * ema + 0.4 * acc
+                self._acc_prior = (float(acc) if self._acc_prior is None
+                                   else 0.9 * self._acc_prior + 0.1 * acc)
+            states[r.rid] = BudgetState(acc_ema=ema)
             emas.append(ema)
         # a batch step yields one token per request; drafting pays when the expected accepted
         # drafts per request (mean EMA, in steps saved) exceed what it costs in batch steps:

@@ -144,3 +144,25 @@ def test_verify_cost_of_the_drafted_positions_counts() -> None:
         rooms = w._draft_budget([r], [10])
         assert (max(rooms) > 0) is pays, type(table).__name__
     assert w._verify_cost_in_steps(1, 2.0) == 1.0  # 3 tokens take 0.2 s against 0.1 s
+
+
+def test_draft_time_skips_the_first_call_and_caps_a_slow_one(monkeypatch) -> None:
+    """The engine's first draft (one-time setup) does not price drafting; later calls feed an
+    EMA in which one slow call counts at most 3x the estimate."""
+    import time
+
+    from dspark_sglang.speculative.worker import Draft
+
+    w = _worker(draft_time=None)  # type: ignore[arg-type]
+    w.draft_budget, w._draft_calls, w.context_len = False, 0, 100
+    w._propose = lambda reqs, rooms: [Draft() for _ in reqs]  # type: ignore[method-assign]
+    ticks = iter([0.0, 5.0, 10.0, 10.01, 20.0, 20.01, 30.0, 31.0])  # t0, t1 per call
+    monkeypatch.setattr(time, "perf_counter", lambda: next(ticks))
+    req = SimpleNamespace(rid="r", draft_room=lambda ctx: 5)
+    w.propose([req])
+    assert w._draft_time is None  # 5 s of setup ignored
+    w.propose([req])
+    assert abs(w._draft_time - 0.01) < 1e-9
+    w.propose([req])
+    w.propose([req])  # 1 s: counted as 0.03
+    assert abs(w._draft_time - (0.8 * 0.01 + 0.2 * 0.03)) < 1e-9

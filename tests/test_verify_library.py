@@ -17,7 +17,7 @@ from dspark_sglang.layers.coupling import coupled_sample
 from dspark_sglang.speculative import spec_decoder, tree, verify
 from tests.conftest import PROMPTS, greedy
 
-RULES = ("greedy_verify_padded", "coupled_verify", "rejection_verify", "tree_greedy_verify",
+RULES = ("greedy_verify_rows", "coupled_verify", "rejection_verify", "tree_greedy_verify",
          "tree_rejection_verify")
 
 

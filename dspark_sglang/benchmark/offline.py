@@ -91,6 +91,10 @@ def measure(gen: GenFn, tokenizer: Any, vocab_size: int, cfg: OfflineConfig) -> 
             tn = _timed(gen, batch, cfg.decode_tokens + 1, cfg.repeats)
             res[f"decode_b{b}_tok_s"] = (b * cfg.decode_tokens / (tn - t1) if tn > t1
                                          else None)
+            if tn <= t1:  # the decode time is inside the two prefills' run-to-run spread
+                res.setdefault("error", f"batch {b}: decode lost in prefill noise (generate "
+                               f"of {cfg.decode_tokens + 1} tokens {tn:.2f}s <= of 1 token "
+                               f"{t1:.2f}s); bench_step --batch-size {b} times steps directly")
         except Exception as e:  # noqa: BLE001 - reported in the table, the run goes on
             res[f"decode_b{b}_tok_s"] = None
             res.setdefault("error", error_text(e))

@@ -168,7 +168,8 @@ def test_small_scan_and_array_form_decide_identically() -> None:
         limits = [rng.randint(-1, width) for _ in range(bs)] if trial % 2 else None
         budget = rng.choice([None, bs + rng.randint(0, 40)])
         table = tables[trial % len(tables)]
-        ref = prefix_scheduler._schedule_numpy(conf, table, limits, budget)
+        ref = prefix_scheduler._schedule_numpy(
+            *prefix_scheduler._pad_confidences(conf, limits), table, budget)
         scans += prefix_scheduler._small_rows(conf, limits) is not None
         for inp in (conf, conf.tolist(), conf.numpy()):
             dec = schedule_prefix(inp, table, limits, budget)

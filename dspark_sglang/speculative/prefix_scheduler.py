@@ -151,17 +151,14 @@ def schedule_prefix(
     rows = _small_rows(confidences, max_lengths)
     if rows is not None:
         return _schedule_scan(rows, sps_table, max_num_verify_tokens)
-    return _schedule_numpy(confidences, sps_table, max_lengths, max_num_verify_tokens)
-
-
-def _schedule_numpy(
-    confidences: ConfidenceInput,
-    sps_table: SPSTable,
-    max_lengths: Sequence[int] | None = None,
-    max_num_verify_tokens: int | None = None,
-) -> ScheduleDecision:
-    """:func:`schedule_prefix` as array operations (any number of candidates)."""
     conf, avail = _pad_confidences(confidences, max_lengths)
+    return _schedule_numpy(conf, avail, sps_table, max_num_verify_tokens)
+
+
+def _schedule_numpy(conf: np.ndarray, avail: np.ndarray, sps_table: SPSTable,
+                    max_num_verify_tokens: int | None) -> ScheduleDecision:
+    """:func:`schedule_prefix` as array operations over ``_pad_confidences``' output (any
+    number of candidates)."""
     bs, width = conf.shape
     if bs == 0:
         return ScheduleDecision([], 0.0, 0, 0.0)

@@ -148,21 +148,24 @@ def profile_sps(
     """Time ``step_fn(b)`` (one target forward over ``b`` tokens) for each ``b``.
 
     ``step_fn`` must return only when the forward is finished (on GPU: synchronise inside it).
-    Each count gets ``warmup`` untimed calls, then ``repeats`` timed ones; the table stores
+    Each count gets ``warmup`` untimed calls, then ``repeats`` timed ones taken in rounds over
+    all counts (1, 2, 4, ..., 1, 2, 4, ...), so a burst of load from another process lands on
+    one round of every count rather than on several calls of one count; the table stores
     ``1 / median(call time)``. ``clock`` is injectable for tests.
     """
     if repeats < 1 or warmup < 0:
         raise ValueError("need repeats >= 1 and warmup >= 0")
-    measurements: dict[int, float] = {}
-    for b in sorted({int(x) for x in token_counts}):
+    counts = sorted({int(x) for x in token_counts})
+    for b in counts:
         for _ in range(warmup):
             step_fn(b)
-        times = []
-        for _ in range(repeats):
+    times: dict[int, list[float]] = {b: [] for b in counts}
+    for _ in range(repeats):
+        for b in counts:
             t0 = clock()
             step_fn(b)
-            times.append(clock() - t0)
-        measurements[b] = 1.0 / max(statistics.median(times), 1e-9)
+            times[b].append(clock() - t0)
+    measurements = {b: 1.0 / max(statistics.median(t), 1e-9) for b, t in times.items()}
     return SPSTable.from_measurements(
         measurements, {"repeats": repeats, "warmup": warmup, "kind": "profiled"}
     )

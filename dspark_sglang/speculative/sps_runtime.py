@@ -29,8 +29,9 @@ DEFAULT_TOKEN_COUNTS = (1, 2, 4, 8, 12, 16, 24, 32, 48, 64, 96, 128, 192, 256)
 _CTX_PER_REQ = 128
 _TOKENS_PER_REQ = 8  # a verify batch is many short chains: bs = ceil(B / 8)
 # bumped when how the engine runs its forwards changes their cost (2: the model is loaded and
-# run on the scheduler thread, one OpenMP team: earlier tables were measured 2x slower)
-PROFILE_VERSION = 2
+# run on the scheduler thread, one OpenMP team: earlier tables were measured 2x slower) or how
+# they are timed (3: rounds over the token counts, so a burst of load skews no single count)
+PROFILE_VERSION = 3
 
 
 def _sps_cache_path(model_path: str, runner: ModelRunner) -> Path:

@@ -81,6 +81,7 @@ class DSparkWorker(DraftWorker):
         self._scratch = torch.arange(num_slots + 1, num_slots + 1 + self.gamma * self.scratch_reqs,
                                      device=device)
         self._block_stack: Any = None  # C++ DecoderStack of the drafter's layers (see below)
+        self._block_consts: dict[int, tuple[torch.Tensor, ...]] = {}  # per batch size
         self._ctx_plan: tuple[Any, ...] | None = None  # draft_context_update's weights; () none
         self._rope_table: tuple[torch.Tensor, torch.Tensor] | None = None
         self._block_stack_linears: list[Any] = []  # the merged Q8 linears it holds
@@ -425,18 +426,25 @@ class DSparkWorker(DraftWorker):
         (each row's context slots, then anything) -> final-normed block hidden [bs, g, H]."""
         d, g = self.drafter, self.gamma
         bs = int(anchors.shape[0])
-        x = d.embed_tokens(d.block_input_ids(anchors)).reshape(bs * g, -1).float().contiguous()
-        offs = torch.arange(g)
-        positions = (lens.long()[:, None] + offs).reshape(-1)
-        cos, sin = rope_cos_sin(positions, d.inv_freq, torch.float32)
+        consts = self._block_consts.get(bs)
+        if consts is None:  # per batch size: the tensors that do not depend on the step
+            ar = torch.arange(bs)
+            ids = torch.full((bs, g), d.config.mask_token_id, dtype=torch.long)
+            consts = (torch.arange(g), ar, torch.full((bs,), g, dtype=torch.long), ar * g,
+                      torch.zeros(bs, dtype=torch.long), ids)
+            self._block_consts[bs] = consts
+        offs, ar, g_lens, q_start, no_mask, ids = consts
+        ids = ids.clone()
+        ids[:, 0] = anchors  # block_input_ids: [anchor, mask, ..., mask]
+        x = d.embed_tokens(ids).reshape(bs * g, -1).float().contiguous()
+        lens = lens.long()
+        at = lens[:, None] + offs
+        cos, sin = self._rope_tables(at.reshape(-1))  # rope_cos_sin's values, from the table
         scratch = self._scratch[: bs * g].view(bs, g)
-        table = torch.zeros(bs, slots.shape[1] + g, dtype=torch.long)
-        table[:, : slots.shape[1]] = slots
-        table.scatter_(1, lens.long()[:, None] + offs, scratch)
-        ar = torch.arange(bs)
-        out = stack.forward(x, cos, sin, scratch.reshape(-1), table, ar, lens.long() + g,
-                            torch.full((bs,), g, dtype=torch.long), ar * g, self._block_ones,
-                            torch.zeros(bs, dtype=torch.long), [])[0]
+        table = torch.cat([slots, scratch], dim=1)
+        table.scatter_(1, at, scratch)
+        out = stack.forward(x, cos, sin, scratch.reshape(-1), table, ar, lens + g, g_lens,
+                            q_start, self._block_ones, no_mask, [])[0]
         return d.norm(out).view(bs, g, -1)
 
     def _propose_tree(self, reqs: list[Req], hidden: torch.Tensor, base: torch.Tensor,

@@ -292,15 +292,16 @@ class DSparkWorker(DraftWorker):
             for i, d in zip(idx, sub):
                 drafts[i] = d
         dt = time.perf_counter() - t0
+        # the engine's first draft pays one-time costs (first touch, lazy tables) and is not
+        # priced: priced as it was, it kept the budget from drafting for hundreds of steps.
+        # Later calls: whole-batch drafting only, one slow call (a page fault, another
+        # process) moving the estimate at most to 3x
         self._draft_calls += 1
-        if self._draft_calls == 1:
-            pass  # the engine's first draft pays one-time costs (first touch, lazy tables):
-            # priced as it is, it kept the budget from drafting for hundreds of steps
-        elif self._draft_time is None:
-            self._draft_time = dt
-        elif min(rooms) > 0:  # prices whole-batch drafting only; one slow call (a page
-            # fault, another process) moves the estimate at most to 3x
-            self._draft_time = 0.8 * self._draft_time + 0.2 * min(dt, 3 * self._draft_time)
+        if self._draft_calls > 1:
+            if self._draft_time is None:
+                self._draft_time = dt
+            elif min(rooms) > 0:
+                self._draft_time = 0.8 * self._draft_time + 0.2 * min(dt, 3 * self._draft_time)
         return drafts
 
     def _propose(self, reqs: list[Req], rooms: list[int]) -> list[Draft]:
@@ -311,17 +312,17 @@ class DSparkWorker(DraftWorker):
         rows = torch.tensor([r.req_pool_idx for r in reqs])
         slots = self.req_to_token[rows.to(self.req_to_token.device), :max_len].to(dev)  # [bs, L]
         lens = lens.to(dev)
-        valid = torch.arange(max_len, device=dev)[None, :] < lens[:, None]
-        slots = torch.where(valid, slots, torch.zeros_like(slots))
         anchors = torch.tensor([r.output_ids[-1] for r in reqs], device=dev)
         stack = self.block_stack()
-        if stack is not None:
+        if stack is not None:  # (reads each row's slots below its length only)
             hidden = torch.cat([
                 self._forward_block_stack(stack, anchors[i:i + self.scratch_reqs],
                                           lens[i:i + self.scratch_reqs],
                                           slots[i:i + self.scratch_reqs])
                 for i in range(0, bs, self.scratch_reqs)])
         else:
+            valid = torch.arange(max_len, device=dev)[None, :] < lens[:, None]
+            slots = torch.where(valid, slots, torch.zeros_like(slots))
             ctx_k = [self.ctx_pool.k_bufs[i][slots] for i in range(self.ctx_pool.num_layers)]
             ctx_v = [self.ctx_pool.v_bufs[i][slots] for i in range(self.ctx_pool.num_layers)]
             hidden = self.drafter.forward_block(anchors, lens, ctx_k, ctx_v, valid)  # [bs, g, H]

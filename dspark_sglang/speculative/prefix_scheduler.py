@@ -90,9 +90,9 @@ def _small_rows(confidences: ConfidenceInput, max_lengths: Sequence[int] | None
         shape = tuple(confidences.shape)
         if len(shape) != 2 or shape[0] * shape[1] > SMALL_CANDIDATES:
             return None  # (a wrong shape gets the numpy form's error)
-        arr = (confidences.detach().cpu().double().numpy()
-               if isinstance(confidences, torch.Tensor) else confidences)
-        rows = np.asarray(arr, dtype=np.float64).tolist()
+        rows = (confidences.detach().cpu().double().tolist()
+                if isinstance(confidences, torch.Tensor)
+                else np.asarray(confidences, dtype=np.float64).tolist())
     else:
         if sum(len(c) for c in confidences) > SMALL_CANDIDATES:
             return None

@@ -370,7 +370,6 @@ class DSparkDrafter(nn.Module):
             self._w1_float = (w1, w1.detach().float().contiguous())
         return op, self._w1_float[1], plan[0][1], plan[0][2]
 
-
     @torch.no_grad()
     def sample_chain(
         self,

@@ -43,3 +43,16 @@ def test_synthesized_prompts_are_unique_and_exclude_eval_prompts() -> None:
     assert not {r["turns"][0] for r in again} & set(banned)
     with pytest.raises(ValueError, match="distinct json"):
         synthesize(10, 10_000)
+
+
+def test_synthesized_code_and_math_prompts() -> None:
+    rows = synthesize(0, 0, seed=3, num_code=400, num_math=200)
+    by_domain = {d: [r["turns"][0] for r in rows if r["domain"] == d] for d in ("code", "math")}
+    assert len(by_domain["code"]) == 400 and len(by_domain["math"]) == 200
+    assert all(t.endswith("within \\boxed{}.") for t in by_domain["math"])
+    assert len({t.lower() for t in by_domain["code"]}) == 400
+    # the stdlib stubs are real signatures with docstrings, in a fenced code block
+    stubs = [t for t in by_domain["code"] if t.startswith("Write a solution")]
+    assert stubs and all("```python\ndef " in t and '"""' in t for t in stubs)
+    # a pool of zero rows takes nothing (and does not raise)
+    assert synthesize(0, 5, seed=3) and all(r["domain"] == "json" for r in synthesize(0, 5))

@@ -33,6 +33,8 @@ DEFAULT_PROMPT_FILES = (
     str(workloads_dir() / "train_prompts.jsonl"),
     str(Path(__file__).with_name("chat_json_prompts.jsonl")),
     str(Path(__file__).with_name("chat_json_synth.jsonl")),
+    str(Path(__file__).with_name("chat_synth2.jsonl")),
+    str(Path(__file__).with_name("code_math_synth.jsonl")),
 )
 
 

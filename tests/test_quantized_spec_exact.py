@@ -249,6 +249,52 @@ def test_greedy_chain_kernel_draws_the_python_loops_tokens(make_engine, monkeypa
     # a sampled row takes the Python loop
     d.sample_chain(hidden, base, anchors, torch.full((bs,), 0.7), num_tokens=3)
     assert calls["n"] == 3
+    # the bias cache is warm now: chains served from it draw the same tokens again, also for
+    # anchors whose slots other tokens took (direct-mapped: token % rows)
+    rows = d._bias_cache[2].shape[0]
+    assert rows > 0 and int((d._bias_cache[3] >= 0).sum()) > bs
+    # the last: one call where a miss takes the slot a hit of the same step reads
+    both = (torch.cat([hidden, hidden]), torch.cat([base, base]), torch.zeros(2 * bs))
+    for extra in (anchors, anchors + rows, anchors.flip(0), torch.cat([anchors, anchors + rows])):
+        h, b, t = both if len(extra) > bs else (hidden, base, temps)
+        fast = d.sample_chain(h, b, extra % d.config.vocab_size, t)
+        monkeypatch.setattr(dmodel, "CHAIN_KERNEL", False)
+        slow = d.sample_chain(h, b, extra % d.config.vocab_size, t)
+        monkeypatch.setattr(dmodel, "CHAIN_KERNEL", True)
+        assert torch.equal(fast.tokens, slow.tokens)
+
+
+def test_markov_bias_rows_do_not_depend_on_the_other_rows(make_engine) -> None:
+    """The chain's bias cache relies on the Q8 kernel computing every activation row on its own:
+    a token's W2 e row computed alone, among 5 and among 37 rows is bitwise the same."""
+    import torch
+
+    eng = make_engine(None, quantization="gguf", attention_backend="cpu",
+                      speculative_algorithm="DSPARK")
+    d = eng.parts.decoder.worker.drafter
+    g = torch.Generator().manual_seed(4)
+    hidden = torch.randn(37, d.gamma, d.config.hidden_size, generator=g)
+    base = d.base_logits(hidden, in_map=True)
+    got = d._chain_kernel(base, d.draft_vocab.token_ids)
+    assert got is not None
+    op, w1, w2, w2_type, _, _ = got
+    ids = d.draft_vocab.token_ids.long()
+    anchors = torch.randperm(512, generator=g)[:37] * 7  # distinct mod 512
+
+    def cached_rows(n: int) -> dict[int, torch.Tensor]:
+        cache = torch.empty(512, base.shape[-1])  # no two of these anchors share a slot
+        tags = torch.full((cache.shape[0],), -1, dtype=torch.long)
+        out = {}
+        for i in range(0, 37, n):
+            a = anchors[i:i + n]
+            op(base[i:i + n].contiguous(), 1, w1, w2, w2_type, ids, a, cache, tags)
+            out.update({int(t): cache[int(t) % cache.shape[0]].clone() for t in a})
+        return out
+
+    alone, five, all_rows = cached_rows(1), cached_rows(5), cached_rows(37)
+    assert alone.keys() == five.keys() == all_rows.keys() and len(alone) == 37
+    for t, row in alone.items():
+        assert torch.equal(row, five[t]) and torch.equal(row, all_rows[t])
 
 
 def test_drafter_context_update_in_one_call_is_the_fast_path(make_engine, monkeypatch) -> None:

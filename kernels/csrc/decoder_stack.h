@@ -68,15 +68,61 @@ inline void draft_context_update(const at::Tensor& aux, const at::Tensor& fc_w, 
   }
 }
 
+// First maximum of a[c] + b[c] over c < n (torch.argmax of the sum: the first NaN wins when
+// there is one). One vector pass sums into tmp and keeps the running maximum; a sum that is not
+// finite anywhere (NaN or +-inf, seen as a NaN in sum * 0) takes the exact scalar loop instead.
+inline int64_t add_argmax(const float* a, const float* b, int64_t n, float* tmp) {
+  int64_t c = 0;
+  float m = -INFINITY;
+  bool finite = true;
+  if (n >= VecF::kWidth) {
+    VecF vm = VecF::set1(-INFINITY), probe = VecF::set1(0.0f);
+    const VecF zero = VecF::set1(0.0f);
+    for (; c + VecF::kWidth <= n; c += VecF::kWidth) {
+      const VecF v = VecF::load(a + c) + VecF::load(b + c);
+      v.store(tmp + c);
+      vm = vmax(vm, v);
+      probe = fma(v, zero, probe);
+    }
+    m = vm.max();
+    finite = std::isfinite(probe.sum()) && std::isfinite(m);
+  }
+  for (; c < n; ++c) {
+    tmp[c] = a[c] + b[c];
+    finite = finite && std::isfinite(tmp[c]);
+    m = tmp[c] > m ? tmp[c] : m;
+  }
+  if (finite) {
+    for (int64_t i = 0; i < n; ++i)
+      if (tmp[i] == m) return i;
+  }
+  int64_t best = 0;  // the scalar loop, NaN- and inf-exact
+  float bv = a[0] + b[0];
+  for (int64_t i = 1; i < n && !std::isnan(bv); ++i) {
+    const float v = a[i] + b[i];
+    if (v > bv || std::isnan(v)) {
+      bv = v;
+      best = i;
+    }
+  }
+  return best;
+}
+
 // The DSpark drafter's greedy chain with a vanilla Markov head, left to right in one call: for
 // draft j, row r's logits are base[r, j] + W2 e (e = W1[prev_r], W2 on Q8 blocks, the token
 // map's rows), its column the first maximum (torch.argmax), its token ids[column] (the column
 // itself when ids is empty), which becomes prev_r. The same kernel, add and argmax as
 // DSparkDrafter.sample_chain's Python loop, so the same tokens. base [bs, >= k, Vm] float32
 // contiguous; w1 [V, R] float32; anchors [bs] int64. Returns tokens [bs, k] int64.
+// cache [C, Vm] float32 + tags [C] int64 (-1: empty), owned by the caller and kept across calls,
+// hold W2 e rows by previous token (slot = token % C): the bias depends on the previous token
+// only, and the kernel computes every row on its own (a row's result does not depend on the
+// other rows of the call, tested), so a cached row is bitwise the computed one. Empty tensors:
+// no cache.
 inline at::Tensor markov_greedy_chain(const at::Tensor& base, int64_t k, const at::Tensor& w1,
                                       const at::Tensor& w2, int64_t w2_type,
-                                      const at::Tensor& ids, const at::Tensor& anchors) {
+                                      const at::Tensor& ids, const at::Tensor& anchors,
+                                      const at::Tensor& cache, const at::Tensor& tags) {
   TORCH_CHECK(base.dim() == 3 && base.scalar_type() == at::kFloat && base.is_contiguous(),
               "base must be float32 [bs, k, Vm] contiguous");
   TORCH_CHECK(w1.dim() == 2 && w1.scalar_type() == at::kFloat && w1.is_contiguous(),
@@ -88,38 +134,59 @@ inline at::Tensor markov_greedy_chain(const at::Tensor& base, int64_t k, const a
   TORCH_CHECK(k >= 0 && k <= kmax && anchors.numel() == bs, "bad chain length or anchors");
   TORCH_CHECK(ids.numel() == 0 || ids.numel() == vm, "ids must map every column");
   TORCH_CHECK(w2.size(0) == vm, "W2 must have one row per column");
+  const int64_t C = cache.numel() ? cache.size(0) : 0;
+  TORCH_CHECK(C == 0 || (cache.dim() == 2 && cache.size(1) == vm && cache.is_contiguous() &&
+                         cache.scalar_type() == at::kFloat && tags.numel() == C &&
+                         tags.scalar_type() == at::kLong && tags.is_contiguous()),
+              "cache must be float32 [C, Vm] with int64 tags [C]");
   at::Tensor tokens = at::empty({bs, k}, anchors.options());
   if (bs == 0 || k == 0) return tokens;
   const int64_t* idp = ids.numel() ? ids.data_ptr<int64_t>() : nullptr;
   const float* bp = base.data_ptr<float>();
   const float* w1p = w1.data_ptr<float>();
+  float* cp = C ? cache.data_ptr<float>() : nullptr;
+  int64_t* tagp = C ? tags.data_ptr<int64_t>() : nullptr;
   int64_t* tp = tokens.data_ptr<int64_t>();
   std::vector<int64_t> prev(anchors.data_ptr<int64_t>(), anchors.data_ptr<int64_t>() + bs);
-  at::Tensor e = at::empty({bs, R}, base.options());
-  float* ep = e.data_ptr<float>();
+  std::vector<const float*> row_bias(bs);
+  std::vector<int64_t> miss;  // rows whose bias is computed this step
+  std::vector<int64_t> miss_tok(bs);  // their previous tokens
+  std::vector<float> tmp(vm);
   const Q8Linear w2l{w2, w2_type};
   for (int64_t j = 0; j < k; ++j) {
+    miss.clear();
     for (int64_t r = 0; r < bs; ++r) {
       TORCH_CHECK(prev[r] >= 0 && prev[r] < V, "token id out of the Markov embedding");
-      std::memcpy(ep + r * R, w1p + prev[r] * R, R * sizeof(float));
-    }
-    const at::Tensor bias = q8_linear(e, w2l);  // [bs, Vm]
-    const float* biasp = bias.data_ptr<float>();
-    for (int64_t r = 0; r < bs; ++r) {
-      const float* br = bp + (r * kmax + j) * vm;
-      const float* ur = biasp + r * vm;
-      int64_t best = 0;
-      float bv = br[0] + ur[0];
-      for (int64_t c = 1; c < vm && !std::isnan(bv); ++c) {
-        const float v = br[c] + ur[c];
-        if (v > bv || std::isnan(v)) {
-          bv = v;
-          best = c;
-        }
+      const int64_t slot = C ? prev[r] % C : 0;
+      if (C && tagp[slot] == prev[r]) {
+        row_bias[r] = cp + slot * vm;
+      } else {
+        miss.push_back(r);
       }
+    }
+    at::Tensor bias;
+    if (!miss.empty()) {
+      const int64_t nm = static_cast<int64_t>(miss.size());
+      at::Tensor e = at::empty({nm, R}, base.options());
+      float* ep = e.data_ptr<float>();
+      for (int64_t i = 0; i < nm; ++i)
+        std::memcpy(ep + i * R, w1p + prev[miss[i]] * R, R * sizeof(float));
+      bias = q8_linear(e, w2l);  // [nm, Vm]
+      const float* biasp = bias.data_ptr<float>();
+      for (int64_t i = 0; i < nm; ++i) row_bias[miss[i]] = biasp + i * vm;
+      // into the cache only after this step's argmaxes: a miss may take the slot of a hit
+      for (int64_t i = 0; C && i < nm; ++i) miss_tok[i] = prev[miss[i]];
+    }
+    for (int64_t r = 0; r < bs; ++r) {
+      const int64_t best = add_argmax(bp + (r * kmax + j) * vm, row_bias[r], vm, tmp.data());
       const int64_t tok = idp ? idp[best] : best;
       tp[r * k + j] = tok;
       prev[r] = tok;
+    }
+    for (size_t i = 0; C && i < miss.size(); ++i) {
+      const int64_t slot = miss_tok[i] % C;
+      std::memcpy(cp + slot * vm, bias.data_ptr<float>() + i * vm, vm * sizeof(float));
+      tagp[slot] = miss_tok[i];
     }
   }
   return tokens;

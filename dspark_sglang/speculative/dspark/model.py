@@ -18,6 +18,7 @@ Parameter names match DeepSpec's ``Qwen3DSparkModel`` state dict, minus ``embed_
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -45,6 +46,9 @@ from dspark_sglang.utils.env import env_on
 # the all-greedy chain over a vanilla Markov head on Q8 blocks as one C++ call
 # (DSPARK_CHAIN_KERNEL=0: the Python loop)
 CHAIN_KERNEL = env_on("DSPARK_CHAIN_KERNEL")
+# memory for the C++ chain's Markov-bias rows cached by previous token (0: no cache); 64 MB is
+# 2,048 rows of an 8,192-id map
+BIAS_CACHE_BYTES = int(os.environ.get("DSPARK_BIAS_CACHE_MB", "64")) << 20
 
 # mask_fn(k, prev_tokens [bs]) -> additive mask [bs, V] (0 = allowed, -inf = banned) or None
 MaskFn = Callable[[int, torch.Tensor], "torch.Tensor | None"]
@@ -210,6 +214,8 @@ class DSparkDrafter(nn.Module):
         self.register_buffer("sts_temperatures", torch.ones(config.block_size), persistent=False)
         self.draft_vocab: DraftVocab | None = None  # token map (set_token_map); None = full
         self._w1_float: tuple[torch.Tensor, torch.Tensor] | None = None  # (W1, float32 W1)
+        # the C++ chain's cache of Markov-bias rows by previous token: (W1, W2 blocks, rows, tags)
+        self._bias_cache: tuple[torch.Tensor, ...] | None = None
 
     @property
     def gamma(self) -> int:
@@ -352,10 +358,14 @@ class DSparkDrafter(nn.Module):
     # ---- chain sampling -------------------------------------------------------------------
 
     def _chain_kernel(self, base_logits: torch.Tensor, ids: torch.Tensor | None
-                      ) -> tuple[Any, torch.Tensor, torch.Tensor, int] | None:
-        """(op, W1 float32, W2 map blocks, their type) for ``markov_greedy_chain`` when the
-        all-greedy chain can run in C++: CPU, map space, a vanilla Markov head whose map rows
-        are on one Q8-kernel block matrix; else None."""
+                      ) -> tuple[Any, torch.Tensor, torch.Tensor, int, torch.Tensor,
+                                 torch.Tensor] | None:
+        """(op, W1 float32, W2 map blocks, their type, bias-cache rows, tags) for
+        ``markov_greedy_chain`` when the all-greedy chain can run in C++: CPU, map space, a
+        vanilla Markov head whose map rows are on one Q8-kernel block matrix; else None. The
+        cache (``BIAS_CACHE_BYTES`` of W2 e rows keyed by the previous token, kept while W1 and
+        W2 are the same tensors) saves the one small matmul per drafted position for tokens seen
+        before: the bias depends on the previous token only."""
         sub, head = self.draft_vocab, self.markov_head
         if (not CHAIN_KERNEL or ids is None or sub is None or sub.markov_blocks is None
                 or head is None or head.head_type != "vanilla" or base_logits.device.type != "cpu"):
@@ -368,7 +378,14 @@ class DSparkDrafter(nn.Module):
         w1 = head.markov_w1.weight
         if self._w1_float is None or self._w1_float[0] is not w1:
             self._w1_float = (w1, w1.detach().float().contiguous())
-        return op, self._w1_float[1], plan[0][1], plan[0][2]
+        w2 = plan[0][1]
+        bc = self._bias_cache
+        if bc is None or bc[0] is not w1 or bc[1] is not w2:
+            vm = int(w2.shape[0])
+            rows = max(0, min(4096, BIAS_CACHE_BYTES // (4 * max(vm, 1))))
+            bc = self._bias_cache = (w1, w2, torch.empty(rows, vm),
+                                     torch.full((rows,), -1, dtype=torch.long))
+        return op, self._w1_float[1], w2, plan[0][2], bc[2], bc[3]
 
     @torch.no_grad()
     def sample_chain(
@@ -423,9 +440,9 @@ class DSparkDrafter(nn.Module):
         chain_op = (self._chain_kernel(base_logits, ids)
                     if batch_conf and not sampled_rows and k_total else None)
         if chain_op is not None:  # the loop below in C++ (same kernels: the same tokens)
-            op, w1, w2, w2_type = chain_op
+            op, w1, w2, w2_type, cache, tags = chain_op
             tokens = list(op(base_logits.float().contiguous(), k_total, w1, w2, w2_type,
-                             ids.long(), prev.cpu()).unbind(1))
+                             ids.long(), prev.cpu(), cache, tags).unbind(1))
         for k in range(k_total if chain_op is None else 0):
             h_k = block_hidden[:, k]
             logits = base_logits[:, k].float()  # [bs, V]

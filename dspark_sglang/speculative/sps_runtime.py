@@ -97,6 +97,25 @@ def measure_sps(runner: ModelRunner, cache: CacheManager,
             cache.req_to_token_pool.free(r)
 
 
+# a cached table is kept while a spot check at these token counts (a few forwards, ~0.1 s at
+# start) is within this factor of it either way: a table profiled while another process loaded
+# the machine (seen: 6.7 steps/s flat from 1 to 96 tokens, against ~230 at 1 token idle) tells
+# the scheduler that long verifies are free, and would be kept forever
+SPOT_CHECK_COUNTS = (1, 8)
+SPOT_CHECK_FACTOR = 2.0
+
+
+def cached_table_holds(table: SPSTable, runner: ModelRunner, cache: CacheManager) -> bool:
+    """Whether ``table`` agrees with a spot measurement at ``SPOT_CHECK_COUNTS`` (within
+    ``SPOT_CHECK_FACTOR``, or the counts the spot check could run)."""
+    spot = measure_sps(runner, cache, SPOT_CHECK_COUNTS, repeats=2)
+    for b, measured in zip(spot.token_counts, spot.sps_values):
+        ratio = measured / max(table.sps(b), 1e-9)
+        if not 1 / SPOT_CHECK_FACTOR <= ratio <= SPOT_CHECK_FACTOR:
+            return False
+    return True
+
+
 def load_or_profile_sps(path: str | None, model_path: str, runner: ModelRunner,
                         cache: CacheManager) -> SPSTable:
     if path:
@@ -104,9 +123,14 @@ def load_or_profile_sps(path: str | None, model_path: str, runner: ModelRunner,
     cached = _sps_cache_path(model_path, runner)
     if cached.is_file():
         try:
-            return SPSTable.load(cached)
+            table = SPSTable.load(cached)
         except Exception:  # corrupt cache: re-profile
             logger.warning("ignoring unreadable SPS cache %s", cached)
+        else:
+            if cached_table_holds(table, runner, cache):
+                return table
+            logger.warning("the cached SPS table %s is off from this machine now: re-profiling",
+                           cached)
     table = measure_sps(runner, cache)
     cached.parent.mkdir(parents=True, exist_ok=True)
     table.save(cached)

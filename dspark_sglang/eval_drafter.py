@@ -143,12 +143,12 @@ def main(argv: Sequence[str] | None = None) -> None:
         torch.set_num_threads(args.num_threads)
 
     from dspark_sglang.entrypoints.engine import Engine
+    from dspark_sglang.entrypoints.model_setup import load_target_model
     from dspark_sglang.speculative.dspark.checkpoint import load_dspark_checkpoint
     from dspark_sglang.speculative.dspark.token_map import resolve_token_map
     from dspark_sglang.speculative.dspark_worker import DEFAULT_DRAFTER_DIR
-    from dspark_sglang.train_drafter import _load_target
 
-    target = _load_target(args.model_path, "cpu")
+    target = load_target_model(args.model_path, "cpu")
     drafter = load_dspark_checkpoint(args.drafter or DEFAULT_DRAFTER_DIR, target.embed_tokens,
                                      target.lm_head).eval()
     temps = drafter.sts_calibration().temperatures

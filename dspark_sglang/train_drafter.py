@@ -76,16 +76,6 @@ def _parse(argv: Sequence[str] | None) -> argparse.Namespace:
     return ap.parse_args(argv)
 
 
-def _load_target(model_path: str | None, device: str,
-                 dtype: torch.dtype = torch.float32) -> torch.nn.Module:
-    from dspark_sglang.entrypoints.model_setup import build_target_model
-    from dspark_sglang.models.loader import load_model_files
-
-    loaded = load_model_files(model_path)
-    return build_target_model(loaded.config, loaded.state_dict, dtype, device,
-                              loaded.config.max_position_embeddings)
-
-
 def _init_from_checkpoint(drafter: torch.nn.Module, path: str, target: torch.nn.Module) -> None:
     from dspark_sglang.speculative.dspark.checkpoint import load_dspark_checkpoint
 
@@ -127,7 +117,10 @@ def main(argv: Sequence[str] | None = None) -> None:
         finally:
             engine.shutdown()
 
-    target = _load_target(args.model_path, args.device) if stages & {"cache", "train"} else None
+    from dspark_sglang.entrypoints.model_setup import load_target_model
+
+    target = (load_target_model(args.model_path, args.device)
+              if stages & {"cache", "train"} else None)
     if target is not None and layer_ids is None:
         from dspark_sglang.speculative.dspark.config import default_target_layer_ids
 
@@ -137,7 +130,7 @@ def main(argv: Sequence[str] | None = None) -> None:
 
         samples = data_mod.read_samples(data_path)
         cache_target = (target if args.cache_dtype == "float32"
-                        else _load_target(args.model_path, args.device, torch.bfloat16))
+                        else load_target_model(args.model_path, args.device, torch.bfloat16))
         ext = TargetHiddenExtractor(cache_target, layer_ids, max_batch_tokens=4096,
                                     max_seq_len=args.max_seq_len)
         report["cache"] = build_target_cache(ext, samples, cache_dir)

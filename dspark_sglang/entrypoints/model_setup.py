@@ -68,6 +68,16 @@ def speculative_config(args: ServerArgs) -> SpeculativeConfig:
                                 for f in dataclasses.fields(SpeculativeConfig)})
 
 
+def load_target_model(model_path: str | None, device: str = "cpu",
+                      dtype: torch.dtype = torch.float32) -> torch.nn.Module:
+    """The target alone (no engine), at its full context: for training and offline evaluation."""
+    from dspark_sglang.models.loader import load_model_files
+
+    loaded = load_model_files(model_path)
+    return build_target_model(loaded.config, loaded.state_dict, dtype, device,
+                              loaded.config.max_position_embeddings)
+
+
 def build_engine_parts(args: ServerArgs, emit: Callable[[Req, bool], None]) -> EngineParts:
     from dspark_sglang.models.loader import load_model_files
 

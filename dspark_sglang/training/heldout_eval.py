@@ -37,8 +37,7 @@ def greedy_tau(accepted: np.ndarray, observed: np.ndarray) -> dict[str, object]:
 def main(argv: Sequence[str] | None = None) -> None:
     import torch
 
-    from dspark_sglang.entrypoints.model_setup import build_target_model
-    from dspark_sglang.models.loader import load_model_files
+    from dspark_sglang.entrypoints.model_setup import load_target_model
     from dspark_sglang.speculative.dspark.checkpoint import load_dspark_checkpoint
     from dspark_sglang.training.target_cache import load_target_cache
     from dspark_sglang.training.trainer import TrainConfig, evaluate_blocks, split_heldout
@@ -53,9 +52,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     args = ap.parse_args(argv)
     if args.num_threads:
         torch.set_num_threads(args.num_threads)
-    loaded = load_model_files(args.model_path)
-    target = build_target_model(loaded.config, loaded.state_dict, torch.float32, "cpu",
-                                loaded.config.max_position_embeddings)
+    target = load_target_model(args.model_path, "cpu")
     _, seqs = load_target_cache(args.cache)
     cfg = TrainConfig(max_seq_len=args.max_seq_len)
     _, held = split_heldout(seqs, cfg.heldout_fraction, cfg.seed)

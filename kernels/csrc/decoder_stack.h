@@ -85,7 +85,7 @@ inline int64_t add_argmax(const float* a, const float* b, int64_t n, float* tmp)
       probe = fma(v, zero, probe);
     }
     m = vm.max();
-    finite = std::isfinite(probe.sum()) && std::isfinite(m);
+    finite = std::isfinite(probe.sum());
   }
   for (; c < n; ++c) {
     tmp[c] = a[c] + b[c];
@@ -150,7 +150,6 @@ inline at::Tensor markov_greedy_chain(const at::Tensor& base, int64_t k, const a
   std::vector<int64_t> prev(anchors.data_ptr<int64_t>(), anchors.data_ptr<int64_t>() + bs);
   std::vector<const float*> row_bias(bs);
   std::vector<int64_t> miss;  // rows whose bias is computed this step
-  std::vector<int64_t> miss_tok(bs);  // their previous tokens
   std::vector<float> tmp(vm);
   const Q8Linear w2l{w2, w2_type};
   for (int64_t j = 0; j < k; ++j) {
@@ -174,20 +173,19 @@ inline at::Tensor markov_greedy_chain(const at::Tensor& base, int64_t k, const a
       bias = q8_linear(e, w2l);  // [nm, Vm]
       const float* biasp = bias.data_ptr<float>();
       for (int64_t i = 0; i < nm; ++i) row_bias[miss[i]] = biasp + i * vm;
-      // into the cache only after this step's argmaxes: a miss may take the slot of a hit
-      for (int64_t i = 0; C && i < nm; ++i) miss_tok[i] = prev[miss[i]];
     }
     for (int64_t r = 0; r < bs; ++r) {
       const int64_t best = add_argmax(bp + (r * kmax + j) * vm, row_bias[r], vm, tmp.data());
-      const int64_t tok = idp ? idp[best] : best;
-      tp[r * k + j] = tok;
-      prev[r] = tok;
+      tp[r * k + j] = idp ? idp[best] : best;
     }
+    // into the cache only after this step's argmaxes (a miss may take the slot of a hit), then
+    // the drawn tokens become the previous ones
     for (size_t i = 0; C && i < miss.size(); ++i) {
-      const int64_t slot = miss_tok[i] % C;
-      std::memcpy(cp + slot * vm, bias.data_ptr<float>() + i * vm, vm * sizeof(float));
-      tagp[slot] = miss_tok[i];
+      const int64_t tok = prev[miss[i]], slot = tok % C;
+      std::memcpy(cp + slot * vm, row_bias[miss[i]], vm * sizeof(float));
+      tagp[slot] = tok;
     }
+    for (int64_t r = 0; r < bs; ++r) prev[r] = tp[r * k + j];
   }
   return tokens;
 }

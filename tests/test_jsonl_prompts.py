@@ -56,3 +56,43 @@ def test_synthesized_code_and_math_prompts() -> None:
     assert stubs and all("```python\ndef " in t and '"""' in t for t in stubs)
     # a pool of zero rows takes nothing (and does not raise)
     assert synthesize(0, 5, seed=3) and all(r["domain"] == "json" for r in synthesize(0, 5))
+
+
+def test_filter_prompts_drops_duplicates_and_near_eval_prompts() -> None:
+    from dspark_sglang.training.filter_prompts import filter_prompts
+    from dspark_sglang.training.synth_prompts import MATH_SUFFIX
+
+    eval_texts = ["Find the greatest common divisor of $3339$, $2961$, and $1491$." + MATH_SUFFIX,
+                  "Write a python function to find the volume of a triangular prism."]
+    rows = [
+        {"domain": "math", "turns": ["Find the greatest common divisor of $3339$, $2961$ and "
+                                     "$1491$." + MATH_SUFFIX]},  # near: a comma dropped
+        {"domain": "code", "turns": ["write a  Python function to find the volume of a "
+                                     "triangular prism."]},  # equal once folded
+        {"domain": "chat", "turns": ["Plan a three-day trip to Kyoto for a family."]},
+        {"domain": "chat", "turns": ["plan a three-day trip to kyoto for a family."]},  # dup
+        {"domain": "math", "turns": ["How many positive divisors does $360$ have?" + MATH_SUFFIX]},
+    ]
+    kept, dropped = filter_prompts(rows, eval_texts)
+    assert [r["turns"][0][:20] for r in kept] == ["Plan a three-day tri", "How many positive di"]
+    assert len(dropped) == 2
+
+
+def test_written_prompts_file_holds_no_eval_prompt() -> None:
+    from dspark_sglang.training.data import DEFAULT_PROMPT_FILES
+    from dspark_sglang.training.filter_prompts import core_text, first_turns
+
+    written = Path(__file__).parents[1] / "dspark_sglang" / "training" / "written_prompts.jsonl"
+    assert str(written) in DEFAULT_PROMPT_FILES
+    rows = read_jsonl(written)
+    texts = {core_text(t) for t in first_turns(rows)}
+    assert len(texts) == len(rows) >= 1500
+    assert {r["domain"] for r in rows} == {"chat", "math", "code"}
+    from dspark_sglang.utils.paths import workloads_dir
+
+    eval_dir = workloads_dir() / "eval"
+    if not eval_dir.is_dir():
+        pytest.skip("no ../shared/workloads/eval here")
+    evals = {core_text(t) for f in eval_dir.glob("*.jsonl") for r in read_jsonl(f)
+             for t in r["turns"]}
+    assert not texts & evals

@@ -35,6 +35,7 @@ DEFAULT_PROMPT_FILES = (
     str(Path(__file__).with_name("chat_json_synth.jsonl")),
     str(Path(__file__).with_name("chat_synth2.jsonl")),
     str(Path(__file__).with_name("code_math_synth.jsonl")),
+    str(Path(__file__).with_name("written_prompts.jsonl")),
 )
 
 

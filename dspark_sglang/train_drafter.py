@@ -169,6 +169,12 @@ def main(argv: Sequence[str] | None = None) -> None:
                              args.device, resume=not args.no_resume)
         cal, ev = calibrate(drafter, target.lm_head, held, tcfg, args.device)
         out = export_drafter(drafter, args.out, cal, args.sps_table, tcfg.export_dtype)
+        if tcfg.token_map:  # serve the vocabulary it was trained on
+            import shutil
+
+            from dspark_sglang.speculative.dspark.token_map import TOKEN_MAP_FILE
+
+            shutil.copyfile(tcfg.token_map, out / TOKEN_MAP_FILE)
         report["train"] = {"last": last, "minutes": (time.monotonic() - t0) / 60,
                            "heldout": ev["metrics"],
                            "sts": cal.to_dict() if cal is not None else None,

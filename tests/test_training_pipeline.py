@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import random
 from pathlib import Path
 
@@ -228,12 +229,28 @@ def test_simulation_with_oracle_drafter_gives_full_blocks() -> None:
     assert s2.tau_greedy("dspark") == 1.0 and s2.tau_t1("dspark") == pytest.approx(1.0, abs=1e-4)
 
 
-@pytest.mark.parametrize("head_type", ["vanilla", "gated", "rnn", "none"])
-def test_fused_loss_matches_reference(target: LlamaForCausalLM, cache: Path,
-                                      head_type: str) -> None:
+def _half_map(target: LlamaForCausalLM, seqs, path: Path) -> str:
+    """A token map of about half the vocabulary that holds some labels and misses others."""
+    from dspark_sglang.speculative.dspark.token_map import save_token_map
+
+    vocab = target.config.vocab_size
+    labels = sorted({t for s in seqs for t in s.input_ids.tolist()})
+    ids = sorted(set(labels[::2]) | set(range(0, vocab, 3)))[: vocab // 2]
+    assert 0 < len(ids) < vocab and set(labels) - set(ids)
+    save_token_map(path, list(reversed(ids)), vocab)  # not in id order: columns are map order
+    return str(path)
+
+
+@pytest.mark.parametrize("head_type,use_map", [("vanilla", False), ("gated", False),
+                                               ("rnn", False), ("none", False),
+                                               ("vanilla", True), ("none", True)])
+def test_fused_loss_matches_reference(target: LlamaForCausalLM, cache: Path, tmp_path: Path,
+                                      head_type: str, use_map: bool) -> None:
     """The chunked fused head (what training runs) equals the materialised reference loss in
-    value and in every parameter gradient (float32 matmuls, so only rounding differs)."""
+    value and in every parameter gradient (float32 matmuls, so only rounding differs), also
+    restricted to a token map (labels outside it have no CE)."""
     _, seqs = load_target_cache(cache)
+    token_map = _half_map(target, seqs, tmp_path / "map.json") if use_map else ""
     rng = random.Random(3)
     batch = build_block_batch(seqs[:5], [sample_anchors(s, 5, rng) for s in seqs[:5]], GAMMA)
     results = []
@@ -246,7 +263,8 @@ def test_fused_loss_matches_reference(target: LlamaForCausalLM, cache: Path,
         d = DSparkDrafter(cfg, target.embed_tokens, target.lm_head)
         if d.markov_head is not None:  # non-zero W2 so the Markov path carries gradient
             torch.nn.init.normal_(d.markov_head.markov_w2.weight, std=0.05)
-        tcfg = TrainConfig(fused_loss=fused, compute_dtype="float32", loss_chunk=7)
+        tcfg = TrainConfig(fused_loss=fused, compute_dtype="float32", loss_chunk=7,
+                           token_map=token_map)
         loss, parts = step_loss(d, target.lm_head, batch, tcfg, "cpu")
         loss.backward()
         grads = {n: p.grad.clone() for n, p in d.named_parameters() if p.grad is not None}
@@ -304,3 +322,42 @@ def test_select_prompts_keeps_the_shuffled_order_within_a_domain() -> None:
     assert code == [p for p in full if p.domain == "code"]  # same keys, same order: resumable
     assert select_prompts(prompts, seed=0, domains=["code"], limit=3) == code[:3]
     assert select_prompts(prompts, seed=0, domains=["chat"]) == []
+
+
+def test_token_map_training_restricts_the_distributions(target: LlamaForCausalLM, cache: Path,
+                                                        tmp_path: Path) -> None:
+    """With a map the loss is the full-vocabulary loss of the map's columns only: equal to the
+    reference on logits sliced by hand, different from the unrestricted loss, and a map of the
+    whole vocabulary in id order changes nothing."""
+    from dspark_sglang.speculative.dspark.token_map import save_token_map
+    from dspark_sglang.training.blocks import block_forward, prev_tokens, target_block_logits
+    from dspark_sglang.training.losses import dspark_loss
+
+    _, seqs = load_target_cache(cache)
+    rng = random.Random(5)
+    batch = build_block_batch(seqs[:4], [sample_anchors(s, 4, rng) for s in seqs[:4]], GAMMA)
+    d = _drafter(target)
+    torch.nn.init.normal_(d.markov_head.markov_w2.weight, std=0.05)
+    vocab = target.config.vocab_size
+    half = _half_map(target, seqs, tmp_path / "half.json")
+    save_token_map(tmp_path / "all.json", list(range(vocab)), vocab)
+    with torch.no_grad():
+        def loss_of(token_map: str) -> float:
+            cfg = TrainConfig(compute_dtype="float32", loss_chunk=5, token_map=token_map)
+            return float(step_loss(d, target.lm_head, batch, cfg, "cpu")[0])
+
+        full, restricted, whole = loss_of(""), loss_of(half), loss_of(str(tmp_path / "all.json"))
+        ids = torch.tensor(json.loads((tmp_path / "half.json").read_text())["token_ids"])
+        hidden = block_forward(d, batch)
+        logits, conf = d.train_heads(hidden, prev_tokens(batch))
+        tgt = target_block_logits(target.lm_head, batch, GAMMA, "cpu")
+        pos = {int(t): j for j, t in enumerate(ids)}
+        cols = torch.tensor([[pos.get(int(t), 0) for t in row] for row in batch.labels])
+        inside = torch.tensor([[int(t) in pos for t in row] for row in batch.labels])
+        cfg = TrainConfig()
+        by_hand = float(dspark_loss(logits[..., ids], tgt[..., ids], conf, batch.valid,
+                                    cfg.loss_decay_gamma, cfg.alpha_ce, cfg.alpha_tv,
+                                    cfg.alpha_conf, target_ids=cols, ce_mask=inside)[0])
+    assert restricted == pytest.approx(by_hand, rel=1e-4)
+    assert whole == pytest.approx(full, rel=1e-5)
+    assert abs(restricted - full) > 1e-3

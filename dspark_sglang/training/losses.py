@@ -42,13 +42,16 @@ def dspark_loss(
     alpha_conf: float = 1.0,
     target_ids: torch.Tensor | None = None,  # [N, k] int64 training tokens
     target_is_probs: bool = False,
+    ce_mask: torch.Tensor | None = None,  # [N, k] bool: rows whose CE counts (default all)
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """Weighted DSpark loss; returns ``(total, parts)``.
 
     ``parts``: ``ce``, ``l1`` (= 2·TV, the term weighted by ``alpha_tv``), ``tv``, ``conf``
     (0 without a head), ``accept_rate`` (mean ``Σ min(p_d, p_t)`` over valid positions) and
     ``expected_tau`` (mean over blocks with a valid position of ``1 + Σ_k Π_{i≤k} a_i``). All
-    parts except ``ce``/``l1``/``conf`` are detached.
+    parts except ``ce``/``l1``/``conf`` are detached. ``ce_mask`` zeroes the CE of the rows it
+    leaves out (their weight stays in the denominator): a training token outside a restricted
+    vocabulary has no logit to raise.
     """
     assert draft_logits.shape == target_logits.shape, "draft and target must be [N, k, V]"
     assert valid.shape == draft_logits.shape[:2], "valid must be [N, k]"
@@ -62,6 +65,8 @@ def dspark_loss(
     if target_ids is None:
         target_ids = p_t.argmax(dim=-1)
     ce_tok = -log_pd.gather(-1, target_ids.long().unsqueeze(-1)).squeeze(-1)  # [N, k]
+    if ce_mask is not None:
+        ce_tok = ce_tok * ce_mask.to(ce_tok.dtype)
     ce = (ce_tok * w).sum() / den
 
     l1_tok = (p_d - p_t).abs().sum(dim=-1)  # [N, k]

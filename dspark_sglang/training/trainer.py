@@ -48,6 +48,32 @@ from dspark_sglang.training.losses import dspark_loss, position_weights
 from dspark_sglang.training.target_cache import CachedSequence
 
 STATE_FILE = "train_state.pt"
+_MAPS: dict[tuple[str, int, str], tuple[torch.Tensor, torch.Tensor]] = {}
+
+
+def train_vocab(cfg: TrainConfig, vocab_size: int, device: torch.device | str
+                ) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """``(ids [Vm], pos [V])`` of ``cfg.token_map`` (``pos[t]`` = t's column in the map, -1
+    outside it), or None when training over the whole vocabulary."""
+    if not cfg.token_map:
+        return None
+    key = (cfg.token_map, vocab_size, str(device))
+    if key not in _MAPS:
+        from dspark_sglang.speculative.dspark.token_map import load_token_map
+
+        ids = torch.tensor(load_token_map(cfg.token_map), dtype=torch.long)
+        if int(ids.max()) >= vocab_size:
+            raise ValueError(f"token map {cfg.token_map} has ids >= vocab size {vocab_size}")
+        pos = torch.full((vocab_size,), -1, dtype=torch.long)
+        pos[ids] = torch.arange(len(ids))
+        _MAPS[key] = (ids.to(device), pos.to(device))
+    return _MAPS[key]
+
+
+def map_labels(labels: torch.Tensor, pos: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Token ids -> map columns (0 where outside the map) and the in-map mask."""
+    cols = pos[labels.long()]
+    return cols.clamp(min=0), cols >= 0
 
 
 @dataclass(frozen=True)
@@ -75,6 +101,10 @@ class TrainConfig:
     fused_loss: bool = True  # chunked LM head + loss (training/fused_loss.py); False = reference
     compute_dtype: str = "auto"  # matmul dtype: auto = bf16 where the hardware has it, else fp32
     loss_chunk: int = 128  # rows per chunk of the fused head
+    # token map json (training.token_map): draft and target distributions, CE and held-out
+    # acceptance over the map's tokens only, the vocabulary the served drafter proposes from
+    # (the head costs len(map)/V of the full one); "" = the whole vocabulary
+    token_map: str = ""
 
 
 def make_drafter_config(
@@ -182,10 +212,19 @@ def _fused_step_loss(
         w2 = drafter.markov_head.markov_w2.weight  # [V, r]
     tgt_h = target_block_hidden(batch, g).to(device)  # [N, g, H]
     head_w = lm_head.weight  # type: ignore[attr-defined]  # [V, H], frozen
+    labels = batch.labels.to(device)[valid]
+    sub = train_vocab(cfg, int(head_w.shape[0]), device)
+    in_map = None
+    if sub is not None:  # the map's rows of the frozen head and of W2 (W2's grad flows back)
+        head_w = head_w.detach()[sub[0]]
+        w2 = w2[sub[0]] if w2 is not None else None
+        labels, in_map = map_labels(labels, sub[1])
     with torch.autocast(torch.device(device).type, enabled=False):
         l1_tok, ce_tok = fused_head_losses(
-            hidden[valid], u, head_w, w2, tgt_h[valid], batch.labels.to(device)[valid],
+            hidden[valid], u, head_w, w2, tgt_h[valid], labels,
             chunk=cfg.loss_chunk, matmul_dtype=dtype)  # [M] each
+    if in_map is not None:
+        ce_tok = ce_tok * in_map.to(ce_tok.dtype)
     w = position_weights(valid, cfg.loss_decay_gamma)[valid]  # [M]
     den = w.sum() + 1e-6
     ce = (ce_tok * w).sum() / den
@@ -215,9 +254,22 @@ def _reference_step_loss(
     hidden = block_forward(drafter, batch, device)  # [N, g, H]
     draft_logits, conf = drafter.train_heads(hidden, prev_tokens(batch).to(device))
     tgt = target_block_logits(lm_head, batch, g, device)  # [N, g, V]
+    labels, in_map, draft_logits, tgt = _restrict(cfg, batch.labels.to(device), draft_logits,
+                                                  tgt, device)
     return dspark_loss(draft_logits, tgt, conf, batch.valid.to(device), cfg.loss_decay_gamma,
                        cfg.alpha_ce, cfg.alpha_tv, cfg.alpha_conf,
-                       target_ids=batch.labels.to(device))
+                       target_ids=labels, ce_mask=in_map)
+
+
+def _restrict(cfg: TrainConfig, labels: torch.Tensor, draft_logits: torch.Tensor,
+              tgt: torch.Tensor, device: torch.device | str
+              ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor, torch.Tensor]:
+    """Materialised logits and labels restricted to ``cfg.token_map`` (unchanged without)."""
+    sub = train_vocab(cfg, int(draft_logits.shape[-1]), device)
+    if sub is None:
+        return labels, None, draft_logits, tgt
+    cols, in_map = map_labels(labels, sub[1])
+    return cols, in_map, draft_logits[..., sub[0]], tgt[..., sub[0]]
 
 
 def _random_batch(seqs: Sequence[CachedSequence], cfg: TrainConfig, gamma: int,
@@ -327,7 +379,8 @@ def evaluate_blocks(
     anchors_per_seq: int = 16, seed: int = 1,
 ) -> dict[str, Any]:
     """Teacher-forced held-out metrics: mean losses, and per block the raw confidence logits
-    and greedy acceptance flags (draft argmax with the true previous token == label)."""
+    and greedy acceptance flags (draft argmax with the true previous token == label; with
+    ``cfg.token_map`` the argmax over the map, as served)."""
     rng = random.Random(seed)
     conf_rows, acc_rows, obs_rows = [], [], []
     sums: dict[str, float] = {}
@@ -341,12 +394,17 @@ def evaluate_blocks(
         hidden = block_forward(drafter, batch, device)
         draft_logits, conf = drafter.train_heads(hidden, prev_tokens(batch).to(device))
         tgt = target_block_logits(lm_head, batch, drafter.gamma, device)
+        labels, in_map, draft_logits, tgt = _restrict(cfg, batch.labels.to(device),
+                                                      draft_logits, tgt, device)
         _, parts = dspark_loss(draft_logits, tgt, conf, batch.valid.to(device),
-                               cfg.loss_decay_gamma, target_ids=batch.labels.to(device))
+                               cfg.loss_decay_gamma, target_ids=labels, ce_mask=in_map)
         for k, v in parts.items():
             sums[k] = sums.get(k, 0.0) + float(v)
         n += 1
-        acc_rows.append((draft_logits.argmax(-1).cpu() == batch.labels) & batch.valid)
+        hit = draft_logits.argmax(-1) == labels  # a map column, with a map
+        if in_map is not None:
+            hit = hit & in_map
+        acc_rows.append(hit.cpu() & batch.valid)
         obs_rows.append(batch.valid)
         if conf is not None:
             conf_rows.append(conf.cpu())

@@ -12,7 +12,7 @@ VERSION=0.3.36
 SRC="$PREFIX/src"
 mkdir -p "$PREFIX/bin" "$SRC"
 if [ ! -f "$SRC/llama.cpp/CMakeLists.txt" ]; then
-  "$PY" -m pip download --no-deps --no-binary :all: "llama-cpp-python==$VERSION" -d "$SRC"
+  "$PY" -m pip download --no-deps --no-binary llama-cpp-python "llama-cpp-python==$VERSION" -d "$SRC"
   tar -xzf "$SRC/llama_cpp_python-$VERSION.tar.gz" -C "$SRC"
   mv "$SRC/llama_cpp_python-$VERSION/vendor/llama.cpp" "$SRC/llama.cpp"
   rm -rf "$SRC/llama_cpp_python-$VERSION" "$SRC/llama_cpp_python-$VERSION.tar.gz"

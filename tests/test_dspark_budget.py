@@ -25,6 +25,7 @@ def _worker(draft_time: float = 0.1) -> DSparkWorker:
     w.probe_every, w._skipped_in_row, w._probing, w._acc_prior = 4, 0, False, None
     w.probe_requests, w._probe_offset = 4, 0
     w.budget_states = {}
+    w._step_scale, w._plain_call = 1.0, None
     return w
 
 
@@ -166,3 +167,28 @@ def test_draft_time_skips_the_first_call_and_caps_a_slow_one(monkeypatch) -> Non
     w.propose([req])
     w.propose([req])  # 1 s: counted as 0.03
     assert abs(w._draft_time - (0.8 * 0.01 + 0.2 * 0.03)) < 1e-9
+
+
+def test_a_saved_step_is_worth_a_whole_step() -> None:
+    """Drafting that costs a little more than the accepted drafts save in target forwards is
+    skipped, and taken once the measured step (forward + the rest) makes each saved step worth
+    more than a forward; the scale comes from the time between calls of plain steps."""
+    import time
+
+    w = _worker(draft_time=0.05)  # draft = 0.5 forward steps; verify costs nothing here
+    reqs = [_req()]
+    w.budget_states[reqs[0].rid] = BudgetState(acc_ema=0.45)
+    assert w._draft_budget(reqs, [10]) == [0]  # 0.45 < 0.5
+    w._probing, w._skipped_in_row = False, 0
+    w.budget_states[reqs[0].rid] = BudgetState(acc_ema=0.45)
+    w._step_scale = 1.2  # 0.54 >= 0.5
+    assert w._draft_budget(reqs, [10]) == [2]
+    w._step_scale, w._plain_call = 1.0, (time.perf_counter() - 0.15, 1)  # 1.5 forwards ago
+    w._measure_step(1)
+    assert 1.04 < w._step_scale < 1.1 and w._plain_call is None
+    w._plain_call = (time.perf_counter() - 1.0, 1)  # 10 forwards: idle, not a step
+    w._measure_step(1)
+    assert 1.04 < w._step_scale < 1.1
+    w._plain_call = (time.perf_counter() - 0.15, 2)  # another batch size
+    w._measure_step(1)
+    assert 1.04 < w._step_scale < 1.1

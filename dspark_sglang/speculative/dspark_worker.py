@@ -98,6 +98,11 @@ class DSparkWorker(DraftWorker):
         self._draft_time: float | None = None  # EMA of seconds per propose call
         self._draft_calls = 0
         self._last_batch = 1
+        # a whole decode step (sampling, scheduling, context update included) over the SPS
+        # table's target forward at the same batch: what one saved step is worth, in the
+        # table's units; measured between consecutive calls of steps that did not draft
+        self._step_scale = 1.0
+        self._plain_call: tuple[float, int] | None = None  # (time, batch) of a non-drafting call
         self.budget_states: dict[str, BudgetState] = {}  # rid -> record; DSPARK budget only
 
     def max_draft_len(self) -> int:
@@ -205,7 +210,8 @@ class DSparkWorker(DraftWorker):
         depth (accepted + 2); a new request starts from the engine-wide EMA (the block size
         before anything was measured). Drafting is skipped for the whole batch when the expected
         accepted tokens per request (mean of EMAs: target steps saved) are worth less than the
-        drafter's measured cost in batch target steps. After ``probe_every`` skipped steps
+        drafter's measured cost in batch target steps (a saved step counts as a whole step:
+        ``_step_scale``). After ``probe_every`` skipped steps
         ``probe_requests`` of the batch (rotating) draft once to refresh the estimates (only
         whole-batch drafting updates the drafter's measured cost); a probe that does not pay
         doubles the interval (up to ``max_probe_every``), drafting that pays resets it. Depends
@@ -234,7 +240,7 @@ class DSparkWorker(DraftWorker):
         # drafts per request (mean EMA, in steps saved) exceed what it costs in batch steps:
         # the draft itself, and verifying the drafted positions instead of one token each
         depth = sum(min(room, int(ema) + 2) for ema, room in zip(emas, rooms)) / len(emas)
-        worth = (sum(emas) / len(emas)
+        worth = (self._step_scale * sum(emas) / len(emas)
                  >= self._draft_cost_in_steps() + self._verify_cost_in_steps(len(reqs), depth))
         if self._probing:  # this step sees the probe's outcome
             self._probing = False
@@ -267,6 +273,20 @@ class DSparkWorker(DraftWorker):
         b = max(1, batch)
         return max(0.0, self.sps_table.sps(b) / self.sps_table.sps(round(b * (1 + depth))) - 1)
 
+    def _measure_step(self, batch: int) -> None:
+        """Update ``_step_scale`` from the time since the previous call when that step did not
+        draft and ran the same batch (the whole step: forward, sampling, scheduling); gaps over
+        3 forwards (idle, a prefill in between) are not steps."""
+        import time
+
+        prev, self._plain_call = self._plain_call, None
+        if prev is None or prev[1] != batch or self.sps_table is None:
+            return
+        fwd = 1.0 / self.sps_table.sps(batch)
+        ratio = (time.perf_counter() - prev[0]) / fwd
+        if 0.0 < ratio < 3.0:
+            self._step_scale = 0.9 * self._step_scale + 0.1 * max(1.0, ratio)
+
     def _draft_cost_in_steps(self) -> float:
         if self.sps_table is None or self._draft_time is None:
             return 0.0
@@ -279,9 +299,12 @@ class DSparkWorker(DraftWorker):
 
         bs = len(reqs)
         self._last_batch = bs
+        self._measure_step(bs)
         rooms = self._draft_budget(reqs, [r.draft_room(self.context_len) for r in reqs])
         if max(rooms) == 0:
+            self._plain_call = (time.perf_counter(), bs)
             return [Draft() for _ in reqs]
+        self._plain_call = None
         t0 = time.perf_counter()
         if min(rooms) > 0:
             drafts = self._propose(reqs, rooms)

@@ -304,7 +304,6 @@ class DSparkWorker(DraftWorker):
         if max(rooms) == 0:
             self._plain_call = (time.perf_counter(), bs)
             return [Draft() for _ in reqs]
-        self._plain_call = None
         t0 = time.perf_counter()
         if min(rooms) > 0:
             drafts = self._propose(reqs, rooms)

@@ -25,7 +25,7 @@ def _worker(draft_time: float = 0.1) -> DSparkWorker:
     w.probe_every, w._skipped_in_row, w._probing, w._acc_prior = 4, 0, False, None
     w.probe_requests, w._probe_offset = 4, 0
     w.budget_states = {}
-    w._step_scale, w._plain_call = 1.0, None
+    w._step_scale, w._last_call, w._draft_step, w._step_model = 1.0, None, None, None
     return w
 
 
@@ -183,12 +183,46 @@ def test_a_saved_step_is_worth_a_whole_step() -> None:
     w.budget_states[reqs[0].rid] = BudgetState(acc_ema=0.45)
     w._step_scale = 1.2  # 0.54 >= 0.5
     assert w._draft_budget(reqs, [10]) == [2]
-    w._step_scale, w._plain_call = 1.0, (time.perf_counter() - 0.15, 1)  # 1.5 forwards ago
-    w._measure_step(1)
-    assert 1.04 < w._step_scale < 1.1 and w._plain_call is None
-    w._plain_call = (time.perf_counter() - 1.0, 1)  # 10 forwards: idle, not a step
-    w._measure_step(1)
+    now = time.perf_counter()
+    w._step_scale, w._last_call = 1.0, (now - 0.15, 1, "plain", 0.0, 0.0)  # 1.5 forwards ago
+    w._measure_step(1, now)
+    assert 1.04 < w._step_scale < 1.1 and w._last_call is None
+    w._last_call = (now - 1.0, 1, "plain", 0.0, 0.0)  # 10 forwards: idle, not a step
+    w._measure_step(1, now)
     assert 1.04 < w._step_scale < 1.1
-    w._plain_call = (time.perf_counter() - 0.15, 2)  # another batch size
-    w._measure_step(1)
+    w._last_call = (now - 0.15, 2, "plain", 0.0, 0.0)  # another batch size
+    w._measure_step(1, now)
     assert 1.04 < w._step_scale < 1.1
+
+
+def test_measured_drafting_steps_decide_once_timed() -> None:
+    """Whole drafting steps are timed (time between calls over the forward at that batch); once
+    measured at this batch and depth, drafting is taken iff a step yielding 1 + accepted tokens
+    costs less per token than a plain step, whatever the model of its parts says. Partial
+    probes, other batches and gaps (a prefill in between) are not measured."""
+    w = _worker(draft_time=0.05)  # model: draft 0.5 forwards, verify free -> 1.5 per step
+    w._step_scale = 1.1
+    reqs = [_req()]
+    w.budget_states[reqs[0].rid] = BudgetState(acc_ema=0.4)
+    assert w._draft_budget(reqs, [10]) == [0]  # model: 1.1 * 1.4 = 1.54 >= 1.6? no
+    assert w._step_model is not None and abs(w._step_model[0] - 1.6) < 1e-9
+    w._probing, w._skipped_in_row = False, 0
+    now = 100.0
+    for ratio, kind, batch in ((1.5, "draft", 1), (1.5, "partial", 1), (9.0, "draft", 1),
+                               (1.5, "draft", 2)):
+        w._last_call = (now - ratio / 10.0, batch, kind, 1.6, 2.0)
+        w._measure_step(1, now)
+        if kind == "draft" and ratio == 1.5:
+            assert w._draft_step is not None and abs(w._draft_step[0] - 1.5) < 1e-9
+    assert w._draft_step is not None and abs(w._draft_step[0] - 1.5) < 1e-9  # only the first
+    w.budget_states[reqs[0].rid] = BudgetState(acc_ema=0.4)
+    assert w._draft_budget(reqs, [10]) == [2]  # measured 1.5 <= 1.54: drafts
+    w._last_call = (now - 0.2, 1, "draft", 1.6, 2.0)  # measured 2.0: EMA -> 1.6
+    w._measure_step(1, now)
+    assert w._draft_step is not None and abs(w._draft_step[0] - 1.6) < 1e-9
+    w.budget_states[reqs[0].rid] = BudgetState(acc_ema=0.4)
+    assert w._draft_budget(reqs, [10]) == [0]
+    # another depth (a request expecting 3 accepted drafts: depth 5) falls back to the model
+    m = w._draft_step[0]
+    assert w._measured_draft_step(1, 5.0) is None and w._measured_draft_step(1, 2.5) == m
+    assert w._measured_draft_step(2, 2.0) == m and w._measured_draft_step(8, 2.0) is None

@@ -102,7 +102,13 @@ class DSparkWorker(DraftWorker):
         # table's target forward at the same batch: what one saved step is worth, in the
         # table's units; measured between consecutive calls of steps that did not draft
         self._step_scale = 1.0
-        self._plain_call: tuple[float, int] | None = None  # (time, batch) of a non-drafting call
+        # the previous call: (time at entry, batch, "plain" | "draft" | "partial", the model's
+        # step cost in forwards, mean depth); "draft" = the whole batch drafted
+        self._last_call: tuple[float, int, str, float, float] | None = None
+        self._step_model: tuple[float, float] | None = None  # this step's (model cost, depth)
+        # measured whole drafting steps: (EMA of their time in forwards at that batch, batch,
+        # mean depth), set by _measure_step; None until one was measured
+        self._draft_step: tuple[float, int, float] | None = None
         self.budget_states: dict[str, BudgetState] = {}  # rid -> record; DSPARK budget only
 
     def max_draft_len(self) -> int:
@@ -211,7 +217,9 @@ class DSparkWorker(DraftWorker):
         before anything was measured). Drafting is skipped for the whole batch when the expected
         accepted tokens per request (mean of EMAs: target steps saved) are worth less than the
         drafter's measured cost in batch target steps (a saved step counts as a whole step:
-        ``_step_scale``). After ``probe_every`` skipped steps
+        ``_step_scale``); once whole drafting steps were timed at about this batch and depth
+        (``_draft_step``), drafting is taken iff such a step, yielding 1 + accepted tokens per
+        request, costs less per token than a plain step. After ``probe_every`` skipped steps
         ``probe_requests`` of the batch (rotating) draft once to refresh the estimates (only
         whole-batch drafting updates the drafter's measured cost); a probe that does not pay
         doubles the interval (up to ``max_probe_every``), drafting that pays resets it. Depends
@@ -238,10 +246,19 @@ class DSparkWorker(DraftWorker):
             emas.append(ema)
         # a batch step yields one token per request; drafting pays when the expected accepted
         # drafts per request (mean EMA, in steps saved) exceed what it costs in batch steps:
-        # the draft itself, and verifying the drafted positions instead of one token each
+        # the draft itself, and verifying the drafted positions instead of one token each.
+        # Once whole drafting steps were timed at this batch and depth, their measured cost
+        # decides instead (a step yielding 1 + accepted tokens against a plain step's 1)
         depth = sum(min(room, int(ema) + 2) for ema, room in zip(emas, rooms)) / len(emas)
-        worth = (self._step_scale * sum(emas) / len(emas)
-                 >= self._draft_cost_in_steps() + self._verify_cost_in_steps(len(reqs), depth))
+        acc = sum(emas) / len(emas)
+        model_cost = (self._step_scale + self._draft_cost_in_steps()
+                      + self._verify_cost_in_steps(len(reqs), depth))
+        measured = self._measured_draft_step(len(reqs), depth)
+        if measured is not None:
+            worth = self._step_scale * (1 + acc) >= measured
+        else:
+            worth = self._step_scale * (1 + acc) >= model_cost
+        self._step_model = (model_cost, depth)
         if self._probing:  # this step sees the probe's outcome
             self._probing = False
             self.probe_every = (self.min_probe_every if worth
@@ -273,19 +290,35 @@ class DSparkWorker(DraftWorker):
         b = max(1, batch)
         return max(0.0, self.sps_table.sps(b) / self.sps_table.sps(round(b * (1 + depth))) - 1)
 
-    def _measure_step(self, batch: int) -> None:
-        """Update ``_step_scale`` from the time since the previous call when that step did not
-        draft and ran the same batch (the whole step: forward, sampling, scheduling); gaps over
-        3 forwards (idle, a prefill in between) are not steps."""
+    def _measured_draft_step(self, batch: int, depth: float) -> float | None:
+        """The measured time of a whole drafting step in target forwards, when one was measured
+        at about this batch (within 25 %) and mean depth (within one position), else None."""
+        m = self._draft_step
+        if m is None or abs(m[1] - batch) > max(1, 0.25 * batch) or abs(m[2] - depth) > 1:
+            return None
+        return m[0]
+
+    def _measure_step(self, batch: int, now: float | None = None) -> None:
+        """Time the previous step: the time since the previous call, when that call ran the same
+        batch, over the SPS table's forward at that batch. A step that did not draft updates
+        ``_step_scale``; one where the whole batch drafted updates ``_draft_step`` (a partial
+        probe neither). Gaps over 3 plain steps or 2x the model's drafting step (idle, a
+        prefill in between) are not steps."""
         import time
 
-        prev, self._plain_call = self._plain_call, None
+        prev, self._last_call = self._last_call, None
         if prev is None or prev[1] != batch or self.sps_table is None:
             return
-        fwd = 1.0 / self.sps_table.sps(batch)
-        ratio = (time.perf_counter() - prev[0]) / fwd
-        if 0.0 < ratio < 3.0:
+        t, _, kind, model_cost, depth = prev
+        now = time.perf_counter() if now is None else now
+        ratio = (now - t) * self.sps_table.sps(batch)
+        if kind == "plain" and 0.0 < ratio < 3.0:
             self._step_scale = 0.9 * self._step_scale + 0.1 * max(1.0, ratio)
+        elif kind == "draft" and 0.0 < ratio < 2.0 * model_cost:
+            m = self._measured_draft_step(batch, depth)
+            self._draft_step = ((ratio, batch, depth) if m is None else
+                                (0.8 * m + 0.2 * ratio, batch,
+                                 0.8 * self._draft_step[2] + 0.2 * depth))  # type: ignore[index]
 
     def _draft_cost_in_steps(self) -> float:
         if self.sps_table is None or self._draft_time is None:
@@ -299,12 +332,16 @@ class DSparkWorker(DraftWorker):
 
         bs = len(reqs)
         self._last_batch = bs
-        self._measure_step(bs)
+        t0 = time.perf_counter()
+        self._measure_step(bs, t0)
+        self._step_model = None
         rooms = self._draft_budget(reqs, [r.draft_room(self.context_len) for r in reqs])
         if max(rooms) == 0:
-            self._plain_call = (time.perf_counter(), bs)
+            self._last_call = (t0, bs, "plain", 0.0, 0.0)
             return [Draft() for _ in reqs]
-        t0 = time.perf_counter()
+        if self._step_model is not None:  # (budgeted) time this step for _draft_step
+            self._last_call = (t0, bs, "draft" if min(rooms) > 0 else "partial",
+                               *self._step_model)
         if min(rooms) > 0:
             drafts = self._propose(reqs, rooms)
         else:  # draft only for the requests that get a draft (a probe's few)

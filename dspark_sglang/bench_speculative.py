@@ -45,6 +45,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--plot", default=None, metavar="DIR", help="write PNG charts into DIR")
     p.add_argument("--profile-steps", action="store_true",
                    help="time each decode step's parts (draft, target, context update, accept)")
+    p.add_argument("--rounds", type=int, default=1,
+                   help="run the modes this many times (order rotated each round) and report "
+                        "each mode's median round: steadier ratios on a machine whose speed "
+                        "drifts")
     p.add_argument("--server-arg", action="append", default=[], metavar="KEY=VALUE",
                    help="an extra Engine / ServerArgs field for every mode, e.g. "
                         "speculative_token_map=none (repeatable)")
@@ -53,6 +57,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
+    if args.rounds < 1:
+        raise SystemExit("--rounds must be >= 1")
     prompts = load_prompts(args.prompt_file, args.prompts_per_file, args.num_prompts)
     cfg = SpecBenchConfig(
         prompts=prompts, modes=args.modes, concurrency=args.concurrency,
@@ -60,7 +66,8 @@ def main(argv: list[str] | None = None) -> None:
         temperature=args.temperature, seed=args.seed, num_draft_tokens=args.num_draft_tokens,
         draft_model_path=args.draft_model_path, max_total_tokens=args.max_total_tokens,
         num_threads=args.num_threads, chat_template=not args.no_chat_template,
-        profile_steps=args.profile_steps, engine_extra=parse_server_args(args.server_arg))
+        profile_steps=args.profile_steps, rounds=args.rounds,
+        engine_extra=parse_server_args(args.server_arg))
     report = run_spec_bench(cfg)
     print(f"wrote {write_json(args.output, report)}")
     if args.plot:

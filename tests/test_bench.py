@@ -203,3 +203,44 @@ def test_llamacpp_peer_prompt_lookup_is_lossless() -> None:
     assert len(a) >= 1 and len(b) >= 1
     with pytest.raises(ValueError, match="exceeds the llama.cpp context"):
         plain.generate_ids(ids, 600)
+
+
+def test_bench_speculative_rounds_report_the_median_round(
+        tiny_dir: Path, prompt_files: tuple[Path, Path], tmp_path: Path) -> None:
+    """--rounds 3: each mode runs three times (order rotated), the row is the median round with
+    every round's tokens/s beside it, and greedy outputs agree across rounds and with NONE."""
+    from dspark_sglang.bench_speculative import main
+
+    out = tmp_path / "spec.json"
+    main(["--model-path", str(tiny_dir), "--dtype", "float32", "--modes", "NONE", "NGRAM",
+          "--concurrency", "1", "--prompt-file", str(prompt_files[0]), "--prompts-per-file",
+          "2", "--max-new-tokens", "8", "--num-threads", "1", "--rounds", "3",
+          "--output", str(out)])
+    rep = json.loads(out.read_text())
+    assert rep["config"]["rounds"] == 3
+    for r in rep["results"]:
+        vals = r["rounds_output_tok_s"]
+        assert len(vals) == 3 and r["rounds"] == 3 and "outputs_vary" not in r
+        assert r["output_tok_s"] == sorted(vals)[1]
+        assert r["spread"] == pytest.approx((max(vals) - min(vals)) / sorted(vals)[1])
+    ngram = next(r for r in rep["results"] if r["mode"] == "NGRAM")
+    assert ngram["identical_to_none"] == ngram["compared"] == 2
+
+
+def test_median_rounds_picks_the_middle_and_flags_varying_outputs() -> None:
+    from dspark_sglang.benchmark.speculative import _median_rounds
+
+    def run(tok_s: float, ids: list[int]) -> tuple[list[dict], dict[int, list]]:
+        return [{"mode": "X", "conc": 1, "output_tok_s": tok_s}], {1: [ids]}
+
+    rows, outs = _median_rounds("X", [run(30.0, [1]), run(10.0, [2]), run(20.0, [3])], [1])
+    assert rows[0]["output_tok_s"] == 20.0 and outs[1] == [[3]]
+    assert rows[0]["rounds_output_tok_s"] == [30.0, 10.0, 20.0] and rows[0]["outputs_vary"]
+    assert rows[0]["spread"] == pytest.approx(1.0)
+    # an even count takes the lower middle; a failed round is left out
+    failed = ([{"mode": "X", "conc": 1, "error": "error: boom"}], {})
+    rows, _ = _median_rounds("X", [run(4.0, [1]), failed, run(2.0, [1])], [1])
+    assert rows[0]["output_tok_s"] == 2.0 and rows[0]["rounds"] == 2
+    assert "outputs_vary" not in rows[0]
+    rows, _ = _median_rounds("X", [failed], [1])
+    assert rows[0]["error"] == "error: boom"

@@ -1,8 +1,13 @@
 """Speculative modes side by side in one process (``python -m dspark_sglang.bench_speculative``).
 
 One engine per mode, loaded, warmed up, run at every concurrency level, shut down before the
-next mode is loaded. A mode that fails to load or run is reported as ``error: ...`` and the
+next mode is loaded (two engines in one process would share the CPUs' OpenMP teams badly: see
+entrypoints/engine.py). A mode that fails to load or run is reported as ``error: ...`` and the
 others continue. Greedy outputs of each mode are compared with NONE's at the same concurrency.
+With ``rounds`` > 1 the whole sequence of modes runs that many times, the order rotated each
+round (so no mode always runs first or last on a machine whose speed drifts), and each row is
+the round with the median output tokens/s, with every round's value and spread beside it; greedy
+outputs must then also agree across rounds.
 """
 
 from __future__ import annotations
@@ -41,11 +46,13 @@ class SpecBenchConfig:
     num_threads: int | None = None
     chat_template: bool = True
     profile_steps: bool = False
+    rounds: int = 1
     engine_extra: dict[str, Any] = field(default_factory=dict)
 
 
 TABLE_COLUMNS = ["mode", "conc", "out_tok_s", "per_user_tok_s", "vs_NONE", "vs_MTP1", "tau",
                  "verify_tok/step", "batch_verify_tok/step", "same_as_NONE", "note"]
+ROUNDS_COLUMNS = ["spread", "rounds_out_tok_s"]
 
 
 def _run_mode(cfg: SpecBenchConfig, mode: str) -> tuple[list[dict[str, Any]], dict[int, list]]:
@@ -126,28 +133,76 @@ def table_rows(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
             "vs_MTP1": r.get("speedup_vs_MTP1"), "tau": r.get("tau"),
             "verify_tok/step": r.get("verify_tokens_per_req_step"),
             "batch_verify_tok/step": r.get("verify_tokens_per_batch_step"),
-            "same_as_NONE": same, "note": r.get("error") or "",
+            "same_as_NONE": same,
+            "note": r.get("error") or ("outputs differ across rounds"
+                                       if r.get("outputs_vary") else ""),
+            "spread": r.get("spread"),
+            "rounds_out_tok_s": (" ".join(f"{v:.1f}" for v in r["rounds_output_tok_s"])
+                                 if "rounds_output_tok_s" in r else None),
         })
     return out
 
 
+def _median_rounds(mode: str, runs: list[tuple[list[dict[str, Any]], dict[int, list]]],
+                   concurrency: list[int]) -> tuple[list[dict[str, Any]], dict[int, list]]:
+    """One row per concurrency from a mode's rounds: the round with the median output tokens/s
+    (the lower middle one for an even count), every round's value (``rounds_output_tok_s``, in
+    run order) and their spread ((max - min) / median); its outputs, with ``outputs_vary``
+    set when rounds produced different output ids (greedy runs must not)."""
+    rows, outputs = [], {}
+    for i, c in enumerate(concurrency):
+        ok = [(rs[i], out.get(c)) for rs, out in runs
+              if i < len(rs) and not rs[i].get("error")]
+        if not ok:  # every round failed: report the first error
+            rows.append(runs[0][0][i] if runs[0][0] else {"mode": mode, "conc": c,
+                                                           "error": "error: no rounds ran"})
+            continue
+        vals = [r["output_tok_s"] for r, _ in ok]
+        order = sorted(range(len(ok)), key=lambda j: vals[j])
+        row, out = ok[order[(len(ok) - 1) // 2]]
+        row = {**row, "rounds_output_tok_s": vals, "rounds": len(ok),
+               "spread": (max(vals) - min(vals)) / row["output_tok_s"]
+               if row["output_tok_s"] else None}
+        if any(o != out for _, o in ok):
+            row["outputs_vary"] = True
+        rows.append(row)
+        if out is not None:
+            outputs[c] = out
+    return rows, outputs
+
+
 def run_spec_bench(cfg: SpecBenchConfig, log: Any = print) -> dict[str, Any]:
-    """Run every mode; print the table through ``log``; return the JSON-ready report."""
+    """Run every mode (``cfg.rounds`` times, rotating the order); print the table through
+    ``log``; return the JSON-ready report."""
+    runs: dict[str, list[tuple[list[dict[str, Any]], dict[int, list]]]] = {
+        m: [] for m in cfg.modes}
+    for rnd in range(max(1, cfg.rounds)):
+        k = rnd % len(cfg.modes)
+        for mode in cfg.modes[k:] + cfg.modes[:k]:
+            log(f"[bench_speculative] mode {mode} ..." if cfg.rounds <= 1 else
+                f"[bench_speculative] round {rnd + 1}/{cfg.rounds}: mode {mode} ...")
+            mode_rows, mode_out = _run_mode(cfg, mode)
+            for r in mode_rows:
+                if r.get("error"):
+                    log(f"[bench_speculative]   {mode} conc={r['conc']}: {r['error']}")
+            runs[mode].append((mode_rows, mode_out))
     rows: list[dict[str, Any]] = []
     outputs: dict[str, dict[int, list]] = {}
     for mode in cfg.modes:
-        log(f"[bench_speculative] mode {mode} ...")
-        mode_rows, mode_out = _run_mode(cfg, mode)
-        for r in mode_rows:
-            if r.get("error"):
-                log(f"[bench_speculative]   {mode} conc={r['conc']}: {r['error']}")
+        if cfg.rounds <= 1:
+            mode_rows, mode_out = runs[mode][0]
+        else:
+            mode_rows, mode_out = _median_rounds(mode, runs[mode], cfg.concurrency)
         rows += mode_rows
         outputs[mode] = mode_out
     greedy = cfg.temperature == 0
     add_comparisons(rows, outputs, greedy)
     title = (f"speculative modes: {len(cfg.prompts)} prompts, max_new_tokens="
              f"{cfg.max_new_tokens}, T={cfg.temperature}, dtype={cfg.dtype}")
-    log(format_table(table_rows(rows), TABLE_COLUMNS, title))
+    cols = TABLE_COLUMNS + (ROUNDS_COLUMNS if cfg.rounds > 1 else [])
+    if cfg.rounds > 1:
+        title += f", median of {cfg.rounds} rounds"
+    log(format_table(table_rows(rows), cols, title))
     prof = [{"mode": r["mode"], "conc": r["conc"], **r["step_profile"]}
             for r in rows if r.get("step_profile")]
     if prof:
@@ -163,6 +218,6 @@ def run_spec_bench(cfg: SpecBenchConfig, log: Any = print) -> dict[str, Any]:
                    "max_new_tokens": cfg.max_new_tokens, "temperature": cfg.temperature,
                    "num_prompts": len(cfg.prompts),
                    "domains": sorted({p.domain for p in cfg.prompts}),
-                   "num_draft_tokens": cfg.num_draft_tokens},
+                   "num_draft_tokens": cfg.num_draft_tokens, "rounds": cfg.rounds},
         "results": rows,
     }

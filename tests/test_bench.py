@@ -244,3 +244,34 @@ def test_median_rounds_picks_the_middle_and_flags_varying_outputs() -> None:
     assert "outputs_vary" not in rows[0]
     rows, _ = _median_rounds("X", [failed], [1])
     assert rows[0]["error"] == "error: boom"
+
+
+def test_offline_measure_with_a_prefix_cache_times_decode_only(monkeypatch) -> None:
+    """A system with a prefix cache (a simulated one: 1 ms per uncached prompt token, 5 ms per
+    decode step of the batch): prefill repeats get uncached prompts of their own, and the decode
+    figure is exactly the decode steps' cost, however slow the decode prompts' prefill is."""
+    import time
+    from types import SimpleNamespace
+
+    from dspark_sglang.benchmark.offline import OfflineConfig, measure
+
+    clock = [0.0]
+    monkeypatch.setattr(time, "perf_counter", lambda: clock[0])
+    cache: set[tuple[int, ...]] = set()
+    prefilled = []
+
+    def gen(batch: list[list[int]], n: int) -> None:
+        new = sum(1 if tuple(p) in cache else len(p) for p in batch)
+        prefilled.append(new)
+        cache.update(tuple(p) for p in batch)
+        clock[0] += 1e-3 * new + 5e-3 * (n - 1)  # the first token comes with the prefill
+
+    tok = SimpleNamespace(encode=lambda text: [ord(c) % 50 for c in text])
+    cfg = OfflineConfig(batch_sizes=[1, 4], prefill_len=64, decode_prompt_len=48,
+                        decode_tokens=8, repeats=3)
+    res = measure(gen, tok, 50, cfg, prefix_cached=True)
+    assert res["prefill_tok_s"] == pytest.approx(64 / 64e-3)  # every repeat uncached
+    assert prefilled[1:4] == [64, 64, 64]
+    for b in (1, 4):
+        assert res[f"decode_b{b}_tok_s"] == pytest.approx(b * 8 / (8 * 5e-3))
+    assert "error" not in res

@@ -4,7 +4,10 @@ requests. Pure bookkeeping over past outcomes, so tested without a model."""
 from __future__ import annotations
 
 import itertools
+from dataclasses import replace
 from types import SimpleNamespace
+
+import pytest
 
 from dspark_sglang.speculative.dspark_worker import BudgetState, DSparkWorker
 from dspark_sglang.speculative.worker import StepResult
@@ -226,3 +229,38 @@ def test_measured_drafting_steps_decide_once_timed() -> None:
     m = w._draft_step[0]
     assert w._measured_draft_step(1, 5.0) is None and w._measured_draft_step(1, 2.5) == m
     assert w._measured_draft_step(2, 2.0) == m and w._measured_draft_step(8, 2.0) is None
+
+
+def test_greedy_drafts_teach_their_expected_acceptance() -> None:
+    """A greedy draft's record learns the mean of the step's count and the expected number
+    accepted from the calibrated confidences of the verified positions (sum of their running
+    products); a sampled draft (expected None) and a jump-forward step learn as before."""
+    import torch
+
+    from dspark_sglang.speculative.dspark_worker import _expected_accepted
+
+    conf = torch.tensor([[0.8, 0.5, 0.9], [0.5, 1.0, 1.0], [0.2, 0.2, 0.2]])
+    exp = _expected_accepted(conf, [2, 3, 0])
+    assert exp[0] == pytest.approx(0.8 + 0.4) and exp[1] == pytest.approx(1.5) and exp[2] == 0
+    assert _expected_accepted(torch.empty(2, 0), [0, 0]) == [0.0, 0.0]
+
+    w = _worker()
+    greedy, sampled = _req(), _req()
+    w._draft_budget([greedy, sampled], [10, 10])
+    ema = w.budget_states[greedy.rid].acc_ema
+    w.budget_states[greedy.rid] = BudgetState(ema, proposed=3, expected=1.2)
+    w.budget_states[sampled.rid] = BudgetState(ema, proposed=3, expected=None)
+    w.on_verified([StepResult(greedy, [0], None, 3),  # type: ignore[arg-type]
+                   StepResult(sampled, [0], None, 3)])  # type: ignore[arg-type]
+    assert w.budget_states[greedy.rid].last_accepted == pytest.approx(0.6)  # (0 + 1.2) / 2
+    assert w.budget_states[greedy.rid].expected is None
+    assert w.budget_states[sampled.rid].last_accepted == 0.0
+    w._draft_budget([greedy, sampled], [10, 10])
+    assert w.budget_states[greedy.rid].acc_ema == pytest.approx(0.6 * ema + 0.4 * 0.6)
+    assert w.budget_states[sampled.rid].acc_ema == pytest.approx(0.6 * ema)
+    # forced (jump-forward) tokens replaced the proposal: nothing learned, expectation or not
+    w.budget_states[greedy.rid] = replace(w.budget_states[greedy.rid], proposed=2, expected=0.9)
+    before = w.budget_states[greedy.rid].acc_ema
+    w.on_verified([StepResult(greedy, [0, 0, 0], None, 2, forced=True)])  # type: ignore[arg-type]
+    w._draft_budget([greedy], [10])
+    assert w.budget_states[greedy.rid].acc_ema == before

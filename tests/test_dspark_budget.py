@@ -27,7 +27,6 @@ def _worker(draft_time: float = 0.1) -> DSparkWorker:
     w.min_probe_every, w.max_probe_every = 4, 16
     w.probe_every, w._skipped_in_row, w._probing, w._acc_prior = 4, 0, False, None
     w.probe_requests, w._probe_offset = 4, 0
-    w.full_block_batch = 0  # depth = accepted + 2 at every batch size (tested separately)
     w.budget_states = {}
     w._step_scale, w._last_call, w._draft_step, w._step_model = 1.0, None, None, None
     return w
@@ -265,15 +264,3 @@ def test_greedy_drafts_teach_their_expected_acceptance() -> None:
     w.on_verified([StepResult(greedy, [0, 0, 0], None, 2, forced=True)])  # type: ignore[arg-type]
     w._draft_budget([greedy], [10])
     assert w.budget_states[greedy.rid].acc_ema == before
-
-
-def test_small_batches_draft_the_whole_block() -> None:
-    """Up to ``full_block_batch`` requests draft the whole block (the prefix scheduler picks
-    what is verified); larger batches draft accepted + 2; rooms cap both."""
-    w = _worker()
-    w.full_block_batch = 2
-    small, large = [_req(), _req()], [_req() for _ in range(3)]
-    for r in small + large:
-        w.budget_states[r.rid] = BudgetState(acc_ema=1.5)
-    assert w._draft_budget(small, [10, 4]) == [7, 4]
-    assert w._draft_budget(large, [10, 10, 2]) == [3, 3, 2]

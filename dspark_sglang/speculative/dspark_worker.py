@@ -96,7 +96,6 @@ class DSparkWorker(DraftWorker):
         self._skipped_in_row = 0
         self._probing = False
         self.probe_requests = 4  # requests a probe drafts for
-        self.full_block_batch = 4  # batches this small draft the whole block (_draft_budget)
         self._probe_offset = 0
         self._acc_prior: float | None = None  # engine-wide EMA of accepted drafts per step
         self._draft_time: float | None = None  # EMA of seconds per propose call
@@ -226,8 +225,7 @@ class DSparkWorker(DraftWorker):
 
         The prefix scheduler decides what is verified; this only avoids paying for draft
         positions it would not admit. Per request an EMA of accepted drafts per step sets the
-        depth (accepted + 2; the whole block in batches of at most ``full_block_batch``); a
-        new request starts from the engine-wide EMA (the block size
+        depth (accepted + 2); a new request starts from the engine-wide EMA (the block size
         before anything was measured). Drafting is skipped for the whole batch when the expected
         accepted tokens per request (mean of EMAs: target steps saved) are worth less than the
         drafter's measured cost in batch target steps (a saved step counts as a whole step:
@@ -263,13 +261,7 @@ class DSparkWorker(DraftWorker):
         # the draft itself, and verifying the drafted positions instead of one token each.
         # Once whole drafting steps were timed at this batch and depth, their measured cost
         # decides instead (a step yielding 1 + accepted tokens against a plain step's 1)
-        # depth: accepted + 2 per request; a batch of at most ``full_block_batch`` requests
-        # drafts the whole block and leaves the verify lengths to the prefix scheduler (there
-        # the draft costs about the same at any depth: at c=1 a 1-position draft took 4.2 ms,
-        # a 7-position one 4.6, and accepted + 2 capped what the scheduler could verify)
-        full = len(reqs) <= self.full_block_batch
-        wanted = [self.gamma if full else max(1, int(ema) + 2) for ema in emas]
-        depth = sum(min(room, d) for d, room in zip(wanted, rooms)) / len(emas)
+        depth = sum(min(room, int(ema) + 2) for ema, room in zip(emas, rooms)) / len(emas)
         acc = sum(emas) / len(emas)
         model_cost = (self._step_scale + self._draft_cost_in_steps()
                       + self._verify_cost_in_steps(len(reqs), depth))
@@ -291,7 +283,7 @@ class DSparkWorker(DraftWorker):
                 return [0] * len(reqs)
             self._probing = True
         self._skipped_in_row = 0
-        depths = [min(room, d) for d, room in zip(wanted, rooms)]
+        depths = [min(room, max(1, int(ema) + 2)) for ema, room in zip(emas, rooms)]
         if self._probing and len(reqs) > self.probe_requests:
             # a probe refreshes the estimates on a few requests (rotating), not the whole
             # batch: at high load a full-batch probe costs a large draft and verify step

@@ -89,18 +89,13 @@ def measure(gen: GenFn, tokenizer: Any, vocab_size: int, cfg: OfflineConfig,
     ``prefix_cached``: the system keeps prompts' KV in a prefix cache (see the module doc)."""
     gen(make_prompt_ids(tokenizer, 1, 16, vocab_size, start=10**6), 2)  # warm-up
     res: dict[str, Any] = {}
+    long_prompt = make_prompt_ids(tokenizer, 1, cfg.prefill_len, vocab_size)
+    prefill = gen
     if prefix_cached:  # a prompt of its own per repeat
         fresh = iter(make_prompt_ids(tokenizer, cfg.repeats, cfg.prefill_len, vocab_size,
                                      start=10**5))
-        times = []
-        for _ in range(cfg.repeats):
-            t0 = time.perf_counter()
-            gen([next(fresh)], 1)
-            times.append(time.perf_counter() - t0)
-        res["prefill_tok_s"] = cfg.prefill_len / statistics.median(times)
-    else:
-        long_prompt = make_prompt_ids(tokenizer, 1, cfg.prefill_len, vocab_size)
-        res["prefill_tok_s"] = cfg.prefill_len / _timed(gen, long_prompt, 1, cfg.repeats)
+        prefill = lambda _batch, n: gen([next(fresh)], n)  # noqa: E731
+    res["prefill_tok_s"] = cfg.prefill_len / _timed(prefill, long_prompt, 1, cfg.repeats)
     for b in cfg.batch_sizes:
         try:
             batch = make_prompt_ids(tokenizer, b, cfg.decode_prompt_len, vocab_size)

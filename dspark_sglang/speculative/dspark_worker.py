@@ -327,10 +327,11 @@ class DSparkWorker(DraftWorker):
         if kind == "plain" and 0.0 < ratio < 3.0:
             self._step_scale = 0.9 * self._step_scale + 0.1 * max(1.0, ratio)
         elif kind == "draft" and 0.0 < ratio < 2.0 * model_cost:
-            m = self._measured_draft_step(batch, depth)
-            self._draft_step = ((ratio, batch, depth) if m is None else
-                                (0.8 * m + 0.2 * ratio, batch,
-                                 0.8 * self._draft_step[2] + 0.2 * depth))  # type: ignore[index]
+            old = self._draft_step
+            if self._measured_draft_step(batch, depth) is None or old is None:
+                self._draft_step = (ratio, batch, depth)
+            else:
+                self._draft_step = (0.8 * old[0] + 0.2 * ratio, batch, 0.8 * old[2] + 0.2 * depth)
 
     def _draft_cost_in_steps(self) -> float:
         if self.sps_table is None or self._draft_time is None:

@@ -35,7 +35,8 @@ MAX_MATMUL_ROWS = 64
 
 @functools.cache
 def cpu_isa() -> str:
-    """``avx512``, ``avx2`` or ``scalar``: the widest instruction set the kernels use here."""
+    """``avx512amx``, ``avx512vnni``, ``avx512``, ``avx2`` or ``scalar``: the widest instruction
+    set the kernels use here (``avx512amx``: VNNI plus the AMX tile unit for Q8 matmuls)."""
     try:
         text = Path("/proc/cpuinfo").read_text()
     except OSError:
@@ -46,13 +47,17 @@ def cpu_isa() -> str:
             flags = set(line.split(":", 1)[1].split())
             break
     if {"avx512f", "avx512bw", "avx512vl", "avx512dq", "fma", "f16c"} <= flags:
-        return "avx512vnni" if "avx512_vnni" in flags else "avx512"
+        if "avx512_vnni" not in flags:
+            return "avx512"
+        return "avx512amx" if {"amx_tile", "amx_int8"} <= flags else "avx512vnni"
     if {"avx2", "fma", "f16c"} <= flags:
         return "avx2"
     return "scalar"
 
 
 _ISA_FLAGS = {
+    "avx512amx": ["-mavx2", "-mfma", "-mf16c", "-mavx512f", "-mavx512bw", "-mavx512vl",
+                  "-mavx512dq", "-mavx512vnni", "-mamx-tile", "-mamx-int8"],
     "avx512vnni": ["-mavx2", "-mfma", "-mf16c", "-mavx512f", "-mavx512bw", "-mavx512vl",
                    "-mavx512dq", "-mavx512vnni"],
     "avx512": ["-mavx2", "-mfma", "-mf16c", "-mavx512f", "-mavx512bw", "-mavx512vl",

@@ -124,6 +124,35 @@ def test_gguf_matmul_q8_matches_quantized_reference_every_row_count(t: int, k: i
     assert float(rel) < 0.02
 
 
+needs_amx = pytest.mark.skipif(ops is None or not ops.q8_amx_available(),
+                               reason="no AMX tile unit here (or the kernel refused it)")
+
+
+@needs_amx
+@pytest.mark.parametrize("t", Q8_TYPES)
+def test_gguf_matmul_q8_amx_is_bitwise_the_vnni_kernel(t: int) -> None:
+    """The AMX path (tile integer sums, the VNNI kernel's float work) gives every output bitwise
+    as the VNNI kernel does, for every row count 1..40 (16-row chunks and a partial one) and a
+    group count that leaves 1 of the 3 groups per tile pass (13 groups, the last padded)."""
+    n, k = 202, 544
+    w = random_gguf_rows(t, n, k, seed=40 + t)
+    x_all = torch.randn(40, k, generator=torch.Generator().manual_seed(4 + t))
+    x_all[5, 32:64] = 0.0
+    before = ops.q8_amx_min_rows(-1)
+    try:
+        for m in range(1, 41):
+            x = x_all[:m]
+            assert ops.q8_amx_min_rows(0) == 0
+            vnni = gguf_matmul_q8(x, w, t)
+            assert ops.q8_amx_min_rows(1, all_formats=True) == 1
+            amx = gguf_matmul_q8(x, w, t)
+            assert torch.equal(amx, vnni), (t, m)
+        want = gguf_matmul_q8_ref(x_all, w, t)
+        torch.testing.assert_close(amx, want, rtol=1e-5, atol=1e-4)
+    finally:
+        ops.q8_amx_min_rows(before)
+
+
 @needs_ops
 def test_gguf_matmul_q8_packed_layout_and_its_padding() -> None:
     """The repacked weights are a view of the first N rows of storage padded to 16-row groups;
@@ -417,7 +446,7 @@ def test_csrc_ships_with_the_package() -> None:
     text = (Path(__file__).resolve().parent.parent / "pyproject.toml").read_text()
     assert 'dspark_kernels = ["csrc/*.cpp", "csrc/*.h"]' in text
     assert all((cpu_ops.CSRC / name).is_file() for name in cpu_ops.SOURCES)
-    assert cpu_ops.cpu_isa() in ("avx512vnni", "avx512", "avx2", "scalar")
+    assert cpu_ops.cpu_isa() in ("avx512amx", "avx512vnni", "avx512", "avx2", "scalar")
 
 
 # ------------------------------------------------------------------------ GGUF-block linears

@@ -10,7 +10,9 @@
 namespace {
 
 std::string isa() {
-#if defined(__AVX512F__) && defined(__AVX512VNNI__)
+#if defined(__AVX512F__) && defined(__AVX512VNNI__) && defined(__AMX_INT8__)
+  return "avx512amx";
+#elif defined(__AVX512F__) && defined(__AVX512VNNI__)
   return "avx512vnni";
 #elif defined(__AVX512F__)
   return "avx512";
@@ -28,6 +30,12 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("gguf_matmul", &dspark::gguf_matmul, "few-row matmul on GGUF block weights");
   m.def("gguf_matmul_q8", &dspark::gguf_matmul_q8,
         "few-row matmul on repacked Q4_0/Q4_1/Q8_0 weights with Q8-quantised activations");
+  m.def("q8_amx_available", &dspark::q8_amx_available,
+        "whether gguf_matmul_q8 can use the AMX tile unit here");
+  m.def("q8_amx_min_rows", &dspark::q8_amx_min_rows,
+        "rows from which gguf_matmul_q8 uses AMX on Q8_0 (all formats when all_formats; "
+        "rows < 0 reads, 0 turns it off)",
+        py::arg("rows"), py::arg("all_formats") = false);
   m.def("gguf_repack_q8", &dspark::gguf_repack_q8,
         "GGUF Q4_0/Q4_1/Q8_0 rows -> the layout gguf_matmul_q8 reads");
   m.def("gguf_dequantize", &dspark::gguf_dequantize, "dequantise GGUF block rows to float32");

@@ -29,11 +29,17 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstdlib>
 #include <cstring>
 #include <vector>
 
 #include "gguf_matmul.h"
 #include "simd.h"
+
+#if defined(__AMX_TILE__) && defined(__AMX_INT8__)
+#include <sys/syscall.h>
+#include <unistd.h>
+#endif
 
 namespace dspark {
 
@@ -340,6 +346,195 @@ inline void q8_group(const uint8_t* g, const Q8Act& a, int64_t c0, float* y, int
 }
 #endif
 
+#if defined(DSPARK_Q8_VNNI) && defined(__AMX_TILE__) && defined(__AMX_INT8__)
+#define DSPARK_Q8_AMX 1
+// AMX (Intel Sapphire Rapids and later): the same per-block integer sums from the tile unit.
+// A 16-row group's block of quants in the repacked layout is already an AMX B tile (8 rows of
+// 64 bytes: row t holds, for output row r, weights 4t .. 4t + 3 at bytes 4r .. 4r + 3; the
+// nibble formats are unpacked to bytes first), the activation block is an A tile (rows of 32
+// bytes, stride K), and one TDPBSSD / TDPBSUD gives the exact 16 x 16 integer sums of a block for
+// up to 16 activation rows. The float work per block is the VNNI kernel's, lane for lane
+// (acc = fma(float(isum), d_w * d_x, acc), then Q4_1's minimum term), so every output is bitwise
+// the VNNI kernel's and the two can be mixed by row count (tested).
+
+// process-wide permission to use the tile data registers (Linux >= 5.16); false when refused
+inline bool amx_permitted() {
+  static const bool ok = [] {
+    constexpr long kArchReqXcompPerm = 0x1023, kXfeatureXtiledata = 18;
+    return syscall(SYS_arch_prctl, kArchReqXcompPerm, kXfeatureXtiledata) == 0;
+  }();
+  return ok;
+}
+
+// rows from which gguf_matmul_q8 takes the tile unit (0 = never); DSPARK_AMX_MIN_ROWS sets it,
+// DSPARK_AMX=0 turns it off
+inline int& amx_min_rows_ref() {
+  static int rows = [] {
+    const char* off = std::getenv("DSPARK_AMX");
+    if (off && (std::strcmp(off, "0") == 0 || std::strcmp(off, "off") == 0)) return 0;
+    if (!amx_permitted()) return 0;
+    const char* env = std::getenv("DSPARK_AMX_MIN_ROWS");
+    return env ? std::max(0, std::atoi(env)) : 8;
+  }();
+  return rows;
+}
+
+// the tile unit for Q4_0 / Q4_1 too (off: slower there; the tests turn it on to check them)
+inline bool& amx_all_formats_ref() {
+  static bool all = false;
+  return all;
+}
+
+struct alignas(64) AmxTileConfig {
+  uint8_t palette = 1, start_row = 0, reserved[14] = {};
+  uint16_t colsb[16] = {};
+  uint8_t rows[16] = {};
+};
+
+// tmm0: activation block (mc rows x 32 bytes); tmm1..3: weight blocks (8 x 64 bytes);
+// tmm4..6: integer sums (mc x 16 int32)
+inline void amx_configure(int mc) {
+  AmxTileConfig cfg;
+  cfg.rows[0] = static_cast<uint8_t>(mc);
+  cfg.colsb[0] = kQ8Block;
+  for (int t = 1; t <= 3; ++t) {
+    cfg.rows[t] = 8;
+    cfg.colsb[t] = 64;
+  }
+  for (int t = 4; t <= 6; ++t) {
+    cfg.rows[t] = static_cast<uint8_t>(mc);
+    cfg.colsb[t] = 64;
+  }
+  _tile_loadconfig(&cfg);
+}
+
+// NG (1..3) consecutive groups against activation rows m0 .. m0 + mc - 1 (mc <= 16, tiles
+// configured for mc), all blocks
+template <int kType, int NG>
+inline void q8_amx_groups(const uint8_t* const* gw, const Q8Act& a, int64_t m0, int mc,
+                          float* const* yg, int64_t ldy, const int* rows) {
+  constexpr int kGB = kGroupBlockBytes<kType>, kHdr = kGroupHeader<kType>;
+  const int64_t nb = a.nb;
+  alignas(64) float acc[NG][16][16];
+  alignas(64) int32_t isum[NG][16][16];
+  alignas(64) uint8_t wbuf[NG][8 * 64];
+  std::memset(acc, 0, sizeof(acc));
+  const __m512i nib = _mm512_set1_epi8(0x0F);
+  for (int64_t b = 0; b < nb; ++b) {
+    _tile_loadd(0, a.row(m0) + b * kQ8Block, a.K);
+#define DSPARK_AMX_GROUP(J, TB, TC)                                                               \
+  if constexpr (NG > J) {                                                                         \
+    const uint8_t* qs = gw[J] + b * kGB + kHdr;                                                   \
+    if constexpr (kType == kQ8_0) {                                                               \
+      _tile_loadd(TB, qs, 64);                                                                    \
+    } else {                                                                                      \
+      for (int t = 0; t < 4; ++t) {                                                               \
+        const __m512i v = _mm512_loadu_si512(qs + 64 * t);                                        \
+        _mm512_store_si512(wbuf[J] + 64 * t, _mm512_and_si512(v, nib));                           \
+        _mm512_store_si512(wbuf[J] + 64 * (4 + t),                                                \
+                           _mm512_and_si512(_mm512_srli_epi16(v, 4), nib));                       \
+      }                                                                                           \
+      _tile_loadd(TB, wbuf[J], 64);                                                               \
+    }                                                                                             \
+    _tile_zero(TC);                                                                               \
+    if constexpr (kType == kQ8_0) {                                                               \
+      _tile_dpbssd(TC, 0, TB);                                                                    \
+    } else {                                                                                      \
+      _tile_dpbsud(TC, 0, TB);                                                                    \
+    }                                                                                             \
+    _tile_stored(TC, isum[J], 64);                                                                \
+  }
+    // tile numbers are literals: the intrinsics paste them into the instruction text
+    DSPARK_AMX_GROUP(0, 1, 4)
+    DSPARK_AMX_GROUP(1, 2, 5)
+    DSPARK_AMX_GROUP(2, 3, 6)
+#undef DSPARK_AMX_GROUP
+    for (int j = 0; j < NG; ++j) {
+      const uint8_t* blk = gw[j] + b * kGB;
+      const __m512 dw =
+          _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(blk)));
+      __m512 mw = _mm512_setzero_ps();
+      if constexpr (kType == kQ4_1)
+        mw = _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(blk + 32)));
+      for (int m = 0; m < mc; ++m) {
+        const int64_t i = (m0 + m) * nb + b;
+        __m512i ia = _mm512_load_si512(isum[j][m]);
+        // Q8_0 enters TDPBSSD signed (no +128 bias to undo); Q4_0's -8 offset is corr
+        if constexpr (kType == kQ4_0) ia = _mm512_add_epi32(ia, _mm512_set1_epi32(a.corr[i]));
+        __m512 s = _mm512_fmadd_ps(_mm512_cvtepi32_ps(ia), _mm512_mul_ps(dw, _mm512_set1_ps(a.d[i])),
+                                   _mm512_load_ps(acc[j][m]));
+        if constexpr (kType == kQ4_1) s = _mm512_fmadd_ps(mw, _mm512_set1_ps(a.ds[i]), s);
+        _mm512_store_ps(acc[j][m], s);
+      }
+    }
+  }
+  for (int j = 0; j < NG; ++j) {
+    const __mmask16 k = rows[j] >= kQ8Group ? static_cast<__mmask16>(0xFFFF)
+                                            : static_cast<__mmask16>((1u << rows[j]) - 1u);
+    for (int m = 0; m < mc; ++m)
+      _mm512_mask_storeu_ps(yg[j] + (m0 + m) * ldy, k, _mm512_load_ps(acc[j][m]));
+  }
+}
+
+// groups [g0, g1) against every activation row on the tile unit: 3 groups at a time, each
+// against 16-row chunks of the activations (the chunks reuse the groups' weights from cache)
+template <int kType>
+inline void q8_groups_amx(const uint8_t* wp, int64_t g0, int64_t g1, int64_t N, const Q8Act& a,
+                          float* yp, int64_t ldy) {
+  const int64_t gbytes = static_cast<int64_t>(kGroupBlockBytes<kType>) * a.nb;
+  int configured = -1;
+  for (int64_t g = g0; g < g1; g += 3) {
+    const int ng = static_cast<int>(std::min<int64_t>(3, g1 - g));
+    const uint8_t* gw[3];
+    float* yg[3];
+    int rows[3];
+    for (int j = 0; j < ng; ++j) {
+      gw[j] = wp + (g + j) * gbytes;
+      yg[j] = yp + (g + j) * kQ8Group;
+      rows[j] = static_cast<int>(std::min<int64_t>(kQ8Group, N - (g + j) * kQ8Group));
+    }
+    for (int64_t m0 = 0; m0 < a.M; m0 += 16) {
+      const int mc = static_cast<int>(std::min<int64_t>(16, a.M - m0));
+      if (mc != configured) {
+        amx_configure(mc);
+        configured = mc;
+      }
+      switch (ng) {
+        case 3: q8_amx_groups<kType, 3>(gw, a, m0, mc, yg, ldy, rows); break;
+        case 2: q8_amx_groups<kType, 2>(gw, a, m0, mc, yg, ldy, rows); break;
+        default: q8_amx_groups<kType, 1>(gw, a, m0, mc, yg, ldy, rows); break;
+      }
+    }
+  }
+  _tile_release();
+}
+#endif
+
+inline bool q8_amx_available() {
+#if defined(DSPARK_Q8_AMX)
+  return amx_permitted();
+#else
+  return false;
+#endif
+}
+
+/// rows from which gguf_matmul_q8 uses the tile unit on Q8_0 weights (all formats when
+/// ``all_formats``); a negative argument only reads it, 0 turns it off; always 0 where the
+/// extension has no AMX path or the kernel refuses it
+inline int64_t q8_amx_min_rows(int64_t rows, bool all_formats) {
+#if defined(DSPARK_Q8_AMX)
+  if (rows >= 0) {
+    amx_min_rows_ref() = amx_permitted() ? static_cast<int>(rows) : 0;
+    amx_all_formats_ref() = all_formats;
+  }
+  return amx_min_rows_ref();
+#else
+  (void)rows;
+  (void)all_formats;
+  return 0;
+#endif
+}
+
 // groups [g0, g1) against every activation row, kQ8Cols rows at a time
 template <int kType>
 inline void q8_groups(const uint8_t* wp, int64_t g0, int64_t g1, int64_t N, const Q8Act& a,
@@ -387,6 +582,22 @@ inline void gguf_matmul_q8(const at::Tensor& x, const at::Tensor& w, int64_t typ
   float* yp = out.data_ptr<float>() + col0;
   const int64_t ldy = out.size(1);
   const int64_t grain = std::max<int64_t>(1, (64 << 10) / std::max<int64_t>(kQ8Group * row_bytes, 1));
+#if defined(DSPARK_Q8_AMX)
+  // Q8_0 only: the nibble formats pay an unpack per block that the tile unit never wins back
+  // here, and Q8_0 wins from ~8 rows (49152 x 576 head: 1.24x at 8 rows, 1.46x at 16-32; 0.5x
+  // at 1 row; docs/benchmarks.md, session 12)
+  const int amx_rows = amx_min_rows_ref();
+  if (amx_rows > 0 && M >= amx_rows && (type == kQ8_0 || amx_all_formats_ref())) {
+    at::parallel_for(0, G, grain, [&](int64_t g0, int64_t g1) {
+      switch (type) {
+        case kQ4_0: q8_groups_amx<kQ4_0>(wp, g0, g1, N, a, yp, ldy); break;
+        case kQ4_1: q8_groups_amx<kQ4_1>(wp, g0, g1, N, a, yp, ldy); break;
+        default: q8_groups_amx<kQ8_0>(wp, g0, g1, N, a, yp, ldy); break;
+      }
+    });
+    return;
+  }
+#endif
   at::parallel_for(0, G, grain, [&](int64_t g0, int64_t g1) {
     switch (type) {
       case kQ4_0: q8_groups<kQ4_0>(wp, g0, g1, N, a, yp, ldy); break;

@@ -182,6 +182,18 @@ inline at::Tensor gguf_repack_q8(const at::Tensor& w, int64_t type) {
 // ------------------------------------------------------------------------------- kernels
 
 #if defined(DSPARK_Q8_VNNI)
+// Software prefetch of the weights kQ8PrefetchBytes ahead of the block being read: a decode
+// step streams ~96 MB that do not stay in cache between steps (one pass over 4 copies of the
+// embedded model's Q4_1 layers and Q8_0 head, 384 MB, 2 threads, session 12's Xeon: 1 row
+// 18.6 -> 17.6 ms, 8 rows 31.6 -> 27.9 ms; 1 / 4 / 8 / 16 KiB ahead tried, 4-8 KiB best)
+constexpr int kQ8PrefetchBytes = 8192;
+
+template <int kBytes>
+inline void q8_prefetch(const uint8_t* p) {
+  for (int off = 0; off < kBytes; off += 64)
+    _mm_prefetch(reinterpret_cast<const char*>(p + kQ8PrefetchBytes + off), _MM_HINT_T0);
+}
+
 // One 16-row group (g: its first block) against activation rows c0 .. c0 + MC - 1:
 // y[c * ldy + r] for r < rows.
 template <int kType, int MC>
@@ -194,6 +206,7 @@ inline void q8_group(const uint8_t* g, const Q8Act& a, int64_t c0, float* y, int
   const __m512i nib = _mm512_set1_epi8(0x0F), bias = _mm512_set1_epi8(static_cast<char>(0x80));
   for (int64_t b = 0; b < nb; ++b) {
     const uint8_t* blk = g + b * kGB;
+    q8_prefetch<kGB>(blk);
     const __m512 dw = _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(blk)));
     const uint8_t* qs = blk + kHdr;
     __m512i ia[MC];
@@ -424,6 +437,7 @@ inline void q8_amx_groups(const uint8_t* const* gw, const Q8Act& a, int64_t m0, 
     _tile_loadd(0, a.row(m0) + b * kQ8Block, a.K);
 #define DSPARK_AMX_GROUP(J, TB, TC)                                                               \
   if constexpr (NG > J) {                                                                         \
+    q8_prefetch<kGB>(gw[J] + b * kGB);                                                            \
     const uint8_t* qs = gw[J] + b * kGB + kHdr;                                                   \
     if constexpr (kType == kQ8_0) {                                                               \
       _tile_loadd(TB, qs, 64);                                                                    \

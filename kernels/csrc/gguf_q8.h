@@ -429,40 +429,14 @@ inline void q8_amx_groups(const uint8_t* const* gw, const Q8Act& a, int64_t m0, 
   constexpr int kGB = kGroupBlockBytes<kType>, kHdr = kGroupHeader<kType>;
   const int64_t nb = a.nb;
   alignas(64) float acc[NG][16][16];
-  alignas(64) int32_t isum[NG][16][16];
-  alignas(64) uint8_t wbuf[NG][8 * 64];
+  // software-pipelined: block b's tile work is issued before block b - 1's float work, so the
+  // tile store of one block and the vector loads of the other do not wait on each other
+  alignas(64) int32_t isum[2][NG][16][16];
+  alignas(64) uint8_t wbuf[2][NG][8 * 64];
   std::memset(acc, 0, sizeof(acc));
   const __m512i nib = _mm512_set1_epi8(0x0F);
-  for (int64_t b = 0; b < nb; ++b) {
-    _tile_loadd(0, a.row(m0) + b * kQ8Block, a.K);
-#define DSPARK_AMX_GROUP(J, TB, TC)                                                               \
-  if constexpr (NG > J) {                                                                         \
-    q8_prefetch<kGB>(gw[J] + b * kGB);                                                            \
-    const uint8_t* qs = gw[J] + b * kGB + kHdr;                                                   \
-    if constexpr (kType == kQ8_0) {                                                               \
-      _tile_loadd(TB, qs, 64);                                                                    \
-    } else {                                                                                      \
-      for (int t = 0; t < 4; ++t) {                                                               \
-        const __m512i v = _mm512_loadu_si512(qs + 64 * t);                                        \
-        _mm512_store_si512(wbuf[J] + 64 * t, _mm512_and_si512(v, nib));                           \
-        _mm512_store_si512(wbuf[J] + 64 * (4 + t),                                                \
-                           _mm512_and_si512(_mm512_srli_epi16(v, 4), nib));                       \
-      }                                                                                           \
-      _tile_loadd(TB, wbuf[J], 64);                                                               \
-    }                                                                                             \
-    _tile_zero(TC);                                                                               \
-    if constexpr (kType == kQ8_0) {                                                               \
-      _tile_dpbssd(TC, 0, TB);                                                                    \
-    } else {                                                                                      \
-      _tile_dpbsud(TC, 0, TB);                                                                    \
-    }                                                                                             \
-    _tile_stored(TC, isum[J], 64);                                                                \
-  }
-    // tile numbers are literals: the intrinsics paste them into the instruction text
-    DSPARK_AMX_GROUP(0, 1, 4)
-    DSPARK_AMX_GROUP(1, 2, 5)
-    DSPARK_AMX_GROUP(2, 3, 6)
-#undef DSPARK_AMX_GROUP
+  auto float_work = [&](int64_t b) {
+    const int p = static_cast<int>(b & 1);
     for (int j = 0; j < NG; ++j) {
       const uint8_t* blk = gw[j] + b * kGB;
       const __m512 dw =
@@ -472,15 +446,51 @@ inline void q8_amx_groups(const uint8_t* const* gw, const Q8Act& a, int64_t m0, 
         mw = _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(blk + 32)));
       for (int m = 0; m < mc; ++m) {
         const int64_t i = (m0 + m) * nb + b;
-        __m512i ia = _mm512_load_si512(isum[j][m]);
+        __m512i ia = _mm512_load_si512(isum[p][j][m]);
         // Q8_0 enters TDPBSSD signed (no +128 bias to undo); Q4_0's -8 offset is corr
         if constexpr (kType == kQ4_0) ia = _mm512_add_epi32(ia, _mm512_set1_epi32(a.corr[i]));
-        __m512 s = _mm512_fmadd_ps(_mm512_cvtepi32_ps(ia), _mm512_mul_ps(dw, _mm512_set1_ps(a.d[i])),
+        __m512 s = _mm512_fmadd_ps(_mm512_cvtepi32_ps(ia),
+                                   _mm512_mul_ps(dw, _mm512_set1_ps(a.d[i])),
                                    _mm512_load_ps(acc[j][m]));
         if constexpr (kType == kQ4_1) s = _mm512_fmadd_ps(mw, _mm512_set1_ps(a.ds[i]), s);
         _mm512_store_ps(acc[j][m], s);
       }
     }
+  };
+  for (int64_t b = 0; b <= nb; ++b) {
+    if (b < nb) {
+      const int p = static_cast<int>(b & 1);
+      _tile_loadd(0, a.row(m0) + b * kQ8Block, a.K);
+#define DSPARK_AMX_GROUP(J, TB, TC)                                                               \
+  if constexpr (NG > J) {                                                                         \
+    q8_prefetch<kGB>(gw[J] + b * kGB);                                                            \
+    const uint8_t* qs = gw[J] + b * kGB + kHdr;                                                   \
+    if constexpr (kType == kQ8_0) {                                                               \
+      _tile_loadd(TB, qs, 64);                                                                    \
+    } else {                                                                                      \
+      for (int t = 0; t < 4; ++t) {                                                               \
+        const __m512i v = _mm512_loadu_si512(qs + 64 * t);                                        \
+        _mm512_store_si512(wbuf[p][J] + 64 * t, _mm512_and_si512(v, nib));                        \
+        _mm512_store_si512(wbuf[p][J] + 64 * (4 + t),                                             \
+                           _mm512_and_si512(_mm512_srli_epi16(v, 4), nib));                       \
+      }                                                                                           \
+      _tile_loadd(TB, wbuf[p][J], 64);                                                            \
+    }                                                                                             \
+    _tile_zero(TC);                                                                               \
+    if constexpr (kType == kQ8_0) {                                                               \
+      _tile_dpbssd(TC, 0, TB);                                                                    \
+    } else {                                                                                      \
+      _tile_dpbsud(TC, 0, TB);                                                                    \
+    }                                                                                             \
+    _tile_stored(TC, isum[p][J], 64);                                                             \
+  }
+      // tile numbers are literals: the intrinsics paste them into the instruction text
+      DSPARK_AMX_GROUP(0, 1, 4)
+      DSPARK_AMX_GROUP(1, 2, 5)
+      DSPARK_AMX_GROUP(2, 3, 6)
+#undef DSPARK_AMX_GROUP
+    }
+    if (b > 0) float_work(b - 1);
   }
   for (int j = 0; j < NG; ++j) {
     const __mmask16 k = rows[j] >= kQ8Group ? static_cast<__mmask16>(0xFFFF)

@@ -155,6 +155,7 @@ def test_drafter_context_update_fast_path_matches_torch(make_engine) -> None:
     fb.out_cache_loc = torch.tensor([3, 4, 5, 9, 10, 11])
     out = ModelOutput(logits=None, aux_hidden=aux, final_hidden=None)
     w.on_target_forward(fb, out)
+    w.flush_context()  # (queued while the draft budget is not drafting)
     fast = [b[fb.out_cache_loc].clone() for b in w.ctx_pool.k_bufs + w.ctx_pool.v_bufs]
     saved, w.drafter.kv_blocks = w.drafter.kv_blocks, None
     try:
@@ -191,6 +192,7 @@ def test_drafter_block_stack_matches_torch_forward_block(make_engine) -> None:
     fb.out_cache_loc = torch.cat([slots[0, :5], slots[1]])
     aux = torch.randn(n, w.drafter.fc.in_features, generator=g)
     w.on_target_forward(fb, ModelOutput(logits=None, aux_hidden=aux, final_hidden=None))
+    w.flush_context()
     anchors = torch.tensor([17, 4242])
     fast = w._forward_block_stack(stack, anchors, lens, slots)
     valid = torch.arange(70)[None, :] < lens[:, None]
@@ -328,6 +330,7 @@ def test_drafter_context_update_in_one_call_is_the_fast_path(make_engine, monkey
 
     monkeypatch.setattr(w.drafter, "kv_blocks", (Counting(), w.drafter.kv_blocks[1]))
     w.on_target_forward(fb, out)
+    w.flush_context()
     assert calls["n"] == 1
     one_call = [b[fb.out_cache_loc].clone() for b in w.ctx_pool.k_bufs + w.ctx_pool.v_bufs]
     w._ctx_plan = ()  # no plan: the per-layer fast path
@@ -337,3 +340,94 @@ def test_drafter_context_update_in_one_call_is_the_fast_path(make_engine, monkey
     for a, b in zip(one_call, per_layer):
         assert b.abs().max() > 0
         assert torch.equal(a, b)
+
+
+def test_queued_context_updates_leave_the_pool_as_writing_each_at_once(make_engine) -> None:
+    """With the draft budget on, decode / verify-sized context updates are queued and applied
+    oldest first before the pool is read: the pool then holds bitwise what writing each update
+    at once gives, including a slot written twice (the later write wins)."""
+    import torch
+
+    from dspark_sglang.core.forward_batch import ForwardBatch, ModelOutput
+
+    eng = make_engine(None, quantization="gguf", attention_backend="cpu",
+                      speculative_algorithm="DSPARK")
+    w = eng.parts.decoder.worker
+    assert w.draft_budget and w.defer_context
+    g = torch.Generator().manual_seed(3)
+    steps = []
+    for pos, slots in (([0, 1, 2], [3, 4, 5]), ([7, 8], [5, 6]), ([9], [7])):
+        fb = ForwardBatch.__new__(ForwardBatch)
+        fb.positions, fb.out_cache_loc = torch.tensor(pos), torch.tensor(slots)
+        aux = torch.randn(len(pos), w.drafter.fc.in_features, generator=g)
+        steps.append((fb, ModelOutput(logits=None, aux_hidden=aux, final_hidden=None)))
+    touched = torch.tensor([3, 4, 5, 6, 7])
+    bufs = w.ctx_pool.k_bufs + w.ctx_pool.v_bufs
+    for b in bufs:
+        b[touched] = 0.0
+    for fb, out in steps:
+        w.on_target_forward(fb, out)
+    assert w._pending_rows == 6
+    assert all(bool((b[touched] == 0).all()) for b in bufs)  # nothing written yet
+    w.flush_context()
+    assert w._pending_rows == 0 and not w._pending
+    queued = [b[touched].clone() for b in bufs]
+    for b in bufs:
+        b[touched] = 0.0
+    w.defer_context = False
+    for fb, out in steps:
+        w.on_target_forward(fb, out)
+    assert not w._pending
+    at_once = [b[touched] for b in bufs]
+    for a, b in zip(queued, at_once):
+        assert b.abs().max() > 0
+        assert torch.equal(a, b)
+
+
+def test_queued_context_updates_give_the_same_drafts(make_engine, monkeypatch) -> None:
+    """Through the engine: a budget that drafts every third step (the others queue their
+    context updates) proposes exactly the drafts it proposes with every update written at once,
+    and the output equals plain greedy."""
+    from dspark_sglang.speculative.dspark_worker import DSparkWorker
+
+    plain = make_engine(None, quantization="gguf", attention_backend="cpu")
+    prompts = [chat_prompt(plain.tokenizer, q) for q in QUESTIONS[:3]]
+    want = [o["output_ids"] for o in plain.generate(prompts, greedy(32))]
+    plain.shutdown()
+    calls = {"n": 0}
+    real_budget = DSparkWorker._draft_budget
+
+    def every_third(self, reqs, rooms):  # type: ignore[no-untyped-def]
+        real_budget(self, reqs, rooms)  # (keeps the per-request records it makes)
+        calls["n"] += 1
+        return rooms if calls["n"] % 3 == 0 else [0] * len(reqs)
+
+    monkeypatch.setattr(DSparkWorker, "_draft_budget", every_third)
+    runs = []
+    for defer in (True, False):
+        eng = make_engine(None, quantization="gguf", attention_backend="cpu",
+                          speculative_algorithm="DSPARK")
+        w = eng.parts.decoder.worker
+        w.defer_context = defer
+        drafts: list[list[list[int]]] = []
+        flushed: list[int] = []
+        real_propose, real_flush = w._propose, w.flush_context
+
+        def propose(reqs, rooms, real=real_propose, out=drafts):  # type: ignore[no-untyped-def]
+            res = real(reqs, rooms)
+            out.append([d.tokens for d in res])
+            return res
+
+        def flush(real=real_flush, w=w, out=flushed):  # type: ignore[no-untyped-def]
+            out.append(len(w._pending))
+            real()
+
+        w._propose, w.flush_context = propose, flush
+        calls["n"] = 0
+        got = [o["output_ids"] for o in eng.generate(prompts, greedy(32))]
+        assert got == want
+        runs.append((drafts, flushed))
+        eng.shutdown()
+    (d_on, f_on), (d_off, f_off) = runs
+    assert len(d_on) > 3 and d_on == d_off
+    assert max(f_on) >= 2 and max(f_off) == 0  # updates were queued across skipped steps

@@ -4,8 +4,12 @@ prefix scheduler, CHAIN, MTP1, TREE). Trees are verified greedily, or with multi
 sampling for sampled requests.
 
 Draft context pool: per KV slot and draft layer, the K/V of ``H_ctx`` (the projected target hidden
-states) — written in ``on_target_forward`` for every token the target computes, so a slot in the
-radix tree always carries valid draft context too.
+states) — written for every token the target computes, so a slot in the radix tree always carries
+valid draft context too. With the DSPARK draft budget, decode / verify-sized updates are queued
+(``_pending``) while the budget is not drafting and applied in order, in calls of up to 64 rows,
+before the pool is next read (``_flush_context``: the next draft, a prefill-sized update, or when
+the queue is full); applied in the order they came, they leave the pool as writing each at once
+would.
 """
 
 from __future__ import annotations
@@ -34,6 +38,10 @@ _EMPTY = torch.empty(0)
 # rows up to which the context update runs as one C++ call (the drafter's Q8 linears take
 # at most this many rows; prefill-sized updates keep their float32 path)
 KERNEL_ROWS = 64
+# queued context-update rows after which the queue is applied even without a draft
+MAX_PENDING_ROWS = 1024
+# DSPARK_DEFER_CONTEXT=0: every context update is applied at once (no queue)
+DEFER_CONTEXT = env_on("DSPARK_DEFER_CONTEXT")
 # requests per call of the drafter's C++ block path (larger batches go in chunks)
 BLOCK_SCRATCH_REQS = 64
 # DSPARK_DRAFTER_STACK=0: the drafter's block forward stays on torch ops
@@ -113,6 +121,15 @@ class DSparkWorker(DraftWorker):
         # mean depth), set by _measure_step; None until one was measured
         self._draft_step: tuple[float, int, float] | None = None
         self.budget_states: dict[str, BudgetState] = {}  # rid -> record; DSPARK budget only
+        # queued context updates (aux rows, positions, slots), oldest first; rows queued; the
+        # seconds the last flush took (not counted as drafting by the budget's timers). The
+        # queue is mutated in place, so a step's snapshot / restore keeps it as it is: applying
+        # a cancelled step's rows is harmless (their slots are free, and a later owner's rows
+        # come after them)
+        self._pending: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []
+        self._pending_rows = 0
+        self._flush_s = 0.0
+        self.defer_context = DEFER_CONTEXT
 
     def max_draft_len(self) -> int:
         return self.policy.max_draft_len()
@@ -121,24 +138,72 @@ class DSparkWorker(DraftWorker):
     @torch.inference_mode()
     def on_target_forward(self, fb: ForwardBatch, out: ModelOutput) -> None:
         assert out.aux_hidden is not None, "target forward must capture target_layer_ids"
-        fused = getattr(self.drafter, "kv_blocks", None)
         aux = out.aux_hidden
-        if (fused is not None and self.ctx_pool.dtype == torch.float32 and aux.is_cpu
-                and aux.shape[0] <= KERNEL_ROWS):
-            # decode / verify sizes: the whole update in one C++ call (the fast path below,
-            # same kernels, same order)
-            plan = self._context_plan()
-            if plan is not None:
-                cos, sin = self._rope_tables(fb.positions)
-                fused[0].draft_context_update(
-                    aux.float(), *plan, self.ctx_pool.k_bufs, self.ctx_pool.v_bufs, cos, sin,
-                    fb.out_cache_loc, self.drafter.layers[0].self_attn.num_kv_heads)
-                return
+        if (self.draft_budget and self.defer_context and self._kernel_update_ok(aux)
+                and self._context_plan() is not None):
+            # queued until the pool is read (the next draft) or the queue is full
+            self._pending.append((aux, fb.positions, fb.out_cache_loc.clone()))
+            self._pending_rows += int(aux.shape[0])
+            if self._pending_rows > MAX_PENDING_ROWS:
+                self.flush_context()
+            return
+        self.flush_context()  # older queued rows first: they may name the same slots
+        self._apply_update(aux, fb.positions, fb.out_cache_loc)
+
+    def _apply_update(self, aux: torch.Tensor, positions: torch.Tensor,
+                      slots: torch.Tensor) -> None:
+        if self._kernel_update_ok(aux) and self._context_plan() is not None:
+            self._kernel_update(aux, positions, slots)
+        else:
+            self._update_context(aux, positions, slots)
+
+    def _kernel_update_ok(self, aux: torch.Tensor) -> bool:
+        return (getattr(self.drafter, "kv_blocks", None) is not None
+                and self.ctx_pool.dtype == torch.float32 and aux.is_cpu
+                and aux.shape[0] <= KERNEL_ROWS)
+
+    def _kernel_update(self, aux: torch.Tensor, positions: torch.Tensor,
+                       slots: torch.Tensor) -> None:
+        """Decode / verify sizes: the whole update in one C++ call (``_update_context``'s fast
+        path: same kernels, same order)."""
+        plan = self._context_plan()
+        assert plan is not None
+        cos, sin = self._rope_tables(positions)
+        self.drafter.kv_blocks[0].draft_context_update(
+            aux.float(), *plan, self.ctx_pool.k_bufs, self.ctx_pool.v_bufs, cos, sin, slots,
+            self.drafter.layers[0].self_attn.num_kv_heads)
+
+    def flush_context(self) -> None:
+        """Apply the queued context updates, oldest first, in calls of up to ``KERNEL_ROWS``
+        rows (each row's result does not depend on the rows next to it in a call). Whatever
+        reads the context pool calls this first."""
+        if not self._pending:
+            return
+        import time
+
+        t0 = time.perf_counter()
+        pending, self._pending[:], self._pending_rows = list(self._pending), [], 0
+        chunk: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []
+        rows = 0
+        for item in [*pending, None]:
+            if item is None or rows + int(item[0].shape[0]) > KERNEL_ROWS:
+                if chunk:
+                    self._apply_update(*(torch.cat([c[j] for c in chunk]) if len(chunk) > 1
+                                         else chunk[0][j] for j in range(3)))
+                chunk, rows = [], 0
+            if item is not None:
+                chunk.append(item)
+                rows += int(item[0].shape[0])
+        self._flush_s += time.perf_counter() - t0
+
+    def _update_context(self, aux: torch.Tensor, positions: torch.Tensor,
+                        slots: torch.Tensor) -> None:
+        fused = getattr(self.drafter, "kv_blocks", None)
         h_ctx = self.drafter.project_context(aux)  # [n, H]
         if fused is not None and self.ctx_pool.dtype == torch.float32 and h_ctx.is_cpu:
             # one Q8 kernel call for k and v, then norm + rotary + store in C++ (drafts only)
             ops, kv_blocks = fused
-            cos, sin = self._rope_tables(fb.positions)
+            cos, sin = self._rope_tables(positions)
             for layer_id, (layer, lin) in enumerate(zip(self.drafter.layers, kv_blocks)):
                 att = layer.self_attn
                 kn = att.k_norm
@@ -146,10 +211,10 @@ class DSparkWorker(DraftWorker):
                 ops.qkv_rope_store(lin(h_ctx.float()).contiguous(), cos, sin, w, w,
                                    kn.eps if kn is not None else 0.0,
                                    self.ctx_pool.k_bufs[layer_id], self.ctx_pool.v_bufs[layer_id],
-                                   fb.out_cache_loc, 0, att.num_kv_heads)
+                                   slots, 0, att.num_kv_heads)
             return
-        for layer_id, (k, v) in enumerate(self.drafter.context_kv(h_ctx, fb.positions)):
-            self.ctx_pool.store(layer_id, fb.out_cache_loc, k, v)
+        for layer_id, (k, v) in enumerate(self.drafter.context_kv(h_ctx, positions)):
+            self.ctx_pool.store(layer_id, slots, k, v)
 
     def _rope_tables(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """``rope_cos_sin(positions, inv_freq, float32)`` read from a table made once (the
@@ -323,7 +388,8 @@ class DSparkWorker(DraftWorker):
             return
         t, _, kind, model_cost, depth = prev
         now = time.perf_counter() if now is None else now
-        ratio = (now - t) * self.sps_table.sps(batch)
+        # (the previous call's catch-up on queued context updates is not counted)
+        ratio = (now - t - self._flush_s) * self.sps_table.sps(batch)
         if kind == "plain" and 0.0 < ratio < 3.0:
             self._step_scale = 0.9 * self._step_scale + 0.1 * max(1.0, ratio)
         elif kind == "draft" and 0.0 < ratio < 2.0 * model_cost:
@@ -347,6 +413,7 @@ class DSparkWorker(DraftWorker):
         self._last_batch = bs
         t0 = time.perf_counter()
         self._measure_step(bs, t0)
+        self._flush_s = 0.0  # (from here: catch-up seconds of this call and its step)
         self._step_model = None
         rooms = self._draft_budget(reqs, [r.draft_room(self.context_len) for r in reqs])
         if max(rooms) == 0:
@@ -355,6 +422,7 @@ class DSparkWorker(DraftWorker):
         if self._step_model is not None:  # (budgeted) time this step for _draft_step
             self._last_call = (t0, bs, "draft" if min(rooms) > 0 else "partial",
                                *self._step_model)
+        self.flush_context()  # the pool is read below: queued updates first
         if min(rooms) > 0:
             drafts = self._propose(reqs, rooms)
         else:  # draft only for the requests that get a draft (a probe's few)
@@ -363,7 +431,9 @@ class DSparkWorker(DraftWorker):
             drafts = [Draft() for _ in reqs]
             for i, d in zip(idx, sub):
                 drafts[i] = d
-        dt = time.perf_counter() - t0
+        # catching up on queued context updates is not drafting: the queue's rows would have
+        # been written step by step without the budget
+        dt = time.perf_counter() - t0 - self._flush_s
         # the engine's first draft pays one-time costs (first touch, lazy tables) and is not
         # priced: priced as it was, it kept the budget from drafting for hundreds of steps.
         # Later calls: whole-batch drafting only, one slow call (a page fault, another

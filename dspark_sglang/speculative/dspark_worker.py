@@ -7,7 +7,7 @@ Draft context pool: per KV slot and draft layer, the K/V of ``H_ctx`` (the proje
 states) — written for every token the target computes, so a slot in the radix tree always carries
 valid draft context too. With the DSPARK draft budget, decode / verify-sized updates are queued
 (``_pending``) while the budget is not drafting and applied in order, in calls of up to 64 rows,
-before the pool is next read (``_flush_context``: the next draft, a prefill-sized update, or when
+before the pool is next read (``flush_context``: the next draft, a prefill-sized update, or when
 the queue is full); applied in the order they came, they leave the pool as writing each at once
 would.
 """
@@ -142,7 +142,7 @@ class DSparkWorker(DraftWorker):
         if (self.draft_budget and self.defer_context and self._kernel_update_ok(aux)
                 and self._context_plan() is not None):
             # queued until the pool is read (the next draft) or the queue is full
-            self._pending.append((aux, fb.positions, fb.out_cache_loc.clone()))
+            self._pending.append((aux, fb.positions.clone(), fb.out_cache_loc.clone()))
             self._pending_rows += int(aux.shape[0])
             if self._pending_rows > MAX_PENDING_ROWS:
                 self.flush_context()

@@ -131,7 +131,11 @@ def load_cpu_ops() -> ModuleType | None:
     """The compiled extension (built on first call, then cached), or None when unavailable."""
     if not kernels_enabled():
         return None
-    return _build(cpu_isa())
+    isa = cpu_isa()
+    ops = _build(isa)
+    if ops is None and isa == "avx512amx":  # (a compiler without the AMX intrinsics)
+        ops = _build("avx512vnni")
+    return ops
 
 
 # ------------------------------------------------------------------------------ GGUF matmul

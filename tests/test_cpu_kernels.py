@@ -574,6 +574,26 @@ def test_sps_cache_key_tells_quantized_models_apart() -> None:
     assert q8 == _sps_cache_path("m", runner(Q(32, True)))
 
 
+def test_amx_build_failure_falls_back_to_the_vnni_build(monkeypatch) -> None:
+    """A compiler without the AMX intrinsics must not cost the whole extension: the VNNI build
+    of the same sources is used instead."""
+    from types import SimpleNamespace
+
+    import dspark_kernels.cpu_ops as cpu_ops
+
+    built = []
+
+    def fake_build(isa: str):  # type: ignore[no-untyped-def]
+        built.append(isa)
+        return None if isa == "avx512amx" else SimpleNamespace(isa=lambda: isa)
+
+    monkeypatch.setattr(cpu_ops, "cpu_isa", lambda: "avx512amx")
+    monkeypatch.setattr(cpu_ops, "_build", fake_build)
+    monkeypatch.setattr(cpu_ops, "kernels_enabled", lambda: True)
+    assert cpu_ops.load_cpu_ops().isa() == "avx512vnni"
+    assert built == ["avx512amx", "avx512vnni"]
+
+
 def test_sps_cache_key_changes_with_the_kernel_build(monkeypatch) -> None:
     """A table profiled with one build of the C++ kernels must not be reused by another (a
     faster kernel makes the old table overprice verification)."""

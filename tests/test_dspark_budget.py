@@ -29,6 +29,7 @@ def _worker(draft_time: float = 0.1) -> DSparkWorker:
     w.probe_requests, w._probe_offset = 4, 0
     w.budget_states = {}
     w._step_scale, w._last_call, w._draft_step, w._step_model = 1.0, None, None, None
+    w._pending, w._pending_rows, w._flush_s, w.defer_context = [], 0, 0.0, True
     return w
 
 

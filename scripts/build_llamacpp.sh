@@ -5,6 +5,12 @@
 #
 #   bash scripts/build_llamacpp.sh [PREFIX]    # default PREFIX: ~/.cache/dspark_sglang/llamacpp
 #   export DSPARK_LLAMA_SERVER=PREFIX/bin/llama-server
+#
+# LLAMACPP_CMAKE_ARGS is appended to the configure step. On session 12's Intel Xeon (AVX-512 +
+# AMX) the GGML_NATIVE build died with SIGILL (exit -4) as soon as it computed; this one ran:
+#   LLAMACPP_CMAKE_ARGS="-DGGML_NATIVE=OFF -DGGML_AVX=ON -DGGML_AVX2=ON -DGGML_FMA=ON \
+#     -DGGML_F16C=ON -DGGML_AVX512=ON -DGGML_AVX512_VNNI=ON -DGGML_AVX512_BF16=ON \
+#     -DGGML_AVX512_VBMI=ON -DGGML_AMX_TILE=OFF -DGGML_AMX_INT8=OFF -DGGML_AMX_BF16=OFF"
 set -euo pipefail
 PREFIX="${1:-$HOME/.cache/dspark_sglang/llamacpp}"
 PY="${PYTHON:-python3}"
@@ -22,7 +28,7 @@ command -v ninja >/dev/null && GEN=(-G Ninja)
 cmake -S "$SRC/llama.cpp" -B "$SRC/build" "${GEN[@]}" -DCMAKE_BUILD_TYPE=Release \
   -DGGML_NATIVE=ON -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_BUILD_TOOLS=ON \
   -DLLAMA_BUILD_SERVER=ON -DLLAMA_BUILD_APP=OFF -DLLAMA_OPENSSL=OFF -DLLAMA_USE_PREBUILT_UI=OFF \
-  -DLLAMA_BUILD_UI=OFF -DLLAMA_BUILD_IS_DEV=OFF
+  -DLLAMA_BUILD_UI=OFF -DLLAMA_BUILD_IS_DEV=OFF ${LLAMACPP_CMAKE_ARGS:-}
 cmake --build "$SRC/build" -j "$(nproc)" --target llama-server llama-bench
 for b in llama-server llama-bench; do
   ln -sf "$SRC/build/bin/$b" "$PREFIX/bin/$b"

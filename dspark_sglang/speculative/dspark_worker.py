@@ -182,7 +182,9 @@ class DSparkWorker(DraftWorker):
         import time
 
         t0 = time.perf_counter()
-        pending, self._pending[:], self._pending_rows = list(self._pending), [], 0
+        pending = self._pending[:]
+        self._pending.clear()  # (in place: a step's snapshot holds the same list)
+        self._pending_rows = 0
         chunk: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []
         rows = 0
         for item in [*pending, None]:

@@ -194,6 +194,26 @@ inline void q8_prefetch(const uint8_t* p) {
     _mm_prefetch(reinterpret_cast<const char*>(p + kQ8PrefetchBytes + off), _MM_HINT_T0);
 }
 
+// A block's scales for the 16 rows of a group: d (float16 -> float), and Q4_1's minimums m
+template <int kType>
+inline void q8_block_scales(const uint8_t* blk, __m512& dw, __m512& mw) {
+  dw = _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(blk)));
+  mw = kType == kQ4_1
+           ? _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(blk + 32)))
+           : _mm512_setzero_ps();
+}
+
+// The per-block float work of one activation row i for 16 output rows, shared by the VNNI and
+// AMX kernels so that their outputs are bitwise the same: acc + float(isum) * (d_w * d_x), then
+// Q4_1's minimum term
+template <int kType>
+inline __m512 q8_block_acc(__m512i isum, __m512 dw, __m512 mw, const Q8Act& a, int64_t i,
+                           __m512 acc) {
+  acc = _mm512_fmadd_ps(_mm512_cvtepi32_ps(isum), _mm512_mul_ps(dw, _mm512_set1_ps(a.d[i])), acc);
+  if constexpr (kType == kQ4_1) acc = _mm512_fmadd_ps(mw, _mm512_set1_ps(a.ds[i]), acc);
+  return acc;
+}
+
 // One 16-row group (g: its first block) against activation rows c0 .. c0 + MC - 1:
 // y[c * ldy + r] for r < rows.
 template <int kType, int MC>
@@ -207,7 +227,8 @@ inline void q8_group(const uint8_t* g, const Q8Act& a, int64_t c0, float* y, int
   for (int64_t b = 0; b < nb; ++b) {
     const uint8_t* blk = g + b * kGB;
     q8_prefetch<kGB>(blk);
-    const __m512 dw = _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(blk)));
+    __m512 dw, mw;
+    q8_block_scales<kType>(blk, dw, mw);
     const uint8_t* qs = blk + kHdr;
     __m512i ia[MC];
     const int8_t* xr[MC];
@@ -238,15 +259,8 @@ inline void q8_group(const uint8_t* g, const Q8Act& a, int64_t c0, float* y, int
         }
       }
     }
-    __m512 mw = _mm512_setzero_ps();
-    if constexpr (kType == kQ4_1)
-      mw = _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(blk + 32)));
-    for (int c = 0; c < MC; ++c) {
-      const int64_t i = (c0 + c) * nb + b;
-      acc[c] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(ia[c]),
-                               _mm512_mul_ps(dw, _mm512_set1_ps(a.d[i])), acc[c]);
-      if constexpr (kType == kQ4_1) acc[c] = _mm512_fmadd_ps(mw, _mm512_set1_ps(a.ds[i]), acc[c]);
-    }
+    for (int c = 0; c < MC; ++c)
+      acc[c] = q8_block_acc<kType>(ia[c], dw, mw, a, (c0 + c) * nb + b, acc[c]);
   }
   const __mmask16 k = rows >= kQ8Group ? static_cast<__mmask16>(0xFFFF)
                                        : static_cast<__mmask16>((1u << rows) - 1u);
@@ -367,7 +381,7 @@ inline void q8_group(const uint8_t* g, const Q8Act& a, int64_t c0, float* y, int
 // nibble formats are unpacked to bytes first), the activation block is an A tile (rows of 32
 // bytes, stride K), and one TDPBSSD / TDPBSUD gives the exact 16 x 16 integer sums of a block for
 // up to 16 activation rows. The float work per block is the VNNI kernel's, lane for lane
-// (acc = fma(float(isum), d_w * d_x, acc), then Q4_1's minimum term), so every output is bitwise
+// (q8_block_acc, one definition for both), so every output is bitwise
 // the VNNI kernel's and the two can be mixed by row count (tested).
 
 // process-wide permission to use the tile data registers (Linux >= 5.16); false when refused
@@ -438,22 +452,15 @@ inline void q8_amx_groups(const uint8_t* const* gw, const Q8Act& a, int64_t m0, 
   auto float_work = [&](int64_t b) {
     const int p = static_cast<int>(b & 1);
     for (int j = 0; j < NG; ++j) {
-      const uint8_t* blk = gw[j] + b * kGB;
-      const __m512 dw =
-          _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(blk)));
-      __m512 mw = _mm512_setzero_ps();
-      if constexpr (kType == kQ4_1)
-        mw = _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(blk + 32)));
+      __m512 dw, mw;
+      q8_block_scales<kType>(gw[j] + b * kGB, dw, mw);
       for (int m = 0; m < mc; ++m) {
         const int64_t i = (m0 + m) * nb + b;
         __m512i ia = _mm512_load_si512(isum[p][j][m]);
         // Q8_0 enters TDPBSSD signed (no +128 bias to undo); Q4_0's -8 offset is corr
         if constexpr (kType == kQ4_0) ia = _mm512_add_epi32(ia, _mm512_set1_epi32(a.corr[i]));
-        __m512 s = _mm512_fmadd_ps(_mm512_cvtepi32_ps(ia),
-                                   _mm512_mul_ps(dw, _mm512_set1_ps(a.d[i])),
-                                   _mm512_load_ps(acc[j][m]));
-        if constexpr (kType == kQ4_1) s = _mm512_fmadd_ps(mw, _mm512_set1_ps(a.ds[i]), s);
-        _mm512_store_ps(acc[j][m], s);
+        _mm512_store_ps(acc[j][m],
+                        q8_block_acc<kType>(ia, dw, mw, a, i, _mm512_load_ps(acc[j][m])));
       }
     }
   };

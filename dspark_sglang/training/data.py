@@ -96,6 +96,7 @@ def generate_dataset(
     log: Any = print,
     domain_max_new_tokens: dict[str, int] | None = None,
     log_every: int = 8,
+    key_suffix: str = "",
 ) -> dict[str, float]:
     """Answer every prompt not yet in ``out_path`` with ``engine`` and append the results.
 
@@ -106,7 +107,8 @@ def generate_dataset(
     ``batch_size`` requests run at once (continuously); ``domain_max_new_tokens`` overrides
     ``max_new_tokens`` per prompt domain (e.g. longer chat answers). A prompt's temperature and
     seed depend only on its position in ``prompts`` and ``seed``, so a resumed run makes the same
-    answers.
+    answers. ``key_suffix`` is appended to every key written (and looked up for resuming): a second
+    pass over the same prompts with another seed and suffix adds new answers instead of skipping.
     """
     out = Path(out_path)
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -114,7 +116,7 @@ def generate_dataset(
     rng = random.Random(seed)
     temps = {p.key: (1.0 if rng.random() < sample_fraction else 0.0) for p in prompts}
     seeds = {p.key: seed + i for i, p in enumerate(prompts)}
-    todo = [p for p in prompts if p.key not in done]
+    todo = [p for p in prompts if p.key + key_suffix not in done]
     tok = engine.tokenizer
     limits = dict(domain_max_new_tokens or {})
     t0 = time.monotonic()
@@ -128,7 +130,7 @@ def generate_dataset(
         sp = {"max_new_tokens": limits.get(p.domain, max_new_tokens),
               "temperature": temps[p.key], "seed": seeds[p.key]}
         o = engine.generate(input_ids=[pid], sampling_params=[sp])[0]
-        row = {"key": p.key, "domain": p.domain, "temperature": sp["temperature"],
+        row = {"key": p.key + key_suffix, "domain": p.domain, "temperature": sp["temperature"],
                "prompt_ids": pid, "output_ids": list(o["output_ids"])}
         with lock:
             with out.open("a") as f:
@@ -180,6 +182,9 @@ def main(argv: Sequence[str] | None = None) -> None:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--domain-max-new-tokens", nargs="*", default=["chat=512"],
                     help="per-domain overrides of --max-new-tokens, e.g. chat=512")
+    ap.add_argument("--key-suffix", default="",
+                    help="appended to every sample key, e.g. '@s15' for a second answer per "
+                         "prompt (with another --seed) next to the first")
     ap.add_argument("--num-threads", type=int, default=None)
     ap.add_argument("--attention-backend", default=None,
                     help="engine attention backend (default: the engine's; 'cpu' decodes long "
@@ -199,7 +204,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     try:
         stats = generate_dataset(engine, prompts, args.out, args.max_new_tokens,
                                  args.batch_size, args.sample_fraction, args.seed,
-                                 domain_max_new_tokens=limits)
+                                 domain_max_new_tokens=limits, key_suffix=args.key_suffix)
     finally:
         engine.shutdown()
     print(json.dumps(stats))

@@ -31,7 +31,22 @@ _TOKENS_PER_REQ = 8  # a verify batch is many short chains: bs = ceil(B / 8)
 # bumped when how the engine runs its forwards changes their cost (2: the model is loaded and
 # run on the scheduler thread, one OpenMP team: earlier tables were measured 2x slower) or how
 # they are timed (3: rounds over the token counts, so a burst of load skews no single count)
-PROFILE_VERSION = 3
+PROFILE_VERSION = 4  # 4: timed calls primed (profile_sps); CPU model in the key
+
+
+def _cpu_model() -> str:
+    """The CPU's model name (a table profiled on one CPU type is not reused on another: the
+    machine under a session can change)."""
+    import platform
+
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor()
 
 
 def _sps_cache_path(model_path: str, runner: ModelRunner) -> Path:
@@ -49,6 +64,7 @@ def _sps_cache_path(model_path: str, runner: ModelRunner) -> Path:
 
     ops = load_cpu_ops() if runner.device == "cpu" else None
     key = json.dumps([model_path, str(runner.dtype), runner.device, torch.get_num_threads(),
+                      _cpu_model(),
                       runner.attn.__class__.__name__, "small-rows-linear", linear.SMALL_ROWS,
                       quant, "profile-version", PROFILE_VERSION,
                       getattr(ops, "__name__", None)], default=str)

@@ -123,6 +123,7 @@ class LlamaForCausalLM(nn.Module):
         x = (self.embed_tokens if tp is None else tp.embed)(fb.input_ids)  # [n, hidden]
         rope_cs = self.rope.cos_sin(fb.positions, x.dtype)  # gathered once, used by every layer
         captured: dict[int, torch.Tensor] = {}
+        stack_aux = None
         ops = (attn.fused_layer_ops(fb, kv_pool)
                if tp is None and x.dtype == torch.float32 and isinstance(attn, CpuPagedAttnBackend)
                else None)
@@ -133,7 +134,7 @@ class LlamaForCausalLM(nn.Module):
                                 md.req_pool_indices, md.seq_lens, md.ext_lens, md.q_start,
                                 md.mask_flat, md.mask_offsets, list(fb.capture_layer_ids))
             x = res[0]
-            captured = dict(zip(fb.capture_layer_ids, res[1:]))
+            stack_aux = res[1] if fb.capture_layer_ids else None  # [n, layers * hidden]
         else:
             for layer in self.layers:
                 if ops is not None:
@@ -146,8 +147,9 @@ class LlamaForCausalLM(nn.Module):
         rows = h if fb.logits_indices is None else h[fb.logits_indices]
         head = self.lm_head if tp is None else tp.lm_head
         logits = head(rows).float() if rows.shape[0] else None
-        aux = (torch.cat([captured[i] for i in fb.capture_layer_ids], dim=-1)
-               if fb.capture_layer_ids else None)
+        aux = stack_aux
+        if aux is None and fb.capture_layer_ids:
+            aux = torch.cat([captured[i] for i in fb.capture_layer_ids], dim=-1)
         return ModelOutput(logits=logits, aux_hidden=aux,
                            final_hidden=h if fb.capture_final_hidden else None)
 

@@ -239,7 +239,9 @@ class DecoderStack {
 
   /// x [n, hidden] (embeddings); cos, sin [n, head_dim]; loc [n] int64 KV slots; the paged
   /// attention metadata; capture: layer ids whose outputs to return. Returns [x after the last
-  /// layer (before the final norm), captured outputs in ``capture`` order...].
+  /// layer (before the final norm)], and with capture a second tensor [n, capture.size() *
+  /// hidden]: the captured outputs side by side in ``capture`` order (written in place as each
+  /// layer finishes: no per-layer copy and concatenation afterwards).
   std::vector<at::Tensor> forward(at::Tensor x, const at::Tensor& cos, const at::Tensor& sin,
                                   const at::Tensor& loc, const at::Tensor& req_to_token,
                                   const at::Tensor& req_pool_indices, const at::Tensor& seq_lens,
@@ -248,8 +250,10 @@ class DecoderStack {
                                   const std::vector<int64_t>& capture) {
     check_f32_contig(x, "x");
     x = x.clone();  // the residual stream, updated in place (no new tensor per residual add)
-    const int64_t n = x.size(0);
-    std::vector<at::Tensor> captured(capture.size());
+    const int64_t n = x.size(0), hidden = x.size(1);
+    const int64_t n_cap = static_cast<int64_t>(capture.size());
+    at::Tensor aux = n_cap ? at::empty({n, n_cap * hidden}, x.options()) : at::Tensor();
+    std::vector<bool> seen(capture.size(), false);
     using clock = std::chrono::steady_clock;
     auto t = clock::now();
     auto lap = [&](double& bucket) {
@@ -285,15 +289,15 @@ class DecoderStack {
       lap(t_matmul_);
       x.add_(y);
       for (size_t c = 0; c < capture.size(); ++c)
-        if (capture[c] == li) captured[c] = x.clone();
+        if (capture[c] == li) {
+          aux.narrow(1, static_cast<int64_t>(c) * hidden, hidden).copy_(x);
+          seen[c] = true;
+        }
       lap(t_other_);
     }
-    std::vector<at::Tensor> out = {x};
-    for (auto& c : captured) {
-      TORCH_CHECK(c.defined(), "capture names a layer the stack does not have");
-      out.push_back(c);
-    }
-    return out;
+    for (bool c : seen) TORCH_CHECK(c, "capture names a layer the stack does not have");
+    if (!n_cap) return {x};
+    return {x, aux};
   }
 
  private:

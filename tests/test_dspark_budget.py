@@ -30,6 +30,7 @@ def _worker(draft_time: float = 0.1) -> DSparkWorker:
     w.budget_states = {}
     w._step_scale, w._last_call, w._draft_step, w._step_model = 1.0, None, None, None
     w._pending, w._pending_rows, w._flush_s, w.defer_context = [], 0, 0.0, True
+    w._prefill_end = float("-inf")
     return w
 
 
@@ -265,3 +266,38 @@ def test_greedy_drafts_teach_their_expected_acceptance() -> None:
     w.on_verified([StepResult(greedy, [0, 0, 0], None, 2, forced=True)])  # type: ignore[arg-type]
     w._draft_budget([greedy], [10])
     assert w.budget_states[greedy.rid].acc_ema == before
+
+
+def test_steps_right_after_a_large_prefill_are_not_timed() -> None:
+    """After a large forward small ones run slow for a few steps (caches, clocks): a step that
+    starts within SETTLE_S of a prefill of >= SETTLE_MIN_ROWS tokens (seen through
+    on_target_forward) does not move the step scale; later steps and small prefills do."""
+    import time
+
+    import torch
+
+    from dspark_sglang.core.forward_batch import ForwardMode, ModelOutput
+    from dspark_sglang.speculative import dspark_worker as dwm
+
+    w = _worker()
+    w._kernel_update_ok = lambda aux: False  # type: ignore[method-assign]
+    w.flush_context = lambda: None  # type: ignore[method-assign]
+    w._apply_update = lambda *a: None  # type: ignore[method-assign]
+
+    def prefill(rows: int) -> None:
+        fb = SimpleNamespace(mode=ForwardMode.EXTEND, positions=None, out_cache_loc=None)
+        w.on_target_forward(fb, ModelOutput(logits=None, aux_hidden=torch.zeros(rows, 4),
+                                            final_hidden=None))
+
+    prefill(dwm.SETTLE_MIN_ROWS)
+    assert abs(w._prefill_end - time.perf_counter()) < 1.0
+    w._last_call = (w._prefill_end + 0.005, 1, "plain", 0.0, 0.0)  # a 2-forward step, 5 ms on
+    w._measure_step(1, w._prefill_end + 0.205)
+    assert w._step_scale == 1.0  # (within the window: not timed)
+    w._last_call = (w._prefill_end + dwm.SETTLE_S + 0.001, 1, "plain", 0.0, 0.0)
+    w._measure_step(1, w._prefill_end + dwm.SETTLE_S + 0.201)
+    assert 1.09 < w._step_scale < 1.11  # 0.9 * 1 + 0.1 * 2
+    w._step_scale = 1.0
+    end = w._prefill_end
+    prefill(dwm.SETTLE_MIN_ROWS - 1)  # small: no window
+    assert w._prefill_end == end

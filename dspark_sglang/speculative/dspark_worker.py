@@ -22,7 +22,7 @@ from typing import Any
 import torch
 
 from dspark_sglang.constrained.draft_walk import DraftWalk
-from dspark_sglang.core.forward_batch import ForwardBatch, ModelOutput
+from dspark_sglang.core.forward_batch import ForwardBatch, ForwardMode, ModelOutput
 from dspark_sglang.core.req import Req
 from dspark_sglang.mem_cache.kv_pool import KVPool
 from dspark_sglang.speculative.context import DraftContext, SpeculativeConfig
@@ -40,6 +40,11 @@ _EMPTY = torch.empty(0)
 KERNEL_ROWS = 64
 # queued context-update rows after which the queue is applied even without a draft
 MAX_PENDING_ROWS = 1024
+# steps that start within SETTLE_S seconds after a prefill of >= SETTLE_MIN_ROWS tokens are not
+# timed by the draft budget: after a large forward small ones run up to 2x slow for a few steps
+# (session 13's Xeon: 5.5, 5.4, 4.3, 3.9, 3.3 ms, then 2.9 ms steady over ~25 ms)
+SETTLE_S = 0.025
+SETTLE_MIN_ROWS = 64
 # DSPARK_DEFER_CONTEXT=0: every context update is applied at once (no queue)
 DEFER_CONTEXT = env_on("DSPARK_DEFER_CONTEXT")
 # requests per call of the drafter's C++ block path (larger batches go in chunks)
@@ -130,6 +135,10 @@ class DSparkWorker(DraftWorker):
         self._pending_rows = 0
         self._flush_s = 0.0
         self.defer_context = DEFER_CONTEXT
+        # when the last prefill of >= SETTLE_MIN_ROWS tokens ended: the decode steps right after
+        # a large forward run slow for a few steps (caches, clocks; sps_profile.profile_sps), so
+        # steps starting within SETTLE_S of it are not timed for the budget
+        self._prefill_end = float("-inf")
 
     def max_draft_len(self) -> int:
         return self.policy.max_draft_len()
@@ -139,6 +148,10 @@ class DSparkWorker(DraftWorker):
     def on_target_forward(self, fb: ForwardBatch, out: ModelOutput) -> None:
         assert out.aux_hidden is not None, "target forward must capture target_layer_ids"
         aux = out.aux_hidden
+        if fb.mode == ForwardMode.EXTEND and aux.shape[0] >= SETTLE_MIN_ROWS:
+            import time
+
+            self._prefill_end = time.perf_counter()
         if (self.draft_budget and self.defer_context and self._kernel_update_ok(aux)
                 and self._context_plan() is not None):
             # queued until the pool is read (the next draft) or the queue is full
@@ -389,6 +402,8 @@ class DSparkWorker(DraftWorker):
         if prev is None or prev[1] != batch or self.sps_table is None:
             return
         t, _, kind, model_cost, depth = prev
+        if t < self._prefill_end + SETTLE_S:  # (a step right after a large prefill)
+            return
         now = time.perf_counter() if now is None else now
         # (the previous call's catch-up on queued context updates is not counted)
         ratio = (now - t - self._flush_s) * self.sps_table.sps(batch)

@@ -141,7 +141,7 @@ def test_drafter_context_update_fast_path_matches_torch(make_engine) -> None:
     only: what is verified never depends on it)."""
     import torch
 
-    from dspark_sglang.core.forward_batch import ForwardBatch, ModelOutput
+    from dspark_sglang.core.forward_batch import ForwardBatch, ForwardMode, ModelOutput
 
     eng = make_engine(None, quantization="gguf", attention_backend="cpu",
                       speculative_algorithm="DSPARK")
@@ -151,6 +151,7 @@ def test_drafter_context_update_fast_path_matches_torch(make_engine) -> None:
     g = torch.Generator().manual_seed(0)
     aux = torch.randn(n, w.drafter.fc.in_features, generator=g)
     fb = ForwardBatch.__new__(ForwardBatch)
+    fb.mode = ForwardMode.EXTEND
     fb.positions = torch.tensor([0, 1, 2, 40, 41, 300])
     fb.out_cache_loc = torch.tensor([3, 4, 5, 9, 10, 11])
     out = ModelOutput(logits=None, aux_hidden=aux, final_hidden=None)
@@ -174,7 +175,7 @@ def test_drafter_block_stack_matches_torch_forward_block(make_engine) -> None:
     hidden states match the torch forward_block's (drafts only: verification decides)."""
     import torch
 
-    from dspark_sglang.core.forward_batch import ForwardBatch, ModelOutput
+    from dspark_sglang.core.forward_batch import ForwardBatch, ForwardMode, ModelOutput
 
     eng = make_engine(None, quantization="gguf", attention_backend="cpu",
                       speculative_algorithm="DSPARK")
@@ -188,6 +189,7 @@ def test_drafter_block_stack_matches_torch_forward_block(make_engine) -> None:
     slots[1] = torch.arange(200, 270)
     n = int(lens.sum())
     fb = ForwardBatch.__new__(ForwardBatch)
+    fb.mode = ForwardMode.EXTEND
     fb.positions = torch.cat([torch.arange(5), torch.arange(70)])
     fb.out_cache_loc = torch.cat([slots[0, :5], slots[1]])
     aux = torch.randn(n, w.drafter.fc.in_features, generator=g)
@@ -306,7 +308,7 @@ def test_drafter_context_update_in_one_call_is_the_fast_path(make_engine, monkey
     it writes bitwise what the per-layer fast path writes (same kernels, same order)."""
     import torch
 
-    from dspark_sglang.core.forward_batch import ForwardBatch, ModelOutput
+    from dspark_sglang.core.forward_batch import ForwardBatch, ForwardMode, ModelOutput
 
     eng = make_engine(None, quantization="gguf", attention_backend="cpu",
                       speculative_algorithm="DSPARK")
@@ -314,6 +316,7 @@ def test_drafter_context_update_in_one_call_is_the_fast_path(make_engine, monkey
     assert w._context_plan() is not None
     g = torch.Generator().manual_seed(2)
     fb = ForwardBatch.__new__(ForwardBatch)
+    fb.mode = ForwardMode.TARGET_VERIFY
     fb.positions = torch.tensor([0, 7, 8, 9, 500])
     fb.out_cache_loc = torch.tensor([20, 21, 22, 23, 24])
     out = ModelOutput(logits=None, aux_hidden=torch.randn(5, w.drafter.fc.in_features,
@@ -350,7 +353,7 @@ def test_queued_context_updates_leave_the_pool_as_writing_each_at_once(make_engi
     at once gives, including a slot written twice (the later write wins)."""
     import torch
 
-    from dspark_sglang.core.forward_batch import ForwardBatch, ModelOutput
+    from dspark_sglang.core.forward_batch import ForwardBatch, ForwardMode, ModelOutput
 
     eng = make_engine(None, quantization="gguf", attention_backend="cpu",
                       speculative_algorithm="DSPARK")
@@ -360,6 +363,7 @@ def test_queued_context_updates_leave_the_pool_as_writing_each_at_once(make_engi
     steps = []
     for pos, slots in (([0, 1, 2], [3, 4, 5]), ([7, 8], [5, 6]), ([9], [7])):
         fb = ForwardBatch.__new__(ForwardBatch)
+        fb.mode = ForwardMode.TARGET_VERIFY
         fb.positions, fb.out_cache_loc = torch.tensor(pos), torch.tensor(slots)
         aux = torch.randn(len(pos), w.drafter.fc.in_features, generator=g)
         steps.append((fb, ModelOutput(logits=None, aux_hidden=aux, final_hidden=None)))

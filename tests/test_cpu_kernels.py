@@ -124,6 +124,36 @@ def test_gguf_matmul_q8_matches_quantized_reference_every_row_count(t: int, k: i
     assert float(rel) < 0.02
 
 
+@needs_ops
+@pytest.mark.parametrize("t", Q8_TYPES)
+def test_gguf_matmul_q8_extreme_blocks_are_exact(t: int) -> None:
+    """Every quantised activation at +-127 against the largest weights of the format: the
+    kernels' integer sums (the AVX2 nibble path sums a block in int16) reach their largest
+    values and must not wrap or saturate; the result is the exact integer dot scaled."""
+    k, n = 256, 32
+    elems, nbytes = GGML_BLOCKS[t]
+    blocks = np.zeros((n, k // elems, nbytes), dtype=np.uint8)
+    scale = np.array([0.01], dtype=np.float16).view(np.uint8)
+    blocks[:, :, 0:2] = scale  # d
+    if t == GGML_TYPES["Q8_0"]:
+        blocks[:, :, 2:] = np.uint8(127)  # q = +127
+        blocks[1::2, :, 2:] = np.uint8(129)  # q = -127 on odd rows
+    else:
+        head = 4 if t == GGML_TYPES["Q4_1"] else 2
+        if head == 4:
+            blocks[:, :, 2:4] = np.array([0.0], dtype=np.float16).view(np.uint8)  # m
+        blocks[:, :, head:] = np.uint8(0xFF)  # every nibble 15
+        blocks[1::2, :, head:] = np.uint8(0x00)  # every nibble 0
+    w = torch.from_numpy(blocks.reshape(n, -1).copy())
+    x = torch.full((5, k), 3.0)
+    x[1] = -3.0
+    x[2, ::2] = -3.0  # alternating signs
+    x[3, :32] = 0.0  # a zero block
+    got = gguf_matmul_q8(x, w, t).double()
+    want = quantize_rows_q8_ref(x).double() @ gguf_dequantize_ref(w, t, k).double().t()
+    torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6)
+
+
 needs_amx = pytest.mark.skipif(ops is None or not ops.q8_amx_available(),
                                reason="no AMX tile unit here (or the kernel refused it)")
 

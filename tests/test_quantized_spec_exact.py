@@ -250,6 +250,9 @@ def test_greedy_chain_kernel_draws_the_python_loops_tokens(make_engine, monkeypa
         monkeypatch.setattr(dmodel, "CHAIN_KERNEL", True)
         assert torch.equal(fast.tokens, slow.tokens)
         assert torch.equal(fast.confidences, slow.confidences)
+        assert fast.confidence_logits is not None and slow.confidence_logits is not None
+        assert torch.equal(fast.confidence_logits, slow.confidence_logits)
+        assert torch.equal(fast.probs, slow.probs)  # one-hot over the whole vocabulary
         assert fast.tokens.shape == (bs, k)
     assert calls["n"] == 3
     # a sampled row takes the Python loop

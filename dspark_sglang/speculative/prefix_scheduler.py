@@ -117,7 +117,7 @@ def _schedule_scan(rows: list[list[float]], sps_table: SPSTable,
     num_cand = len(cands)
     if max_num_verify_tokens is not None:
         num_cand = min(num_cand, max(0, max_num_verify_tokens - bs))
-    sps = sps_table.sps_many(np.arange(bs, bs + num_cand + 1)).tolist()
+    sps = [sps_table.sps(b) for b in range(bs, bs + num_cand + 1)]  # (memoised: the same values)
     lengths = [0] * bs
     acc, tau = 0.0, float(bs)
     objective = tau * sps[0]

@@ -8,6 +8,7 @@ from dataclasses import replace
 from types import SimpleNamespace
 
 import pytest
+import torch
 
 from dspark_sglang.speculative.dspark_worker import BudgetState, DSparkWorker
 from dspark_sglang.speculative.worker import StepResult
@@ -31,6 +32,7 @@ def _worker(draft_time: float = 0.1) -> DSparkWorker:
     w._step_scale, w._last_call, w._draft_step, w._step_model = 1.0, None, None, None
     w._pending, w._pending_rows, w._flush_s, w.defer_context = [], 0, 0.0, True
     w._prefill_end = float("-inf")
+    w.context_holes, w.ctx_valid, w.dropped_rows = True, torch.ones(8, dtype=torch.bool), 0
     return w
 
 

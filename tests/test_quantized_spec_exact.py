@@ -427,9 +427,9 @@ def test_queued_context_updates_give_the_same_drafts(make_engine, monkeypatch) -
             out.append([d.tokens for d in res])
             return res
 
-        def flush(real=real_flush, w=w, out=flushed):  # type: ignore[no-untyped-def]
+        def flush(keep=None, real=real_flush, w=w, out=flushed):  # type: ignore[no-untyped-def]
             out.append(len(w._pending))
-            real()
+            real(keep=keep)
 
         w._propose, w.flush_context = propose, flush
         calls["n"] = 0
@@ -440,3 +440,145 @@ def test_queued_context_updates_give_the_same_drafts(make_engine, monkeypatch) -
     (d_on, f_on), (d_off, f_off) = runs
     assert len(d_on) > 3 and d_on == d_off
     assert max(f_on) >= 2 and max(f_off) == 0  # updates were queued across skipped steps
+
+
+def test_context_holes_drop_rows_and_a_probe_applies_only_its_own(make_engine, monkeypatch) -> None:
+    """Context holes: flushing with ``keep`` applies (in order) only the queued rows whose slot
+    is kept, bitwise as writing them at once, and marks the other rows' slots invalid without
+    writing them; a queue that overflows while nothing drafts is dropped whole."""
+    import torch
+
+    from dspark_sglang.core.forward_batch import ForwardBatch, ForwardMode, ModelOutput
+    from dspark_sglang.speculative import dspark_worker
+
+    eng = make_engine(None, quantization="gguf", attention_backend="cpu",
+                      speculative_algorithm="DSPARK")
+    w = eng.parts.decoder.worker
+    assert w.draft_budget and w.defer_context and w.context_holes
+    g = torch.Generator().manual_seed(5)
+    steps = []
+    # slots 3-5: the probing request (5 written twice); 10-12: another request
+    for pos, slots in (([0, 1, 2, 0], [3, 4, 5, 10]), ([7, 1, 8], [5, 11, 12])):
+        fb = ForwardBatch.__new__(ForwardBatch)
+        fb.mode = ForwardMode.TARGET_VERIFY
+        fb.positions, fb.out_cache_loc = torch.tensor(pos), torch.tensor(slots)
+        aux = torch.randn(len(pos), w.drafter.fc.in_features, generator=g)
+        steps.append((fb, ModelOutput(logits=None, aux_hidden=aux, final_hidden=None)))
+    mine, other = torch.tensor([3, 4, 5]), torch.tensor([10, 11, 12])
+    bufs = w.ctx_pool.k_bufs + w.ctx_pool.v_bufs
+
+    def run(keep):  # type: ignore[no-untyped-def]
+        for b in bufs:
+            b[torch.cat([mine, other])] = 0.0
+        w.ctx_valid[:] = True
+        for fb, out in steps:
+            w.on_target_forward(fb, out)
+        w.flush_context(keep=keep)
+        return [b.clone() for b in bufs]
+
+    everything = run(None)
+    dropped_before = w.dropped_rows
+    probe = run(mine)
+    assert w.dropped_rows - dropped_before == 3
+    assert bool(w.ctx_valid[mine].all()) and not bool(w.ctx_valid[other].any())
+    for a, b in zip(everything, probe):
+        assert torch.equal(a[mine], b[mine]) and b[mine].abs().max() > 0
+        assert bool((b[other] == 0).all()) and a[other].abs().max() > 0
+    # overflow while nothing drafts: every queued row dropped, nothing written
+    monkeypatch.setattr(dspark_worker, "MAX_PENDING_ROWS", 5)
+    for b in bufs:
+        b[torch.cat([mine, other])] = 0.0
+    w.ctx_valid[:] = True
+    for fb, out in steps:
+        w.on_target_forward(fb, out)
+    assert not w._pending and not bool(w.ctx_valid[torch.cat([mine, other])].any())
+    assert all(bool((b[torch.cat([mine, other])] == 0).all()) for b in bufs)
+    # a write makes a slot valid again
+    w.defer_context = False
+    w.on_target_forward(*steps[0])
+    assert bool(w.ctx_valid[torch.tensor([3, 4, 5, 10])].all())
+
+
+def test_drafter_block_stack_reads_around_context_holes(make_engine) -> None:
+    """A draft over a context with holes: the C++ block stack reading each row's valid slots
+    only (``_context_table``) matches the torch forward_block with the holes masked, and
+    differs from the draft over the whole context."""
+    import torch
+
+    from dspark_sglang.core.forward_batch import ForwardBatch, ForwardMode, ModelOutput
+
+    eng = make_engine(None, quantization="gguf", attention_backend="cpu",
+                      speculative_algorithm="DSPARK")
+    w = eng.parts.decoder.worker
+    stack = w.block_stack()
+    assert stack is not None
+    g = torch.Generator().manual_seed(1)
+    lens = torch.tensor([5, 70])
+    slots = torch.zeros(2, 70, dtype=torch.long)
+    slots[0, :5] = torch.arange(100, 105)
+    slots[1] = torch.arange(200, 270)
+    fb = ForwardBatch.__new__(ForwardBatch)
+    fb.mode = ForwardMode.EXTEND
+    fb.positions = torch.cat([torch.arange(5), torch.arange(70)])
+    fb.out_cache_loc = torch.cat([slots[0, :5], slots[1]])
+    aux = torch.randn(75, w.drafter.fc.in_features, generator=g)
+    w.on_target_forward(fb, ModelOutput(logits=None, aux_hidden=aux, final_hidden=None))
+    w.flush_context()
+    anchors = torch.tensor([17, 4242])
+    table, counts = w._context_table(slots, lens)
+    assert counts is None and table is slots  # no holes: the table as it is
+    whole = w._forward_block_stack(stack, anchors, lens, slots)
+    w.ctx_valid[torch.tensor([102, 230, 231, 232, 268])] = False
+    table, counts = w._context_table(slots, lens)
+    assert counts is not None and counts.tolist() == [4, 66]
+    assert table[0, :4].tolist() == [100, 101, 103, 104]
+    fast = w._forward_block_stack(stack, anchors, lens, table, counts)
+    valid = (torch.arange(70)[None, :] < lens[:, None]) & w.ctx_valid[slots]
+    ctx_k = [b[slots] for b in w.ctx_pool.k_bufs]
+    ctx_v = [b[slots] for b in w.ctx_pool.v_bufs]
+    slow = w.drafter.forward_block(anchors, lens, ctx_k, ctx_v, valid)
+    rel = float((fast - slow).norm() / slow.norm())
+    assert rel < 1e-2, rel  # (the bound of the block-stack test above, for the same reason)
+    assert float((fast - whole).norm() / whole.norm()) > 5 * rel
+
+
+def test_context_holes_keep_greedy_output_exact(make_engine, monkeypatch) -> None:
+    """Through the engine, with a queue so small that rows are dropped between drafts (and
+    probes of one request of several): drafts read contexts with holes, and the output still
+    equals plain greedy."""
+    from dspark_sglang.speculative import dspark_worker
+    from dspark_sglang.speculative.dspark_worker import DSparkWorker
+
+    plain = make_engine(None, quantization="gguf", attention_backend="cpu")
+    prompts = [chat_prompt(plain.tokenizer, q) for q in QUESTIONS[:3]]
+    want = [o["output_ids"] for o in plain.generate(prompts, greedy(32))]
+    plain.shutdown()
+    calls = {"n": 0}
+    real_budget = DSparkWorker._draft_budget
+
+    def sparse(self, reqs, rooms):  # type: ignore[no-untyped-def]
+        real_budget(self, reqs, rooms)
+        calls["n"] += 1
+        if calls["n"] % 4 == 0:
+            return rooms
+        if calls["n"] % 4 == 2:  # a probe of the first request only
+            return [rooms[0]] + [0] * (len(reqs) - 1)
+        return [0] * len(reqs)
+
+    monkeypatch.setattr(DSparkWorker, "_draft_budget", sparse)
+    monkeypatch.setattr(dspark_worker, "MAX_PENDING_ROWS", 4)
+    eng = make_engine(None, quantization="gguf", attention_backend="cpu",
+                      speculative_algorithm="DSPARK")
+    w = eng.parts.decoder.worker
+    holes = {"n": 0}
+    real_table = w._context_table
+
+    def table(slots, lens):  # type: ignore[no-untyped-def]
+        out = real_table(slots, lens)
+        holes["n"] += out[1] is not None
+        return out
+
+    w._context_table = table
+    got = [o["output_ids"] for o in eng.generate(prompts, greedy(32))]
+    assert got == want
+    assert w.dropped_rows > 0 and holes["n"] > 0

@@ -9,7 +9,13 @@ valid draft context too. With the DSPARK draft budget, decode / verify-sized upd
 (``_pending``) while the budget is not drafting and applied in order, in calls of up to 64 rows,
 before the pool is next read (``flush_context``: the next draft, a prefill-sized update, or when
 the queue is full); applied in the order they came, they leave the pool as writing each at once
-would.
+would. Context holes (``DSPARK_CONTEXT_HOLES``, on by default): while the budget is not drafting,
+a full queue is dropped instead of applied, and a probe applies only its own requests' rows and
+drops the rest; ``ctx_valid[slot]`` says whether a slot's context K/V are the token's, and a
+draft reads only its request's valid slots (the positions of its block stay the true ones). A
+request that drafts again later sees a gap of at most a queue's worth of its tokens; output is
+unaffected (verification decides), and at high load, where drafting does not pay, no context
+row is computed that no draft reads.
 """
 
 from __future__ import annotations
@@ -35,6 +41,7 @@ from dspark_sglang.speculative.worker import Draft, DraftWorker, StepResult
 from dspark_sglang.utils.env import env_on
 
 _EMPTY = torch.empty(0)
+_NO_SLOTS = torch.empty(0, dtype=torch.long)
 # rows up to which the context update runs as one C++ call (the drafter's Q8 linears take
 # at most this many rows; prefill-sized updates keep their float32 path)
 KERNEL_ROWS = 64
@@ -47,6 +54,8 @@ SETTLE_S = 0.025
 SETTLE_MIN_ROWS = 64
 # DSPARK_DEFER_CONTEXT=0: every context update is applied at once (no queue)
 DEFER_CONTEXT = env_on("DSPARK_DEFER_CONTEXT")
+# DSPARK_CONTEXT_HOLES=0: queued context rows are always applied, never dropped
+CONTEXT_HOLES = env_on("DSPARK_CONTEXT_HOLES")
 # requests per call of the drafter's C++ block path (larger batches go in chunks)
 BLOCK_SCRATCH_REQS = 64
 # DSPARK_DRAFTER_STACK=0: the drafter's block forward stays on torch ops
@@ -135,6 +144,11 @@ class DSparkWorker(DraftWorker):
         self._pending_rows = 0
         self._flush_s = 0.0
         self.defer_context = DEFER_CONTEXT
+        # per context-pool slot: its K/V are the context of the token there (False: a dropped
+        # queued row, a hole the drafter does not read); context rows dropped so far
+        self.context_holes = CONTEXT_HOLES
+        self.ctx_valid = torch.ones(self.ctx_pool.k_bufs[0].shape[0], dtype=torch.bool)
+        self.dropped_rows = 0
         # when the last prefill of >= SETTLE_MIN_ROWS tokens ended: the decode steps right after
         # a large forward run slow for a few steps (caches, clocks; sps_profile.profile_sps), so
         # steps starting within SETTLE_S of it are not timed for the budget
@@ -158,13 +172,15 @@ class DSparkWorker(DraftWorker):
             self._pending.append((aux, fb.positions.clone(), fb.out_cache_loc.clone()))
             self._pending_rows += int(aux.shape[0])
             if self._pending_rows > MAX_PENDING_ROWS:
-                self.flush_context()
+                # no draft read these rows for a queue's worth of tokens: drop them (holes)
+                self.flush_context(keep=_NO_SLOTS if self.context_holes else None)
             return
         self.flush_context()  # older queued rows first: they may name the same slots
         self._apply_update(aux, fb.positions, fb.out_cache_loc)
 
     def _apply_update(self, aux: torch.Tensor, positions: torch.Tensor,
                       slots: torch.Tensor) -> None:
+        self.ctx_valid[slots.cpu()] = True
         if self._kernel_update_ok(aux) and self._context_plan() is not None:
             self._kernel_update(aux, positions, slots)
         else:
@@ -186,10 +202,12 @@ class DSparkWorker(DraftWorker):
             aux.float(), *plan, self.ctx_pool.k_bufs, self.ctx_pool.v_bufs, cos, sin, slots,
             self.drafter.layers[0].self_attn.num_kv_heads)
 
-    def flush_context(self) -> None:
+    def flush_context(self, keep: torch.Tensor | None = None) -> None:
         """Apply the queued context updates, oldest first, in calls of up to ``KERNEL_ROWS``
         rows (each row's result does not depend on the rows next to it in a call). Whatever
-        reads the context pool calls this first."""
+        reads the context pool calls this first. ``keep`` (a set of slots, or None: all):
+        only rows whose slot is in it are applied; the others are dropped and their slots
+        marked invalid, in queue order, so a slot's validity is that of the last row naming it."""
         if not self._pending:
             return
         import time
@@ -198,6 +216,8 @@ class DSparkWorker(DraftWorker):
         pending = self._pending[:]
         self._pending.clear()  # (in place: a step's snapshot holds the same list)
         self._pending_rows = 0
+        if keep is not None:
+            pending = self._drop_rows(pending, keep)
         chunk: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []
         rows = 0
         for item in [*pending, None]:
@@ -210,6 +230,22 @@ class DSparkWorker(DraftWorker):
                 chunk.append(item)
                 rows += int(item[0].shape[0])
         self._flush_s += time.perf_counter() - t0
+
+    def _drop_rows(self, pending: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]],
+                   keep: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+        """The queued rows whose slot is in ``keep``, in order; the others' slots become
+        invalid. A dropped row's slot is invalid unless a later kept row names it again (the
+        kept rows are applied after this, which marks their slots valid)."""
+        kept = []
+        for aux, positions, slots in pending:
+            mask = torch.isin(slots, keep) if keep.numel() else torch.zeros_like(slots,
+                                                                                 dtype=torch.bool)
+            if not bool(mask.all()):
+                self.ctx_valid[slots[~mask].cpu()] = False
+                self.dropped_rows += int((~mask).sum())
+            if bool(mask.any()):
+                kept.append((aux[mask], positions[mask], slots[mask]))
+        return kept
 
     def _update_context(self, aux: torch.Tensor, positions: torch.Tensor,
                         slots: torch.Tensor) -> None:
@@ -439,7 +475,11 @@ class DSparkWorker(DraftWorker):
         if self._step_model is not None:  # (budgeted) time this step for _draft_step
             self._last_call = (t0, bs, "draft" if min(rooms) > 0 else "partial",
                                *self._step_model)
-        self.flush_context()  # the pool is read below: queued updates first
+        # the pool is read below: queued updates first (a probe's requests' rows only, with
+        # context holes: the other requests are not drafting)
+        drafting = [r for r, room in zip(reqs, rooms) if room > 0]
+        self.flush_context(keep=self._slots_of(drafting)
+                           if self.context_holes and len(drafting) < len(reqs) else None)
         if min(rooms) > 0:
             drafts = self._propose(reqs, rooms)
         else:  # draft only for the requests that get a draft (a probe's few)
@@ -463,6 +503,25 @@ class DSparkWorker(DraftWorker):
                 self._draft_time = 0.8 * self._draft_time + 0.2 * min(dt, 3 * self._draft_time)
         return drafts
 
+    def _slots_of(self, reqs: list[Req]) -> torch.Tensor:
+        """The KV slots of these requests' tokens (CPU int64)."""
+        if not reqs:
+            return _NO_SLOTS
+        return torch.cat([self.req_to_token[r.req_pool_idx, :r.kv_len] for r in reqs]).cpu()
+
+    def _context_table(self, slots: torch.Tensor, lens: torch.Tensor
+                       ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """``slots [bs, L]`` (row i's context in ``[0, lens[i])``) with each row's holes
+        (``ctx_valid`` False) left out, its valid slots first, and their counts; or
+        ``(slots, None)`` when no row has a hole."""
+        in_ctx = torch.arange(slots.shape[1])[None, :] < lens.cpu()[:, None]
+        ok = self.ctx_valid[slots.cpu()] | ~in_ctx
+        if bool(ok.all()):
+            return slots, None
+        valid = ok & in_ctx
+        order = torch.argsort((~valid).to(torch.int8), dim=1, stable=True)
+        return torch.gather(slots, 1, order.to(slots.device)), valid.sum(dim=1).to(slots.device)
+
     def _propose(self, reqs: list[Req], rooms: list[int]) -> list[Draft]:
         bs = len(reqs)
         dev = self.ctx_pool.k_bufs[0].device  # the drafter's device: every input goes there
@@ -474,13 +533,17 @@ class DSparkWorker(DraftWorker):
         anchors = torch.tensor([r.output_ids[-1] for r in reqs], device=dev)
         stack = self.block_stack()
         if stack is not None:  # (reads each row's slots below its length only)
+            table, counts = self._context_table(slots, lens)
             hidden = torch.cat([
                 self._forward_block_stack(stack, anchors[i:i + self.scratch_reqs],
                                           lens[i:i + self.scratch_reqs],
-                                          slots[i:i + self.scratch_reqs])
+                                          table[i:i + self.scratch_reqs],
+                                          None if counts is None
+                                          else counts[i:i + self.scratch_reqs])
                 for i in range(0, bs, self.scratch_reqs)])
         else:
             valid = torch.arange(max_len, device=dev)[None, :] < lens[:, None]
+            valid &= self.ctx_valid[slots.cpu()].to(dev)
             slots = torch.where(valid, slots, torch.zeros_like(slots))
             ctx_k = [self.ctx_pool.k_bufs[i][slots] for i in range(self.ctx_pool.num_layers)]
             ctx_v = [self.ctx_pool.v_bufs[i][slots] for i in range(self.ctx_pool.num_layers)]
@@ -584,9 +647,12 @@ class DSparkWorker(DraftWorker):
         return stack
 
     def _forward_block_stack(self, stack: Any, anchors: torch.Tensor, lens: torch.Tensor,
-                             slots: torch.Tensor) -> torch.Tensor:
+                             slots: torch.Tensor, counts: torch.Tensor | None = None
+                             ) -> torch.Tensor:
         """``forward_block`` on the C++ stack: ``anchors``, ``lens`` [bs], ``slots`` [bs, L]
-        (each row's context slots, then anything) -> final-normed block hidden [bs, g, H]."""
+        (each row's context slots, then anything) -> final-normed block hidden [bs, g, H].
+        ``counts``: row i reads only its first ``counts[i]`` slots (its context with the holes
+        left out, ``_context_table``); the block keeps the positions after ``lens``."""
         d, g = self.drafter, self.gamma
         bs = int(anchors.shape[0])
         consts = self._block_consts.get(bs)
@@ -605,8 +671,9 @@ class DSparkWorker(DraftWorker):
         cos, sin = self._rope_tables(at.reshape(-1))  # rope_cos_sin's values, from the table
         scratch = self._scratch[: bs * g].view(bs, g)
         table = torch.cat([slots, scratch], dim=1)
-        table.scatter_(1, at, scratch)
-        out = stack.forward(x, cos, sin, scratch.reshape(-1), table, ar, lens + g, g_lens,
+        n_ctx = lens if counts is None else counts.long()
+        table.scatter_(1, n_ctx[:, None] + offs, scratch)
+        out = stack.forward(x, cos, sin, scratch.reshape(-1), table, ar, n_ctx + g, g_lens,
                             q_start, self._block_ones, no_mask, [])[0]
         return d.norm(out).view(bs, g, -1)
 

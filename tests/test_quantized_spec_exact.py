@@ -582,3 +582,47 @@ def test_context_holes_keep_greedy_output_exact(make_engine, monkeypatch) -> Non
     got = [o["output_ids"] for o in eng.generate(prompts, greedy(32))]
     assert got == want
     assert w.dropped_rows > 0 and holes["n"] > 0
+
+
+def test_a_prefill_sized_write_keeps_the_queue_without_its_slots(make_engine) -> None:
+    """A context update too large to queue (a prefill chunk) reads nothing from the pool: it
+    removes the queued rows of its own slots (which it overwrites) and leaves the rest queued;
+    after the flush the pool is bitwise what writing every update at once in order gives."""
+    import torch
+
+    from dspark_sglang.core.forward_batch import ForwardBatch, ForwardMode, ModelOutput
+
+    eng = make_engine(None, quantization="gguf", attention_backend="cpu",
+                      speculative_algorithm="DSPARK")
+    w = eng.parts.decoder.worker
+    g = torch.Generator().manual_seed(4)
+
+    def batch(mode, pos, slots):  # type: ignore[no-untyped-def]
+        fb = ForwardBatch.__new__(ForwardBatch)
+        fb.mode = mode
+        fb.positions, fb.out_cache_loc = torch.tensor(pos), torch.tensor(slots)
+        aux = torch.randn(len(pos), w.drafter.fc.in_features, generator=g)
+        return fb, ModelOutput(logits=None, aux_hidden=aux, final_hidden=None)
+
+    big = list(range(300, 370))  # 70 rows: more than a queued update may have
+    steps = [batch(ForwardMode.TARGET_VERIFY, [0, 1, 2], [3, 300, 5]),
+             batch(ForwardMode.EXTEND, list(range(70)), big),
+             batch(ForwardMode.TARGET_VERIFY, [9, 4], [301, 6])]
+    touched = torch.tensor([3, 5, 6, *big])
+    bufs = w.ctx_pool.k_bufs + w.ctx_pool.v_bufs
+
+    def run(defer: bool) -> list[torch.Tensor]:
+        w.defer_context = defer
+        for b in bufs:
+            b[touched] = 0.0
+        for i, (fb, out) in enumerate(steps):
+            w.on_target_forward(fb, out)
+            if defer and i == 1:  # the queue kept the first step's other rows
+                assert w._pending_rows == 2
+                assert sorted(w._pending[0][2].tolist()) == [3, 5]
+        w.flush_context()
+        return [b[touched].clone() for b in bufs]
+
+    queued, at_once = run(True), run(False)
+    for a, b in zip(queued, at_once):
+        assert b.abs().max() > 0 and torch.equal(a, b)

@@ -7,10 +7,12 @@ Draft context pool: per KV slot and draft layer, the K/V of ``H_ctx`` (the proje
 states) — written for every token the target computes, so a slot in the radix tree always carries
 valid draft context too. With the DSPARK draft budget, decode / verify-sized updates are queued
 (``_pending``) while the budget is not drafting and applied in order, in calls of up to 64 rows,
-before the pool is next read (``flush_context``: the next draft, a prefill-sized update, or when
-the queue is full); applied in the order they came, they leave the pool as writing each at once
-would. Context holes (``DSPARK_CONTEXT_HOLES``, on by default): while the budget is not drafting,
-a full queue is dropped instead of applied, and a probe applies only its own requests' rows and
+before the pool is next read (``flush_context``: the next draft, or when the queue is full; a
+prefill-sized update, which reads nothing, removes the queued rows of its own slots instead);
+applied in the order they came, they leave the pool as writing each at once would.
+
+Context holes (``DSPARK_CONTEXT_HOLES``, on by default): while the budget is not drafting, a
+full queue is dropped instead of applied, and a probe applies only its own requests' rows and
 drops the rest; ``ctx_valid[slot]`` says whether a slot's context K/V are the token's, and a
 draft reads only its request's valid slots (the positions of its block stay the true ones). A
 request that drafts again later sees a gap of at most a queue's worth of its tokens; output is
@@ -175,8 +177,26 @@ class DSparkWorker(DraftWorker):
                 # no draft read these rows for a queue's worth of tokens: drop them (holes)
                 self.flush_context(keep=_NO_SLOTS if self.context_holes else None)
             return
-        self.flush_context()  # older queued rows first: they may name the same slots
+        # (a write reads nothing from the pool: the queue stays, less its rows for these slots,
+        # which this write would overwrite anyway)
+        self._discard_pending(fb.out_cache_loc)
         self._apply_update(aux, fb.positions, fb.out_cache_loc)
+
+    def _discard_pending(self, slots: torch.Tensor) -> None:
+        """Remove the queued rows that name one of ``slots`` (about to be written): the pool
+        ends as if every row had been applied in order, this write last."""
+        if not self._pending:
+            return
+        slots = slots.cpu()
+        kept = []
+        for aux, positions, qslots in self._pending:
+            mask = ~torch.isin(qslots.cpu(), slots)
+            if bool(mask.all()):
+                kept.append((aux, positions, qslots))
+            elif bool(mask.any()):
+                kept.append((aux[mask], positions[mask], qslots[mask]))
+        self._pending[:] = kept  # (in place: a step's snapshot holds the same list)
+        self._pending_rows = sum(int(a.shape[0]) for a, _, _ in kept)
 
     def _apply_update(self, aux: torch.Tensor, positions: torch.Tensor,
                       slots: torch.Tensor) -> None:

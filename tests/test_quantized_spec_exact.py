@@ -442,10 +442,12 @@ def test_queued_context_updates_give_the_same_drafts(make_engine, monkeypatch) -
     assert max(f_on) >= 2 and max(f_off) == 0  # updates were queued across skipped steps
 
 
-def test_context_holes_drop_rows_and_a_probe_applies_only_its_own(make_engine, monkeypatch) -> None:
-    """Context holes: flushing with ``keep`` applies (in order) only the queued rows whose slot
-    is kept, bitwise as writing them at once, and marks the other rows' slots invalid without
-    writing them; a queue that overflows while nothing drafts is dropped whole."""
+def test_a_probe_applies_its_own_rows_and_an_overflow_drops_the_queue(make_engine,
+                                                                      monkeypatch) -> None:
+    """A probe's flush (``keep``) applies only the queued rows naming its requests' slots, in
+    order, and leaves the others queued; flushing those later gives the pool bitwise as writing
+    everything in order. Context holes: a queue that overflows while nothing drafts is dropped,
+    its slots marked invalid and not written; a later write makes a slot valid again."""
     import torch
 
     from dspark_sglang.core.forward_batch import ForwardBatch, ForwardMode, ModelOutput
@@ -465,38 +467,40 @@ def test_context_holes_drop_rows_and_a_probe_applies_only_its_own(make_engine, m
         aux = torch.randn(len(pos), w.drafter.fc.in_features, generator=g)
         steps.append((fb, ModelOutput(logits=None, aux_hidden=aux, final_hidden=None)))
     mine, other = torch.tensor([3, 4, 5]), torch.tensor([10, 11, 12])
+    both = torch.cat([mine, other])
     bufs = w.ctx_pool.k_bufs + w.ctx_pool.v_bufs
 
-    def run(keep):  # type: ignore[no-untyped-def]
+    def queue() -> None:
         for b in bufs:
-            b[torch.cat([mine, other])] = 0.0
-        w.ctx_valid[:] = True
+            b[both] = 0.0
         for fb, out in steps:
             w.on_target_forward(fb, out)
-        w.flush_context(keep=keep)
-        return [b.clone() for b in bufs]
 
-    everything = run(None)
-    dropped_before = w.dropped_rows
-    probe = run(mine)
-    assert w.dropped_rows - dropped_before == 3
-    assert bool(w.ctx_valid[mine].all()) and not bool(w.ctx_valid[other].any())
-    for a, b in zip(everything, probe):
+    queue()
+    w.flush_context()
+    everything = [b.clone() for b in bufs]
+    queue()
+    w.flush_context(keep=mine)
+    assert w._pending_rows == 3 and sorted(torch.cat([p[2] for p in w._pending]).tolist()) == [
+        10, 11, 12]
+    for a, b in zip(everything, bufs):
         assert torch.equal(a[mine], b[mine]) and b[mine].abs().max() > 0
-        assert bool((b[other] == 0).all()) and a[other].abs().max() > 0
+        assert bool((b[other] == 0).all())
+    w.flush_context()
+    for a, b in zip(everything, bufs):
+        assert torch.equal(a[both], b[both])
+    assert bool(w.ctx_valid[both].all()) and w.dropped_rows == 0
     # overflow while nothing drafts: every queued row dropped, nothing written
     monkeypatch.setattr(dspark_worker, "MAX_PENDING_ROWS", 5)
-    for b in bufs:
-        b[torch.cat([mine, other])] = 0.0
-    w.ctx_valid[:] = True
-    for fb, out in steps:
-        w.on_target_forward(fb, out)
-    assert not w._pending and not bool(w.ctx_valid[torch.cat([mine, other])].any())
-    assert all(bool((b[torch.cat([mine, other])] == 0).all()) for b in bufs)
+    queue()
+    assert not w._pending and w.dropped_rows == 7
+    assert not bool(w.ctx_valid[both].any())
+    assert all(bool((b[both] == 0).all()) for b in bufs)
     # a write makes a slot valid again
     w.defer_context = False
     w.on_target_forward(*steps[0])
     assert bool(w.ctx_valid[torch.tensor([3, 4, 5, 10])].all())
+    assert not bool(w.ctx_valid[torch.tensor([11, 12])].any())
 
 
 def test_drafter_block_stack_reads_around_context_holes(make_engine) -> None:
@@ -544,8 +548,8 @@ def test_drafter_block_stack_reads_around_context_holes(make_engine) -> None:
 
 def test_context_holes_keep_greedy_output_exact(make_engine, monkeypatch) -> None:
     """Through the engine, with a queue so small that rows are dropped between drafts (and
-    probes of one request of several): drafts read contexts with holes, and the output still
-    equals plain greedy."""
+    probes of one request of several, which apply only their own rows): drafts read contexts
+    with holes, and the output still equals plain greedy."""
     from dspark_sglang.speculative import dspark_worker
     from dspark_sglang.speculative.dspark_worker import DSparkWorker
 

@@ -11,9 +11,9 @@ before the pool is next read (``flush_context``: the next draft, or when the que
 prefill-sized update, which reads nothing, removes the queued rows of its own slots instead);
 applied in the order they came, they leave the pool as writing each at once would.
 
-Context holes (``DSPARK_CONTEXT_HOLES``, on by default): while the budget is not drafting, a
-full queue is dropped instead of applied, and a probe applies only its own requests' rows and
-drops the rest; ``ctx_valid[slot]`` says whether a slot's context K/V are the token's, and a
+A probe applies only its own requests' queued rows (the rest stay queued). Context holes
+(``DSPARK_CONTEXT_HOLES``, on by default): while the budget is not drafting, a full queue is
+dropped instead of applied; ``ctx_valid[slot]`` says whether a slot's context K/V are the token's, and a
 draft reads only its request's valid slots (the positions of its block stay the true ones). A
 request that drafts again later sees a gap of at most a queue's worth of its tokens; output is
 unaffected (verification decides), and at high load, where drafting does not pay, no context
@@ -175,7 +175,10 @@ class DSparkWorker(DraftWorker):
             self._pending_rows += int(aux.shape[0])
             if self._pending_rows > MAX_PENDING_ROWS:
                 # no draft read these rows for a queue's worth of tokens: drop them (holes)
-                self.flush_context(keep=_NO_SLOTS if self.context_holes else None)
+                if self.context_holes:
+                    self._drop_pending()
+                else:
+                    self.flush_context()
             return
         # (a write reads nothing from the pool: the queue stays, less its rows for these slots,
         # which this write would overwrite anyway)
@@ -225,9 +228,10 @@ class DSparkWorker(DraftWorker):
     def flush_context(self, keep: torch.Tensor | None = None) -> None:
         """Apply the queued context updates, oldest first, in calls of up to ``KERNEL_ROWS``
         rows (each row's result does not depend on the rows next to it in a call). Whatever
-        reads the context pool calls this first. ``keep`` (a set of slots, or None: all):
-        only rows whose slot is in it are applied; the others are dropped and their slots
-        marked invalid, in queue order, so a slot's validity is that of the last row naming it."""
+        reads the context pool calls this first. ``keep`` (a set of slots, or None: all): only
+        the rows naming one of them are applied (a probe reads only its own requests' slots);
+        the others stay queued, in order. No applied row and no queued one name the same slot,
+        so applying the rest later leaves the pool as applying everything in order."""
         if not self._pending:
             return
         import time
@@ -237,7 +241,9 @@ class DSparkWorker(DraftWorker):
         self._pending.clear()  # (in place: a step's snapshot holds the same list)
         self._pending_rows = 0
         if keep is not None:
-            pending = self._drop_rows(pending, keep)
+            pending, stay = self._split_rows(pending, keep)
+            self._pending.extend(stay)
+            self._pending_rows = sum(int(a.shape[0]) for a, _, _ in stay)
         chunk: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []
         rows = 0
         for item in [*pending, None]:
@@ -251,21 +257,30 @@ class DSparkWorker(DraftWorker):
                 rows += int(item[0].shape[0])
         self._flush_s += time.perf_counter() - t0
 
-    def _drop_rows(self, pending: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]],
-                   keep: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
-        """The queued rows whose slot is in ``keep``, in order; the others' slots become
-        invalid. A dropped row's slot is invalid unless a later kept row names it again (the
-        kept rows are applied after this, which marks their slots valid)."""
-        kept = []
+    @staticmethod
+    def _split_rows(pending: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]],
+                    keep: torch.Tensor) -> tuple[list[tuple[torch.Tensor, torch.Tensor,
+                                                            torch.Tensor]], ...]:
+        """The queued rows naming one of ``keep``'s slots, and the others, each in order."""
+        hit: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []
+        rest: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []
         for aux, positions, slots in pending:
-            mask = torch.isin(slots, keep) if keep.numel() else torch.zeros_like(slots,
-                                                                                 dtype=torch.bool)
-            if not bool(mask.all()):
-                self.ctx_valid[slots[~mask].cpu()] = False
-                self.dropped_rows += int((~mask).sum())
-            if bool(mask.any()):
-                kept.append((aux[mask], positions[mask], slots[mask]))
-        return kept
+            mask = torch.isin(slots.cpu(), keep)
+            for out, m in ((hit, mask), (rest, ~mask)):
+                if bool(m.all()):
+                    out.append((aux, positions, slots))
+                elif bool(m.any()):
+                    out.append((aux[m], positions[m], slots[m]))
+        return hit, rest
+
+    def _drop_pending(self) -> None:
+        """Context holes: forget the queued rows; their slots become invalid (a later write
+        makes a slot valid again)."""
+        for _, _, slots in self._pending:
+            self.ctx_valid[slots.cpu()] = False
+            self.dropped_rows += int(slots.shape[0])
+        self._pending.clear()
+        self._pending_rows = 0
 
     def _update_context(self, aux: torch.Tensor, positions: torch.Tensor,
                         slots: torch.Tensor) -> None:
@@ -495,11 +510,10 @@ class DSparkWorker(DraftWorker):
         if self._step_model is not None:  # (budgeted) time this step for _draft_step
             self._last_call = (t0, bs, "draft" if min(rooms) > 0 else "partial",
                                *self._step_model)
-        # the pool is read below: queued updates first (a probe's requests' rows only, with
-        # context holes: the other requests are not drafting)
+        # the pool is read below: queued updates first (a probe's requests' rows only: the
+        # other requests' rows stay queued)
         drafting = [r for r, room in zip(reqs, rooms) if room > 0]
-        self.flush_context(keep=self._slots_of(drafting)
-                           if self.context_holes and len(drafting) < len(reqs) else None)
+        self.flush_context(keep=self._slots_of(drafting) if len(drafting) < len(reqs) else None)
         if min(rooms) > 0:
             drafts = self._propose(reqs, rooms)
         else:  # draft only for the requests that get a draft (a probe's few)

@@ -169,10 +169,10 @@ def test_drafter_context_update_fast_path_matches_torch(make_engine) -> None:
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
 
 
-def test_drafter_block_stack_matches_torch_forward_block(make_engine) -> None:
-    """Next to a GGUF target the drafter's block forward runs as one C++ DecoderStack over the
-    context pool (block K/V in scratch slots, a mask of ones among the block's rows); its block
-    hidden states match the torch forward_block's (drafts only: verification decides)."""
+def _two_request_context(make_engine):  # type: ignore[no-untyped-def]
+    """A DSPARK engine on GGUF blocks whose drafter context holds two requests (5 tokens at
+    slots 100-104, 70 at 200-269; seeded random captured rows): (engine, worker, its C++ block
+    stack, lens, slots [2, 70])."""
     import torch
 
     from dspark_sglang.core.forward_batch import ForwardBatch, ForwardMode, ModelOutput
@@ -187,14 +187,23 @@ def test_drafter_block_stack_matches_torch_forward_block(make_engine) -> None:
     slots = torch.zeros(2, 70, dtype=torch.long)
     slots[0, :5] = torch.arange(100, 105)
     slots[1] = torch.arange(200, 270)
-    n = int(lens.sum())
     fb = ForwardBatch.__new__(ForwardBatch)
     fb.mode = ForwardMode.EXTEND
     fb.positions = torch.cat([torch.arange(5), torch.arange(70)])
     fb.out_cache_loc = torch.cat([slots[0, :5], slots[1]])
-    aux = torch.randn(n, w.drafter.fc.in_features, generator=g)
+    aux = torch.randn(int(lens.sum()), w.drafter.fc.in_features, generator=g)
     w.on_target_forward(fb, ModelOutput(logits=None, aux_hidden=aux, final_hidden=None))
     w.flush_context()
+    return eng, w, stack, lens, slots
+
+
+def test_drafter_block_stack_matches_torch_forward_block(make_engine) -> None:
+    """Next to a GGUF target the drafter's block forward runs as one C++ DecoderStack over the
+    context pool (block K/V in scratch slots, a mask of ones among the block's rows); its block
+    hidden states match the torch forward_block's (drafts only: verification decides)."""
+    import torch
+
+    eng, w, stack, lens, slots = _two_request_context(make_engine)
     anchors = torch.tensor([17, 4242])
     fast = w._forward_block_stack(stack, anchors, lens, slots)
     valid = torch.arange(70)[None, :] < lens[:, None]
@@ -393,16 +402,22 @@ def test_queued_context_updates_leave_the_pool_as_writing_each_at_once(make_engi
         assert torch.equal(a, b)
 
 
+def _plain_greedy_on_blocks(make_engine):  # type: ignore[no-untyped-def]
+    """Three chat prompts and the plain engine's greedy output ids (32 tokens) on GGUF blocks."""
+    plain = make_engine(None, quantization="gguf", attention_backend="cpu")
+    prompts = [chat_prompt(plain.tokenizer, q) for q in QUESTIONS[:3]]
+    want = [o["output_ids"] for o in plain.generate(prompts, greedy(32))]
+    plain.shutdown()
+    return prompts, want
+
+
 def test_queued_context_updates_give_the_same_drafts(make_engine, monkeypatch) -> None:
     """Through the engine: a budget that drafts every third step (the others queue their
     context updates) proposes exactly the drafts it proposes with every update written at once,
     and the output equals plain greedy."""
     from dspark_sglang.speculative.dspark_worker import DSparkWorker
 
-    plain = make_engine(None, quantization="gguf", attention_backend="cpu")
-    prompts = [chat_prompt(plain.tokenizer, q) for q in QUESTIONS[:3]]
-    want = [o["output_ids"] for o in plain.generate(prompts, greedy(32))]
-    plain.shutdown()
+    prompts, want = _plain_greedy_on_blocks(make_engine)
     calls = {"n": 0}
     real_budget = DSparkWorker._draft_budget
 
@@ -509,25 +524,7 @@ def test_drafter_block_stack_reads_around_context_holes(make_engine) -> None:
     differs from the draft over the whole context."""
     import torch
 
-    from dspark_sglang.core.forward_batch import ForwardBatch, ForwardMode, ModelOutput
-
-    eng = make_engine(None, quantization="gguf", attention_backend="cpu",
-                      speculative_algorithm="DSPARK")
-    w = eng.parts.decoder.worker
-    stack = w.block_stack()
-    assert stack is not None
-    g = torch.Generator().manual_seed(1)
-    lens = torch.tensor([5, 70])
-    slots = torch.zeros(2, 70, dtype=torch.long)
-    slots[0, :5] = torch.arange(100, 105)
-    slots[1] = torch.arange(200, 270)
-    fb = ForwardBatch.__new__(ForwardBatch)
-    fb.mode = ForwardMode.EXTEND
-    fb.positions = torch.cat([torch.arange(5), torch.arange(70)])
-    fb.out_cache_loc = torch.cat([slots[0, :5], slots[1]])
-    aux = torch.randn(75, w.drafter.fc.in_features, generator=g)
-    w.on_target_forward(fb, ModelOutput(logits=None, aux_hidden=aux, final_hidden=None))
-    w.flush_context()
+    eng, w, stack, lens, slots = _two_request_context(make_engine)
     anchors = torch.tensor([17, 4242])
     table, counts = w._context_table(slots, lens)
     assert counts is None and table is slots  # no holes: the table as it is
@@ -553,10 +550,7 @@ def test_context_holes_keep_greedy_output_exact(make_engine, monkeypatch) -> Non
     from dspark_sglang.speculative import dspark_worker
     from dspark_sglang.speculative.dspark_worker import DSparkWorker
 
-    plain = make_engine(None, quantization="gguf", attention_backend="cpu")
-    prompts = [chat_prompt(plain.tokenizer, q) for q in QUESTIONS[:3]]
-    want = [o["output_ids"] for o in plain.generate(prompts, greedy(32))]
-    plain.shutdown()
+    prompts, want = _plain_greedy_on_blocks(make_engine)
     calls = {"n": 0}
     real_budget = DSparkWorker._draft_budget
 

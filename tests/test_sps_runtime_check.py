@@ -22,9 +22,15 @@ def test_cached_sps_table_is_spot_checked(llama_dir: str, drafter_dir: str, make
     fast = SPSTable(counts, [base * 50] * len(counts))
     assert not sps_runtime.cached_table_holds(slow, runner, cache)
     assert not sps_runtime.cached_table_holds(fast, runner, cache)
-    # one measured moments ago holds (the factor is 2: far above this machine's drift)
-    good = SPSTable(counts, [base] + [measured.sps(8)] * (len(counts) - 1))
-    assert sps_runtime.cached_table_holds(good, runner, cache)
+    # one measured moments ago holds (the factor is 2: above this machine's drift between two
+    # spot checks, though a shared host's speed has swung ~2x within minutes: a table measured
+    # again right before the check holds in at least one of three tries)
+    def holds_when_fresh() -> bool:
+        m = sps_runtime.measure_sps(runner, cache, (1, 8), repeats=2)
+        good = SPSTable(counts, [m.sps(1)] + [m.sps(8)] * (len(counts) - 1))
+        return sps_runtime.cached_table_holds(good, runner, cache)
+
+    assert any(holds_when_fresh() for _ in range(3))
 
     # through load_or_profile_sps: a bogus cached file is replaced by a fresh profile
     calls = {"n": 0}

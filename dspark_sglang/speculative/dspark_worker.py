@@ -13,11 +13,11 @@ applied in the order they came, they leave the pool as writing each at once woul
 
 A probe applies only its own requests' queued rows (the rest stay queued). Context holes
 (``DSPARK_CONTEXT_HOLES``, on by default): while the budget is not drafting, a full queue is
-dropped instead of applied; ``ctx_valid[slot]`` says whether a slot's context K/V are the token's, and a
-draft reads only its request's valid slots (the positions of its block stay the true ones). A
-request that drafts again later sees a gap of at most a queue's worth of its tokens; output is
-unaffected (verification decides), and at high load, where drafting does not pay, no context
-row is computed that no draft reads.
+dropped instead of applied; ``ctx_valid[slot]`` says whether a slot's context K/V are the
+token's, and a draft reads only its request's valid slots (the positions of its block stay the
+true ones). A request that drafts again later sees a gap of at most a queue's worth of its
+tokens; output is unaffected (verification decides), and at high load, where drafting does not
+pay, no context row is computed that no draft reads.
 """
 
 from __future__ import annotations
@@ -44,6 +44,8 @@ from dspark_sglang.utils.env import env_on
 
 _EMPTY = torch.empty(0)
 _NO_SLOTS = torch.empty(0, dtype=torch.long)
+# queued context updates: (captured rows, positions, slots) per target forward, oldest first
+_Rows = list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]
 # rows up to which the context update runs as one C++ call (the drafter's Q8 linears take
 # at most this many rows; prefill-sized updates keep their float32 path)
 KERNEL_ROWS = 64
@@ -142,7 +144,7 @@ class DSparkWorker(DraftWorker):
         # queue is mutated in place, so a step's snapshot / restore keeps it as it is: applying
         # a cancelled step's rows is harmless (their slots are free, and a later owner's rows
         # come after them)
-        self._pending: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []
+        self._pending: _Rows = []
         self._pending_rows = 0
         self._flush_s = 0.0
         self.defer_context = DEFER_CONTEXT
@@ -190,16 +192,11 @@ class DSparkWorker(DraftWorker):
         ends as if every row had been applied in order, this write last."""
         if not self._pending:
             return
-        slots = slots.cpu()
-        kept = []
-        for aux, positions, qslots in self._pending:
-            mask = ~torch.isin(qslots.cpu(), slots)
-            if bool(mask.all()):
-                kept.append((aux, positions, qslots))
-            elif bool(mask.any()):
-                kept.append((aux[mask], positions[mask], qslots[mask]))
-        self._pending[:] = kept  # (in place: a step's snapshot holds the same list)
-        self._pending_rows = sum(int(a.shape[0]) for a, _, _ in kept)
+        self._set_pending(self._split_rows(self._pending, slots.cpu())[1])
+
+    def _set_pending(self, rows: _Rows) -> None:
+        self._pending[:] = rows  # (in place: a step's snapshot holds the same list)
+        self._pending_rows = sum(int(a.shape[0]) for a, _, _ in rows)
 
     def _apply_update(self, aux: torch.Tensor, positions: torch.Tensor,
                       slots: torch.Tensor) -> None:
@@ -237,14 +234,10 @@ class DSparkWorker(DraftWorker):
         import time
 
         t0 = time.perf_counter()
-        pending = self._pending[:]
-        self._pending.clear()  # (in place: a step's snapshot holds the same list)
-        self._pending_rows = 0
-        if keep is not None:
-            pending, stay = self._split_rows(pending, keep)
-            self._pending.extend(stay)
-            self._pending_rows = sum(int(a.shape[0]) for a, _, _ in stay)
-        chunk: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []
+        pending, stay = ((self._pending[:], []) if keep is None
+                         else self._split_rows(self._pending, keep))
+        self._set_pending(stay)
+        chunk: _Rows = []
         rows = 0
         for item in [*pending, None]:
             if item is None or rows + int(item[0].shape[0]) > KERNEL_ROWS:
@@ -258,12 +251,10 @@ class DSparkWorker(DraftWorker):
         self._flush_s += time.perf_counter() - t0
 
     @staticmethod
-    def _split_rows(pending: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]],
-                    keep: torch.Tensor) -> tuple[list[tuple[torch.Tensor, torch.Tensor,
-                                                            torch.Tensor]], ...]:
+    def _split_rows(pending: _Rows, keep: torch.Tensor) -> tuple[_Rows, _Rows]:
         """The queued rows naming one of ``keep``'s slots, and the others, each in order."""
-        hit: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []
-        rest: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []
+        hit: _Rows = []
+        rest: _Rows = []
         for aux, positions, slots in pending:
             mask = torch.isin(slots.cpu(), keep)
             for out, m in ((hit, mask), (rest, ~mask)):
@@ -279,8 +270,7 @@ class DSparkWorker(DraftWorker):
         for _, _, slots in self._pending:
             self.ctx_valid[slots.cpu()] = False
             self.dropped_rows += int(slots.shape[0])
-        self._pending.clear()
-        self._pending_rows = 0
+        self._set_pending([])
 
     def _update_context(self, aux: torch.Tensor, positions: torch.Tensor,
                         slots: torch.Tensor) -> None:

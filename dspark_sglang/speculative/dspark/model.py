@@ -332,9 +332,10 @@ class DSparkDrafter(nn.Module):
                            anchor_ids: torch.Tensor, temperature: torch.Tensor, k_total: int
                            ) -> DraftChain | None:
         """``sample_chain`` for an all-greedy batch without a grammar mask whose chain runs in
-        C++ (``_chain_kernel``): the same kernel and the same confidence ops on the same values,
-        without the general path's per-position lists (a decode step's draft at batch 1 spent
-        ~0.7 ms of its ~4 ms on them on an AVX2 host). None when the general path applies."""
+        C++ (``_chain_kernel``: the loop's kernels, so the loop's tokens), with the loop's
+        batched confidence ops on the same values and no per-position lists (a decode step's
+        draft at batch 1 spent ~0.7 ms of its ~4 ms on them on an AVX2 host). None when the
+        Python loop applies."""
         sub = self.draft_vocab
         if sub is None or base_logits.shape[-1] != len(sub) or len(sub) == self.config.vocab_size:
             return None
@@ -470,13 +471,8 @@ class DSparkDrafter(nn.Module):
         # with a confidence head and no grammar mask, every position's confidence is computed
         # after the loop in one call (it reads h_k and x_{k-1} only, both known by then)
         batch_conf = mask_fn is None and self.confidence_head is not None
-        chain_op = (self._chain_kernel(base_logits, ids)
-                    if batch_conf and not sampled_rows and k_total else None)
-        if chain_op is not None:  # the loop below in C++ (same kernels: the same tokens)
-            op, w1, w2, w2_type, cache, tags = chain_op
-            tokens = list(op(base_logits.float().contiguous(), k_total, w1, w2, w2_type,
-                             ids.long(), prev.cpu(), cache, tags).unbind(1))
-        for k in range(k_total if chain_op is None else 0):
+        # (an all-greedy chain that the C++ kernel can draw took _greedy_chain_fast above)
+        for k in range(k_total):
             h_k = block_hidden[:, k]
             logits = base_logits[:, k].float()  # [bs, V]
             if self.markov_head is not None:

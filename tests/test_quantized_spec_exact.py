@@ -531,6 +531,9 @@ def test_drafter_block_stack_reads_around_context_holes(make_engine) -> None:
     whole = w._forward_block_stack(stack, anchors, lens, slots)
     w.ctx_valid[torch.tensor([102, 230, 231, 232, 268])] = False
     table, counts = w._context_table(slots, lens)
+    assert counts is None  # (holes exist only once a row was dropped: the table is not built)
+    w.dropped_rows = 5  # as _drop_pending records it
+    table, counts = w._context_table(slots, lens)
     assert counts is not None and counts.tolist() == [4, 66]
     assert table[0, :4].tolist() == [100, 101, 103, 104]
     fast = w._forward_block_stack(stack, anchors, lens, table, counts)

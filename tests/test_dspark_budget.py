@@ -113,7 +113,8 @@ def test_jump_forward_outcome_is_not_learned_and_release_drops_state() -> None:
     w.budget_states[r.rid] = BudgetState(ema, proposed=9)
     w.on_verified([StepResult(r, [0] * 6, None, 9)])  # type: ignore[arg-type]
     w._draft_budget([r], [10])
-    assert w.budget_states[r.rid].acc_ema == pytest.approx(ACC_EMA_DECAY * ema + (1 - ACC_EMA_DECAY) * 5) and w._acc_prior == 5.0
+    want = ACC_EMA_DECAY * ema + (1 - ACC_EMA_DECAY) * 5
+    assert w.budget_states[r.rid].acc_ema == pytest.approx(want) and w._acc_prior == 5.0
     w.release(r)  # type: ignore[arg-type]
     assert w.budget_states == {}
 
@@ -260,7 +261,8 @@ def test_greedy_drafts_teach_their_expected_acceptance() -> None:
     assert w.budget_states[greedy.rid].expected is None
     assert w.budget_states[sampled.rid].last_accepted == 0.0
     w._draft_budget([greedy, sampled], [10, 10])
-    assert w.budget_states[greedy.rid].acc_ema == pytest.approx(ACC_EMA_DECAY * ema + (1 - ACC_EMA_DECAY) * 0.6)
+    want = ACC_EMA_DECAY * ema + (1 - ACC_EMA_DECAY) * 0.6
+    assert w.budget_states[greedy.rid].acc_ema == pytest.approx(want)
     assert w.budget_states[sampled.rid].acc_ema == pytest.approx(ACC_EMA_DECAY * ema)
     # forced (jump-forward) tokens replaced the proposal: nothing learned, expectation or not
     w.budget_states[greedy.rid] = replace(w.budget_states[greedy.rid], proposed=2, expected=0.9)

@@ -381,11 +381,12 @@ class DSparkWorker(DraftWorker):
         ``_step_scale``); once whole drafting steps were timed at about this batch and depth
         (``_draft_step``), drafting is taken iff such a step, yielding 1 + accepted tokens per
         request, costs less per token than a plain step. The EMA weighs its past
-        ``ACC_EMA_DECAY``: the mean acceptance decides, not the last step's luck. After ``probe_every`` skipped steps
-        ``probe_requests`` of the batch (rotating) draft once to refresh the estimates (only
-        whole-batch drafting updates the drafter's measured cost); a probe that does not pay
-        doubles the interval (up to ``max_probe_every``), drafting that pays resets it. Depends
-        on no token of the current step, so verification stays lossless.
+        ``ACC_EMA_DECAY``: the mean acceptance decides, not the last step's luck. After
+        ``probe_every`` skipped steps ``probe_requests`` of the batch (rotating) draft once to
+        refresh the estimates (only whole-batch drafting updates the drafter's measured cost);
+        a probe that does not pay doubles the interval (up to ``max_probe_every``), drafting
+        that pays resets it. Depends on no token of the current step, so verification stays
+        lossless.
         """
         if not self.draft_budget:
             return rooms

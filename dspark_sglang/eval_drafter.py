@@ -74,16 +74,17 @@ def confidence_metrics(summary: SimSummary, temps: Sequence[float]) -> dict[str,
 
 
 def evaluate_set(
-    engine: Any, extractor: TargetHiddenExtractor, drafter: DSparkDrafter, lm_head: Any,
-    prompts: Sequence[str], max_new_tokens: int,
-) -> SimSummary:
+    engine: Any, extractor: TargetHiddenExtractor, drafters: Sequence[DSparkDrafter],
+    lm_head: Any, prompts: Sequence[str], max_new_tokens: int,
+) -> list[SimSummary]:
+    """One summary per drafter, all on the same greedy continuations and target states."""
     tok = engine.tokenizer
     ids = [tok.encode(tok.apply_chat_template([{"role": "user", "content": p}]))
            for p in prompts]
     ids = [x[: extractor.max_seq_len - max_new_tokens - 1] for x in ids]
     outs = engine.generate(input_ids=ids, sampling_params={"max_new_tokens": max_new_tokens,
                                                            "temperature": 0})
-    summary = SimSummary(drafter.gamma)
+    summaries = [SimSummary(d.gamma) for d in drafters]
     for pid, o in zip(ids, outs):
         full = pid + list(o["output_ids"])
         if len(full) - len(pid) < 2:
@@ -92,11 +93,12 @@ def evaluate_set(
         seq = CachedSequence("eval", torch.tensor(full), aux.float(), fin.float(), len(pid))
         with torch.no_grad():
             tgt_logits = lm_head(fin.float())  # [L, V]
-        tr = trace_sequence(drafter_logit_fn(drafter, seq), seq.input_ids, len(pid),
-                            tgt_logits, drafter.gamma)
-        if tr is not None:
-            summary.add(tr)
-    return summary
+        for drafter, summary in zip(drafters, summaries):
+            tr = trace_sequence(drafter_logit_fn(drafter, seq), seq.input_ids, len(pid),
+                                tgt_logits, drafter.gamma)
+            if tr is not None:
+                summary.add(tr)
+    return summaries
 
 
 def format_table(rows: list[dict[str, Any]]) -> str:
@@ -138,6 +140,9 @@ def main(argv: Sequence[str] | None = None) -> None:
                     help="draft over these ids (as --speculative-token-map; default: the "
                          "drafter's token_map.json when present, 'none' = full vocabulary)")
     ap.add_argument("--token-map-size", type=int, default=None)
+    ap.add_argument("--compare", nargs="*", default=[],
+                    help="more checkpoint dirs, measured on the same continuations (each with "
+                         "its own token map; reported after the first)")
     args = ap.parse_args(argv)
     if args.num_threads:
         torch.set_num_threads(args.num_threads)
@@ -149,47 +154,60 @@ def main(argv: Sequence[str] | None = None) -> None:
     from dspark_sglang.speculative.dspark_worker import DEFAULT_DRAFTER_DIR
 
     target = load_target_model(args.model_path, "cpu")
-    drafter = load_dspark_checkpoint(args.drafter or DEFAULT_DRAFTER_DIR, target.embed_tokens,
-                                     target.lm_head).eval()
-    temps = drafter.sts_calibration().temperatures
-    token_map = resolve_token_map(args.drafter or DEFAULT_DRAFTER_DIR, args.token_map,
-                                  args.token_map_size)
-    if token_map is not None:
-        drafter.set_token_map(token_map)
-    extractor = TargetHiddenExtractor(target, drafter.config.target_layer_ids, 4096, 2048)
+    paths = [args.drafter or DEFAULT_DRAFTER_DIR, *args.compare]
+    drafters, temps_of, maps = [], [], []
+    for i, path in enumerate(paths):
+        d = load_dspark_checkpoint(path, target.embed_tokens, target.lm_head).eval()
+        token_map = resolve_token_map(path, args.token_map if i == 0 else None,
+                                      args.token_map_size if i == 0 else None)
+        if token_map is not None:
+            d.set_token_map(token_map)
+        drafters.append(d)
+        temps_of.append(d.sts_calibration().temperatures)
+        maps.append(token_map)
+    layer_ids = drafters[0].config.target_layer_ids
+    if any(d.config.target_layer_ids != layer_ids for d in drafters):
+        raise SystemExit("--compare drafters must read the same target layers")
+    extractor = TargetHiddenExtractor(target, layer_ids, 4096, 2048)
     engine = Engine(model_path=args.model_path, dtype="float32", max_total_tokens=32768,
                     max_running_requests=max(args.num, 1), num_threads=args.num_threads)
-    rows: list[dict[str, Any]] = []
+    rows: list[list[dict[str, Any]]] = [[] for _ in drafters]
     try:
         for name in [s.strip() for s in args.sets.split(",") if s.strip()]:
             t0 = time.monotonic()
             rows_in = read_jsonl(Path(args.eval_dir, f"{name}.jsonl"))
             prompts = [r["turns"][0] for r in rows_in][: args.num]
-            s = evaluate_set(engine, extractor, drafter, target.lm_head, prompts,
-                             args.max_new_tokens)
-            rows.append({
-                "set": name, "num_prompts": len(prompts), "num_anchors": s.t1_n,
-                "greedy": {k: s.tau_greedy(k) for k in ("dspark", "dflash", "mtp1")},
-                "t1": {k: s.tau_t1(k) for k in ("dspark", "dflash", "mtp1")},
-                # seeded requests verify by Gumbel coupling instead of rejection sampling
-                "t1_seeded": s.tau_t1_coupled(),
-                "cond_accept": s.conditional_acceptance(),
-                "confidence": confidence_metrics(s, temps),
-                "seconds": time.monotonic() - t0,
-            })
-            print(f"[eval] {name}: greedy tau {rows[-1]['greedy']['dspark']:.2f} "
-                  f"({rows[-1]['seconds']:.0f}s)", flush=True)
+            sums = evaluate_set(engine, extractor, drafters, target.lm_head, prompts,
+                                args.max_new_tokens)
+            for j, s in enumerate(sums):
+                rows[j].append({
+                    "set": name, "num_prompts": len(prompts), "num_anchors": s.t1_n,
+                    "greedy": {k: s.tau_greedy(k) for k in ("dspark", "dflash", "mtp1")},
+                    "t1": {k: s.tau_t1(k) for k in ("dspark", "dflash", "mtp1")},
+                    # seeded requests verify by Gumbel coupling instead of rejection sampling
+                    "t1_seeded": s.tau_t1_coupled(),
+                    "cond_accept": s.conditional_acceptance(),
+                    "confidence": confidence_metrics(s, temps_of[j]),
+                    "seconds": time.monotonic() - t0,
+                })
+            print(f"[eval] {name}: greedy tau "
+                  + " / ".join(f"{r[-1]['greedy']['dspark']:.2f}" for r in rows)
+                  + f" ({time.monotonic() - t0:.0f}s)", flush=True)
     finally:
         engine.shutdown()
-    print(f"token map: {'full vocabulary' if token_map is None else len(token_map)} ids")
-    print(format_table(rows))
+    reports = []
+    for path, d, token_map, temps, r in zip(paths, drafters, maps, temps_of, rows):
+        print(f"\n{path}: token map "
+              f"{'full vocabulary' if token_map is None else len(token_map)} ids")
+        print(format_table(r))
+        reports.append({"drafter": str(path), "block_size": d.gamma, "sts": temps,
+                        "token_map_size": None if token_map is None else len(token_map),
+                        "max_new_tokens": args.max_new_tokens, "rows": r})
     if args.out:
-        Path(args.out).write_text(json.dumps({"block_size": drafter.gamma, "sts": temps,
-                                              "token_map_size": (None if token_map is None
-                                                                 else len(token_map)),
-                                              "max_new_tokens": args.max_new_tokens,
-                                              "rows": rows}, indent=2))
-
+        out = dict(reports[0])
+        if len(reports) > 1:
+            out["compare"] = reports[1:]
+        Path(args.out).write_text(json.dumps(out, indent=2))
 
 if __name__ == "__main__":
     main()

@@ -241,14 +241,16 @@ def _half_map(target: LlamaForCausalLM, seqs, path: Path) -> str:
     return str(path)
 
 
-@pytest.mark.parametrize("head_type,use_map", [("vanilla", False), ("gated", False),
-                                               ("rnn", False), ("none", False),
-                                               ("vanilla", True), ("none", True)])
+@pytest.mark.parametrize("head_type,use_map,ce_label", [
+    ("vanilla", False, "data"), ("gated", False, "data"), ("rnn", False, "data"),
+    ("none", False, "data"), ("vanilla", True, "data"), ("none", True, "data"),
+    ("vanilla", False, "target"), ("vanilla", True, "target")])
 def test_fused_loss_matches_reference(target: LlamaForCausalLM, cache: Path, tmp_path: Path,
-                                      head_type: str, use_map: bool) -> None:
+                                      head_type: str, use_map: bool, ce_label: str) -> None:
     """The chunked fused head (what training runs) equals the materialised reference loss in
     value and in every parameter gradient (float32 matmuls, so only rounding differs), also
-    restricted to a token map (labels outside it have no CE)."""
+    restricted to a token map (labels outside it have no CE) and with the target's argmax as
+    the CE label."""
     _, seqs = load_target_cache(cache)
     token_map = _half_map(target, seqs, tmp_path / "map.json") if use_map else ""
     rng = random.Random(3)
@@ -264,7 +266,7 @@ def test_fused_loss_matches_reference(target: LlamaForCausalLM, cache: Path, tmp
         if d.markov_head is not None:  # non-zero W2 so the Markov path carries gradient
             torch.nn.init.normal_(d.markov_head.markov_w2.weight, std=0.05)
         tcfg = TrainConfig(fused_loss=fused, compute_dtype="float32", loss_chunk=7,
-                           token_map=token_map)
+                           token_map=token_map, ce_label=ce_label)
         loss, parts = step_loss(d, target.lm_head, batch, tcfg, "cpu")
         loss.backward()
         grads = {n: p.grad.clone() for n, p in d.named_parameters() if p.grad is not None}
@@ -277,6 +279,63 @@ def test_fused_loss_matches_reference(target: LlamaForCausalLM, cache: Path, tmp
     for name, g in g_ref.items():
         torch.testing.assert_close(g_fu[name], g, rtol=1e-3, atol=1e-5, msg=name)
     assert any(float(g.abs().sum()) > 0 for g in g_fu.values())
+
+
+def test_target_label_is_the_target_argmax(target: LlamaForCausalLM, cache: Path) -> None:
+    """``ce_label="target"``: the fused head's CE labels are the argmax of the target's logits
+    (not the data tokens, which a random tiny target rarely picks), its CE and gradient equal
+    those of passing that argmax explicitly, and the CE differs from the data label's."""
+    from dspark_sglang.training.fused_loss import fused_head_losses
+
+    torch.manual_seed(0)
+    m, h = 23, target.config.hidden_size
+    w = target.lm_head.weight.detach()
+    ht = torch.randn(m, h)
+    data_ids = torch.randint(0, w.shape[0], (m,))
+    argmax = (ht @ w.t()).argmax(-1)
+    assert int((argmax != data_ids).sum()) > m // 2
+    out = {}
+    for name, ids in (("none", None), ("explicit", argmax), ("data", data_ids)):
+        hid = torch.randn(m, h, generator=torch.Generator().manual_seed(1)).requires_grad_()
+        l1, ce, labels = fused_head_losses(hid, None, w, None, ht, ids, chunk=5,
+                                           matmul_dtype=torch.float32, return_labels=True)
+        (l1.sum() + ce.sum()).backward()
+        out[name] = (l1.detach(), ce.detach(), labels, hid.grad)
+    assert torch.equal(out["none"][2], argmax) and torch.equal(out["data"][2], data_ids)
+    for a, b in zip(out["none"], out["explicit"]):
+        torch.testing.assert_close(a, b)
+    torch.testing.assert_close(out["none"][0], out["data"][0])  # L1 does not use labels
+    assert not torch.allclose(out["none"][1], out["data"][1])
+    assert not torch.allclose(out["none"][3], out["data"][3])
+
+
+def test_heldout_acceptance_with_target_labels(target: LlamaForCausalLM, cache: Path) -> None:
+    """``evaluate_blocks`` with ``ce_label="target"`` counts a draft as accepted when its
+    argmax is the target's argmax (full vocabulary), with ``"data"`` when it is the data token:
+    recomputed here by hand from the same teacher-forced forward."""
+    from dspark_sglang.training.blocks import block_forward, prev_tokens, target_block_logits
+    from dspark_sglang.training.trainer import evaluate_blocks
+
+    _, seqs = load_target_cache(cache)
+    d = _drafter(target)
+    d.eval()
+    for mode in ("data", "target"):
+        ev = evaluate_blocks(d, target.lm_head, seqs[:3], TrainConfig(ce_label=mode), "cpu",
+                             anchors_per_seq=4, seed=5)
+        rng, want = random.Random(5), []
+        with torch.no_grad():
+            for s in seqs[:3]:
+                a = sample_anchors(s, 4, rng)
+                if not a:
+                    continue
+                batch = build_block_batch([s], [a], GAMMA)
+                logits, _ = d.train_heads(block_forward(d, batch), prev_tokens(batch))
+                tgt = target_block_logits(target.lm_head, batch, GAMMA, "cpu")
+                label = tgt.argmax(-1) if mode == "target" else batch.labels
+                want.append((logits.argmax(-1) == label) & batch.valid)
+        assert (ev["accepted"] == torch.cat(want).numpy()).all()
+    with pytest.raises(ValueError, match="ce_label"):
+        evaluate_blocks(d, target.lm_head, seqs[:1], TrainConfig(ce_label="argmax"), "cpu")
 
 
 def test_packed_block_forward_matches_per_block(target: LlamaForCausalLM, cache: Path) -> None:

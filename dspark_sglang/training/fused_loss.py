@@ -38,9 +38,11 @@ class _FusedHeadLoss(torch.autograd.Function):
     @staticmethod
     def forward(ctx: Any, hidden: torch.Tensor, markov_e: torch.Tensor | None,
                 head_w: torch.Tensor, markov_w2: torch.Tensor | None,
-                target_hidden: torch.Tensor, target_ids: torch.Tensor, chunk: int,
-                matmul_dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+                target_hidden: torch.Tensor, target_ids: torch.Tensor | None, chunk: int,
+                matmul_dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         m = hidden.shape[0]
+        labels = (hidden.new_empty(m, dtype=torch.int64) if target_ids is None
+                  else target_ids)  # None: each row's target argmax, filled per chunk
         w = head_w.to(matmul_dtype)
         w2 = markov_w2.to(matmul_dtype) if markov_w2 is not None else None
         l1 = hidden.new_empty(m, dtype=torch.float32)
@@ -55,6 +57,8 @@ class _FusedHeadLoss(torch.autograd.Function):
                 e = markov_e[a:b].to(matmul_dtype) if markov_e is not None else None
                 z = _chunk_logits(hidden[a:b].to(matmul_dtype), w, e, w2)
                 zt = (target_hidden[a:b].to(matmul_dtype) @ w.t()).float()
+                if target_ids is None:
+                    labels[a:b] = zt.argmax(-1)
                 lse = torch.logsumexp(z, dim=-1, keepdim=True)
                 p = (z - lse).exp_()
                 q = torch.softmax(zt, dim=-1)
@@ -62,14 +66,16 @@ class _FusedHeadLoss(torch.autograd.Function):
                 s_keep[a:b] = torch.sign(d)
                 p_keep[a:b] = p
                 l1[a:b] = d.abs_().sum(-1)
-                ce[a:b] = lse.squeeze(-1) - z.gather(-1, target_ids[a:b, None]).squeeze(-1)
-        ctx.save_for_backward(markov_e, head_w, markov_w2, target_ids, p_keep, s_keep)
+                ce[a:b] = lse.squeeze(-1) - z.gather(-1, labels[a:b, None]).squeeze(-1)
+        ctx.save_for_backward(markov_e, head_w, markov_w2, labels, p_keep, s_keep)
+        ctx.mark_non_differentiable(labels)
         ctx.hidden_dtype = hidden.dtype
         ctx.chunk, ctx.matmul_dtype = chunk, matmul_dtype
-        return l1, ce
+        return l1, ce, labels
 
     @staticmethod
-    def backward(ctx: Any, g_l1: torch.Tensor, g_ce: torch.Tensor) -> tuple[Any, ...]:
+    def backward(ctx: Any, g_l1: torch.Tensor, g_ce: torch.Tensor,
+                 _g_labels: torch.Tensor | None) -> tuple[Any, ...]:
         markov_e, head_w, markov_w2, target_ids, p_keep, s_keep = ctx.saved_tensors
         chunk, mdt = ctx.chunk, ctx.matmul_dtype
         m = p_keep.shape[0]
@@ -109,15 +115,20 @@ def fused_head_losses(
     head_w: torch.Tensor,  # [V, H] frozen shared LM head weight
     markov_w2: torch.Tensor | None,  # [V, r] Markov output weight (trainable), or None
     target_hidden: torch.Tensor,  # [M, H] target final hidden at the same positions
-    target_ids: torch.Tensor,  # [M] int64 training tokens
+    target_ids: torch.Tensor | None,  # [M] int64 training tokens; None: the target's argmax
     chunk: int = 128,
     matmul_dtype: torch.dtype = torch.bfloat16,
-) -> tuple[torch.Tensor, torch.Tensor]:
+    return_labels: bool = False,
+) -> tuple[torch.Tensor, ...]:
     """Per-row ``(l1 [M], ce [M])`` float32 of ``softmax(h W^T + e W2^T)`` against
-    ``softmax(ht W^T)`` and ``target_ids``; differentiable in ``hidden``, ``markov_e`` and
-    ``markov_w2`` without materialising any ``[M, V]`` tensor beyond one chunk."""
+    ``softmax(ht W^T)`` and ``target_ids`` (``None``: each row's argmax of ``ht W^T``, the token
+    greedy verification accepts); differentiable in ``hidden``, ``markov_e`` and ``markov_w2``
+    without materialising any ``[M, V]`` tensor beyond one chunk. ``return_labels`` appends the
+    CE labels used ``[M]``."""
     assert hidden.dim() == 2 and target_hidden.shape == hidden.shape, "hidden must be [M, H]"
-    assert target_ids.shape == hidden.shape[:1], "target_ids must be [M]"
+    assert target_ids is None or target_ids.shape == hidden.shape[:1], "target_ids must be [M]"
     assert (markov_e is None) == (markov_w2 is None), "markov_e and markov_w2 go together"
-    return _FusedHeadLoss.apply(hidden, markov_e, head_w, markov_w2, target_hidden,
-                                target_ids.long(), int(chunk), matmul_dtype)
+    l1, ce, labels = _FusedHeadLoss.apply(
+        hidden, markov_e, head_w, markov_w2, target_hidden,
+        None if target_ids is None else target_ids.long(), int(chunk), matmul_dtype)
+    return (l1, ce, labels) if return_labels else (l1, ce)

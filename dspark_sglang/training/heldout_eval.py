@@ -4,9 +4,12 @@ The split is ``train_drafter``'s (``split_heldout`` with the default fraction an
 checkpoint never trained on these sequences; ``--keys`` keeps only sequences whose key starts
 with one of the given prompt-file stems (e.g. files no earlier drafter saw, when comparing a
 run started from an older checkpoint). Per block of the drafter's size (anchors as in training),
-a draft counts as accepted when its argmax, with the true previous tokens, is the data token;
-τ = 1 + mean leading run of accepted drafts: exact greedy τ along the data's path. A cheap
-selection metric (minutes) that leaves the evaluation prompts out of model choices.
+a draft counts as accepted when its argmax, with the true previous tokens, is the data token
+(``--labels data``) or the target's argmax there (``--labels target``: what greedy verification
+accepts; the two differ on T=1-sampled answers); τ = 1 + mean leading run of accepted drafts:
+exact greedy τ along the data's path for greedy answers. ``--token-map``: the argmax over the
+map's tokens, as the drafter serves. A cheap selection metric (minutes) that leaves the
+evaluation prompts out of model choices.
 
     python -m dspark_sglang.training.heldout_eval --cache W/cache --keys chat_synth2 \\
         code_math_synth --ckpt OUT_A OUT_B
@@ -17,6 +20,7 @@ from __future__ import annotations
 import argparse
 import json
 from collections.abc import Sequence
+from dataclasses import replace
 
 import numpy as np
 
@@ -47,6 +51,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     ap.add_argument("--ckpt", nargs="+", required=True, help="drafter checkpoint dirs")
     ap.add_argument("--keys", nargs="*", default=None, help="prompt-file stems to keep")
     ap.add_argument("--max-seq-len", type=int, default=1024)
+    ap.add_argument("--token-map", default="", help="token map json the drafter serves with")
+    ap.add_argument("--labels", nargs="+", default=["data"], choices=["data", "target"])
     ap.add_argument("--model-path", default=None)
     ap.add_argument("--num-threads", type=int, default=None)
     args = ap.parse_args(argv)
@@ -54,17 +60,19 @@ def main(argv: Sequence[str] | None = None) -> None:
         torch.set_num_threads(args.num_threads)
     target = load_target_model(args.model_path, "cpu")
     _, seqs = load_target_cache(args.cache)
-    cfg = TrainConfig(max_seq_len=args.max_seq_len)
+    cfg = TrainConfig(max_seq_len=args.max_seq_len, token_map=args.token_map)
     _, held = split_heldout(seqs, cfg.heldout_fraction, cfg.seed)
     if args.keys:
         held = [s for s in held if s.key.split(":")[0] in set(args.keys)]
     print(f"{len(held)} held-out sequences", flush=True)
     for path in args.ckpt:
         drafter = load_dspark_checkpoint(path, target.embed_tokens, target.lm_head).float()
-        ev = evaluate_blocks(drafter, target.lm_head, held, cfg, "cpu")
-        row = {"ckpt": path, **greedy_tau(ev["accepted"], ev["observed"]),
-               **{k: float(v) for k, v in ev["metrics"].items()}}
-        print(json.dumps(row), flush=True)
+        for mode in args.labels:
+            ev = evaluate_blocks(drafter, target.lm_head, held, replace(cfg, ce_label=mode),
+                                 "cpu")
+            row = {"ckpt": path, "labels": mode, **greedy_tau(ev["accepted"], ev["observed"]),
+                   **{k: float(v) for k, v in ev["metrics"].items()}}
+            print(json.dumps(row), flush=True)
 
 
 if __name__ == "__main__":

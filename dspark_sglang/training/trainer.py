@@ -105,6 +105,10 @@ class TrainConfig:
     # acceptance over the map's tokens only, the vocabulary the served drafter proposes from
     # (the head costs len(map)/V of the full one); "" = the whole vocabulary
     token_map: str = ""
+    # CE label: "data" = the sequence's next token (DeepSpec); "target" = the target's argmax at
+    # that position, the token greedy verification accepts (differs from "data" on T=1-sampled
+    # answers). Held-out acceptance and STS use the same label.
+    ce_label: str = "data"
 
 
 def make_drafter_config(
@@ -219,9 +223,12 @@ def _fused_step_loss(
         head_w = head_w.detach()[sub[0]]
         w2 = w2[sub[0]] if w2 is not None else None
         labels, in_map = map_labels(labels, sub[1])
+    # "target": the argmax over the rows computed (the map's, with a map); the data token's
+    # membership of the map stands in for the argmax's
     with torch.autocast(torch.device(device).type, enabled=False):
         l1_tok, ce_tok = fused_head_losses(
-            hidden[valid], u, head_w, w2, tgt_h[valid], labels,
+            hidden[valid], u, head_w, w2, tgt_h[valid],
+            labels if _label_mode(cfg) == "data" else None,
             chunk=cfg.loss_chunk, matmul_dtype=dtype)  # [M] each
     if in_map is not None:
         ce_tok = ce_tok * in_map.to(ce_tok.dtype)
@@ -258,7 +265,14 @@ def _reference_step_loss(
                                                   tgt, device)
     return dspark_loss(draft_logits, tgt, conf, batch.valid.to(device), cfg.loss_decay_gamma,
                        cfg.alpha_ce, cfg.alpha_tv, cfg.alpha_conf,
-                       target_ids=labels, ce_mask=in_map)
+                       target_ids=labels if _label_mode(cfg) == "data" else None,
+                       ce_mask=in_map)
+
+
+def _label_mode(cfg: TrainConfig) -> str:
+    if cfg.ce_label not in ("data", "target"):
+        raise ValueError(f"ce_label must be 'data' or 'target', not {cfg.ce_label!r}")
+    return cfg.ce_label
 
 
 def _restrict(cfg: TrainConfig, labels: torch.Tensor, draft_logits: torch.Tensor,
@@ -380,7 +394,10 @@ def evaluate_blocks(
 ) -> dict[str, Any]:
     """Teacher-forced held-out metrics: mean losses, and per block the raw confidence logits
     and greedy acceptance flags (draft argmax with the true previous token == label; with
-    ``cfg.token_map`` the argmax over the map, as served)."""
+    ``cfg.token_map`` the argmax over the map, as served). The label is ``cfg.ce_label``'s: the
+    data token, or the target's argmax over the whole vocabulary ("target": a draft whose token
+    the target would not pick greedily is rejected even where a T=1 answer sampled it)."""
+    mode = _label_mode(cfg)
     rng = random.Random(seed)
     conf_rows, acc_rows, obs_rows = [], [], []
     sums: dict[str, float] = {}
@@ -394,8 +411,10 @@ def evaluate_blocks(
         hidden = block_forward(drafter, batch, device)
         draft_logits, conf = drafter.train_heads(hidden, prev_tokens(batch).to(device))
         tgt = target_block_logits(lm_head, batch, drafter.gamma, device)
-        labels, in_map, draft_logits, tgt = _restrict(cfg, batch.labels.to(device),
-                                                      draft_logits, tgt, device)
+        labels = batch.labels.to(device)
+        if mode == "target":
+            labels = torch.where(batch.valid.to(device), tgt.argmax(-1), labels)
+        labels, in_map, draft_logits, tgt = _restrict(cfg, labels, draft_logits, tgt, device)
         _, parts = dspark_loss(draft_logits, tgt, conf, batch.valid.to(device),
                                cfg.loss_decay_gamma, target_ids=labels, ce_mask=in_map)
         for k, v in parts.items():

@@ -420,3 +420,53 @@ def test_token_map_training_restricts_the_distributions(target: LlamaForCausalLM
     assert restricted == pytest.approx(by_hand, rel=1e-4)
     assert whole == pytest.approx(full, rel=1e-5)
     assert abs(restricted - full) > 1e-3
+
+
+class _GreedyEngine:
+    """The two things ``eval_drafter.evaluate_set`` asks of an Engine: a tokenizer and greedy
+    ``generate`` (here the tiny target's own argmax loop)."""
+
+    class _Tok:
+        def apply_chat_template(self, messages: list[dict[str, str]]) -> str:
+            return messages[0]["content"]
+
+        def encode(self, text: str) -> list[int]:
+            return [3 + ord(c) % 50 for c in text]
+
+    def __init__(self, target: LlamaForCausalLM) -> None:
+        self.tokenizer = self._Tok()
+        self.ext = TargetHiddenExtractor(target, LAYERS, 2048, 256)
+        self.target = target
+
+    def generate(self, input_ids: list[list[int]], sampling_params: dict) -> list[dict]:
+        outs = []
+        for ids in input_ids:
+            ids = list(ids)
+            new = []
+            for _ in range(sampling_params["max_new_tokens"]):
+                _, fin = self.ext.run([ids])[0]
+                new.append(int(self.target.lm_head(fin[-1]).argmax()))
+                ids.append(new[-1])
+            outs.append({"output_ids": new})
+        return outs
+
+
+def test_eval_drafter_compare_is_paired_and_independent(target: LlamaForCausalLM) -> None:
+    """``evaluate_set`` with several drafters (``eval_drafter --compare``) gives each drafter
+    the summary it gets alone, on the same continuations: the same drafter twice gives equal
+    results, and a different drafter's column is its own."""
+    from dspark_sglang.eval_drafter import evaluate_set
+
+    eng = _GreedyEngine(target)
+    ext = TargetHiddenExtractor(target, LAYERS, 2048, 256)
+    d1, d2 = _drafter(target, seed=0), _drafter(target, seed=5)
+    torch.nn.init.normal_(d2.markov_head.markov_w2.weight, std=0.5)
+    prompts = ["add two numbers", "a poem", "sort a list please"]
+    both = evaluate_set(eng, ext, [d1, d2, d1], target.lm_head, prompts, 20)
+    alone = evaluate_set(eng, ext, [d2], target.lm_head, prompts, 20)
+    assert len(both) == 3 and both[0].t1_n > 0
+    for k in ("dspark", "dflash", "mtp1"):
+        assert both[0].tau_greedy(k) == both[2].tau_greedy(k)
+        assert both[1].tau_greedy(k) == alone[0].tau_greedy(k)
+        assert both[1].tau_t1(k) == pytest.approx(alone[0].tau_t1(k))
+    assert both[0].tau_t1("dspark") != pytest.approx(both[1].tau_t1("dspark"))

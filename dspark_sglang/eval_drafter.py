@@ -209,5 +209,6 @@ def main(argv: Sequence[str] | None = None) -> None:
             out["compare"] = reports[1:]
         Path(args.out).write_text(json.dumps(out, indent=2))
 
+
 if __name__ == "__main__":
     main()

@@ -110,6 +110,10 @@ class TrainConfig:
     # answers). Held-out acceptance and STS use the same label.
     ce_label: str = "data"
 
+    def __post_init__(self) -> None:
+        if self.ce_label not in ("data", "target"):
+            raise ValueError(f"ce_label must be 'data' or 'target', not {self.ce_label!r}")
+
 
 def make_drafter_config(
     target: ModelConfig, target_layer_ids: Sequence[int], num_layers: int = 1,
@@ -228,7 +232,7 @@ def _fused_step_loss(
     with torch.autocast(torch.device(device).type, enabled=False):
         l1_tok, ce_tok = fused_head_losses(
             hidden[valid], u, head_w, w2, tgt_h[valid],
-            labels if _label_mode(cfg) == "data" else None,
+            labels if cfg.ce_label == "data" else None,
             chunk=cfg.loss_chunk, matmul_dtype=dtype)  # [M] each
     if in_map is not None:
         ce_tok = ce_tok * in_map.to(ce_tok.dtype)
@@ -265,14 +269,8 @@ def _reference_step_loss(
                                                   tgt, device)
     return dspark_loss(draft_logits, tgt, conf, batch.valid.to(device), cfg.loss_decay_gamma,
                        cfg.alpha_ce, cfg.alpha_tv, cfg.alpha_conf,
-                       target_ids=labels if _label_mode(cfg) == "data" else None,
+                       target_ids=labels if cfg.ce_label == "data" else None,
                        ce_mask=in_map)
-
-
-def _label_mode(cfg: TrainConfig) -> str:
-    if cfg.ce_label not in ("data", "target"):
-        raise ValueError(f"ce_label must be 'data' or 'target', not {cfg.ce_label!r}")
-    return cfg.ce_label
 
 
 def _restrict(cfg: TrainConfig, labels: torch.Tensor, draft_logits: torch.Tensor,
@@ -397,7 +395,6 @@ def evaluate_blocks(
     ``cfg.token_map`` the argmax over the map, as served). The label is ``cfg.ce_label``'s: the
     data token, or the target's argmax over the whole vocabulary ("target": a draft whose token
     the target would not pick greedily is rejected even where a T=1 answer sampled it)."""
-    mode = _label_mode(cfg)
     rng = random.Random(seed)
     conf_rows, acc_rows, obs_rows = [], [], []
     sums: dict[str, float] = {}
@@ -412,7 +409,7 @@ def evaluate_blocks(
         draft_logits, conf = drafter.train_heads(hidden, prev_tokens(batch).to(device))
         tgt = target_block_logits(lm_head, batch, drafter.gamma, device)
         labels = batch.labels.to(device)
-        if mode == "target":
+        if cfg.ce_label == "target":
             labels = torch.where(batch.valid.to(device), tgt.argmax(-1), labels)
         labels, in_map, draft_logits, tgt = _restrict(cfg, labels, draft_logits, tgt, device)
         _, parts = dspark_loss(draft_logits, tgt, conf, batch.valid.to(device),

@@ -62,7 +62,7 @@ class CheckRow:
 
 
 def load_kernels() -> ModuleType:
-    """``dspark_kernels`` as installed, else the repository's ``kernels`` folder under that name."""
+    """``dspark_kernels`` as installed, else the repository's ``dspark_kernels`` folder."""
     from dspark_sglang.layers.attention.triton_backend import load_dspark_kernels
 
     return load_dspark_kernels()
@@ -312,7 +312,6 @@ def _backend_batch(device: str, dtype: torch.dtype, mode_name: str, seed: int) -
     """``make_fb(device)`` (shuffled slots), K/V pools on ``device`` and on the host (same
     content), host q/k/v for one layer, and the softmax scale."""
     from dspark_kernels.testing import random_tree_mask
-
     from dspark_sglang.core.forward_batch import ForwardBatch, ForwardMode
     from dspark_sglang.mem_cache.kv_pool import KVPool
 

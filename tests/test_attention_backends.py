@@ -405,7 +405,6 @@ def test_triton_in_fresh_process() -> None:
 
 def test_auto_backend_resolves_per_machine(monkeypatch) -> None:
     import dspark_kernels.cpu_ops as cpu_ops
-
     from dspark_sglang.layers.attention.registry import resolve_attention_backend
 
     assert resolve_attention_backend("torch_native", "cpu", torch.float32) == "torch_native"

@@ -16,6 +16,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+
 from dspark_kernels.cpu_ops import (
     GGML_BLOCKS,
     GGML_TYPES,
@@ -630,7 +631,6 @@ def test_sps_cache_key_changes_with_the_kernel_build(monkeypatch) -> None:
     from types import SimpleNamespace
 
     import dspark_kernels.cpu_ops as cpu_ops
-
     from dspark_sglang.speculative.sps_runtime import _sps_cache_path
 
     runner = SimpleNamespace(dtype=torch.float32, device="cpu", attn=object(),
@@ -794,7 +794,6 @@ def test_rms_norm_and_silu_mul_match_torch(n: int) -> None:
 @pytest.mark.parametrize("qk_norm", [False, True])
 def test_qkv_rope_store_matches_unfused_layer_code(qk_norm: bool) -> None:
     from dspark_kernels.cpu_ops import qkv_rope_store, qkv_rope_store_ref
-
     from dspark_sglang.layers.rotary import RotaryEmbedding
 
     heads, kv_heads, d, n, slots = 6, 2, 64, 5, 40

@@ -24,19 +24,12 @@ import torch
 
 REPO = Path(__file__).resolve().parents[1]
 
-# Import the kernels folder as ``dspark_kernels`` whether or not the project is installed.
+# Import the checkout's ``dspark_kernels`` whether or not the project is installed.
 _LOADER = textwrap.dedent(
     f"""
-    import importlib, importlib.util, sys
-    try:
-        import dspark_kernels
-    except ImportError:
-        _spec = importlib.util.spec_from_file_location(
-            "dspark_kernels", {str(REPO / "kernels" / "__init__.py")!r},
-            submodule_search_locations=[{str(REPO / "kernels")!r}])
-        dspark_kernels = importlib.util.module_from_spec(_spec)
-        sys.modules["dspark_kernels"] = dspark_kernels
-        _spec.loader.exec_module(dspark_kernels)
+    import sys
+    sys.path.insert(0, {str(REPO)!r})
+    import dspark_kernels
     """
 )
 

@@ -1,4 +1,4 @@
-"""The kernels folder installs as ``dspark_kernels``: it cannot collide with PyPI's ``kernels``."""
+"""The kernels folder is the package ``dspark_kernels``: no clash with PyPI's ``kernels``."""
 
 from __future__ import annotations
 
@@ -19,8 +19,20 @@ def test_no_code_imports_top_level_kernels():
 
 def test_pyproject_maps_kernels_to_unique_name():
     text = (ROOT / "pyproject.toml").read_text()
-    assert '"dspark_kernels" = "kernels"' in text
     assert '"dspark_kernels"' in text.split("packages = [", 1)[1]
+    assert (ROOT / "dspark_kernels" / "__init__.py").is_file()
+
+
+def test_checkout_does_not_shadow_huggingface_kernels():
+    """transformers >= 5.2x imports Hugging Face's top-level ``kernels`` package; a ``kernels/``
+    folder at the checkout root (on ``sys.path`` under ``python -m pytest``) used to shadow it."""
+    code = ("import importlib.util, sys; spec = importlib.util.find_spec('kernels'); "
+            "print(spec.origin if spec else '')")
+    r = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True,
+                       timeout=60)
+    assert r.returncode == 0, r.stderr
+    origin = r.stdout.strip()
+    assert not origin or Path(origin).resolve().parent.parent != ROOT.resolve(), origin
 
 
 def test_import_package_without_gpu_libraries(tmp_path):

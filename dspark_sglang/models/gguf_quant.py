@@ -54,7 +54,6 @@ def apply_gguf_quantization(model: LlamaForCausalLM, model_path: str,
     keep their float path.
     """
     from dspark_kernels.cpu_ops import GGML_BLOCKS, load_cpu_ops
-
     from dspark_sglang.models.gguf_loader import load_gguf_blocks
 
     path = gguf_file_for(model_path, cache_dir)

@@ -635,7 +635,7 @@ class DSparkWorker(DraftWorker):
                 lin.plan()
 
     def block_stack(self) -> Any:
-        """The drafter's layers as one C++ ``DecoderStack`` (the target's, kernels/csrc/
+        """The drafter's layers as one C++ ``DecoderStack`` (the target's, dspark_kernels/csrc/
         decoder_stack.h) over the context pool, when the drafter runs on Q8 blocks next to a
         GGUF target (``drafter.kv_blocks``) with a float32 CPU pool and no biases; else None.
         A block's rows attend to the request's context slots and to each other (a custom mask
@@ -845,7 +845,6 @@ def _quantize_drafter(drafter: DSparkDrafter) -> None:
     blocks quantised from its float weights (few rows: drafting, the per-step context update;
     prefill-sized inputs keep float32). Changes drafts only, never what is verified."""
     from dspark_kernels.cpu_ops import load_cpu_ops
-
     from dspark_sglang.layers.linear import Linear
     from dspark_sglang.layers.quantized_linear import q8_linear, q8_linear_of
 

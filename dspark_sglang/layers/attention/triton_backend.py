@@ -27,11 +27,12 @@ from dspark_sglang.core.forward_batch import ForwardBatch
 from dspark_sglang.layers.attention.base import AttentionBackend
 from dspark_sglang.mem_cache.kv_pool import KVPool
 
-_KERNELS_DIR = Path(__file__).resolve().parents[3] / "kernels"
+_KERNELS_DIR = Path(__file__).resolve().parents[3] / "dspark_kernels"
 
 
 def load_dspark_kernels() -> ModuleType:
-    """``dspark_kernels`` as installed, else the checkout's ``kernels/`` folder under that name.
+    """``dspark_kernels`` as installed, else the checkout's ``dspark_kernels/`` folder
+    next to ``dspark_sglang/`` (when only the latter is on ``sys.path``).
 
     Never imports triton (``dspark_kernels`` defers it to the first kernel launch).
     """
@@ -40,8 +41,8 @@ def load_dspark_kernels() -> ModuleType:
     except ImportError:
         init = _KERNELS_DIR / "__init__.py"
         if not init.is_file():
-            raise ImportError("dspark_kernels is not installed and no kernels/ folder was found "
-                              "next to the dspark_sglang package") from None
+            raise ImportError("dspark_kernels is not installed and no dspark_kernels/ folder was "
+                              "found next to the dspark_sglang package") from None
         spec = importlib.util.spec_from_file_location(
             "dspark_kernels", init, submodule_search_locations=[str(_KERNELS_DIR)])
         assert spec is not None and spec.loader is not None

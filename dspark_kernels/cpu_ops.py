@@ -200,7 +200,7 @@ def quantize_rows_q8_ref(x: torch.Tensor) -> torch.Tensor:
 
 def gguf_repack_q8(w: torch.Tensor, ggml_type: int) -> torch.Tensor:
     """GGUF rows w [N, row_bytes] (Q4_0 / Q4_1 / Q8_0) -> the repacked layout the Q8 kernel reads
-    (same shape; ``kernels/csrc/gguf_q8.h`` describes it). Done once per weight at load."""
+    (same shape; ``dspark_kernels/csrc/gguf_q8.h`` describes it). Done once per weight at load."""
     return _ops().gguf_repack_q8(w.contiguous(), ggml_type)
 
 

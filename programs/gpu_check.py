@@ -62,7 +62,7 @@ class CheckRow:
 
 
 def load_kernels() -> ModuleType:
-    """``dspark_kernels`` as installed, else the repository's ``dspark_kernels`` folder."""
+    """``dspark_kernels`` as installed, else the checkout's folder of that name."""
     from dspark_sglang.layers.attention.triton_backend import load_dspark_kernels
 
     return load_dspark_kernels()

@@ -16,9 +16,7 @@ from __future__ import annotations
 import importlib
 import importlib.util
 import os
-import sys
 from dataclasses import dataclass
-from pathlib import Path
 from types import ModuleType
 
 import torch
@@ -27,29 +25,14 @@ from dspark_sglang.core.forward_batch import ForwardBatch
 from dspark_sglang.layers.attention.base import AttentionBackend
 from dspark_sglang.mem_cache.kv_pool import KVPool
 
-_KERNELS_DIR = Path(__file__).resolve().parents[3] / "dspark_kernels"
-
 
 def load_dspark_kernels() -> ModuleType:
-    """``dspark_kernels`` as installed, else the checkout's ``dspark_kernels/`` folder
-    next to ``dspark_sglang/`` (when only the latter is on ``sys.path``).
+    """The ``dspark_kernels`` package (installed beside ``dspark_sglang``, or the checkout's
+    folder of that name, found through the same ``sys.path`` entry).
 
     Never imports triton (``dspark_kernels`` defers it to the first kernel launch).
     """
-    try:
-        return importlib.import_module("dspark_kernels")
-    except ImportError:
-        init = _KERNELS_DIR / "__init__.py"
-        if not init.is_file():
-            raise ImportError("dspark_kernels is not installed and no dspark_kernels/ folder was "
-                              "found next to the dspark_sglang package") from None
-        spec = importlib.util.spec_from_file_location(
-            "dspark_kernels", init, submodule_search_locations=[str(_KERNELS_DIR)])
-        assert spec is not None and spec.loader is not None
-        module = importlib.util.module_from_spec(spec)
-        sys.modules["dspark_kernels"] = module
-        spec.loader.exec_module(module)
-        return module
+    return importlib.import_module("dspark_kernels")
 
 
 def _interpreting() -> bool:

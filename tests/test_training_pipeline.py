@@ -188,6 +188,18 @@ def test_sts_lowers_ece_on_heldout(target: LlamaForCausalLM, cache: Path) -> Non
     assert drafter.sts_calibration().temperatures == cal.temperatures
 
 
+def test_calibrate_reads_at_most_calib_max_seqs(target: LlamaForCausalLM, cache: Path) -> None:
+    _, seqs = load_target_cache(cache)
+    _, held = split_heldout(seqs, 0.5, 0)
+    assert len(held) >= 2
+    drafter = _drafter(target)
+    _, ev_one = calibrate(drafter, target.lm_head, held, TrainConfig(calib_max_seqs=1))
+    _, ev_all = calibrate(drafter, target.lm_head, held, TrainConfig(calib_max_seqs=0))
+    _, ev_first = calibrate(drafter, target.lm_head, held[:1], TrainConfig(calib_max_seqs=0))
+    assert ev_one["accepted"].shape == ev_first["accepted"].shape
+    assert ev_all["accepted"].shape[0] > ev_one["accepted"].shape[0]
+
+
 def test_sts_lowers_ece_on_synthetic_overconfident_scores() -> None:
     from dspark_sglang.training.calibration import fit_sts_calibration
 

@@ -72,15 +72,32 @@ def _parse(argv: Sequence[str] | None) -> argparse.Namespace:
     ap.add_argument("--no-resume", action="store_true")
     ap.add_argument("--init-from", default=None,
                     help="start from this drafter checkpoint's weights (same shape as the flags "
-                         "describe) instead of the target's layers; a resumed run ignores it")
+                         "describe, or fewer draft layers: the added ones start as identity) "
+                         "instead of the target's layers; a resumed run ignores it")
     return ap.parse_args(argv)
 
 
 def _init_from_checkpoint(drafter: torch.nn.Module, path: str, target: torch.nn.Module) -> None:
+    """Load a drafter checkpoint of the shape the flags describe. A checkpoint with fewer draft
+    layers grows: its layers stay first, and each added layer starts as a copy of its last layer
+    with ``o_proj`` and ``down_proj`` at zero, so it adds nothing to the residual stream and the
+    grown drafter computes exactly what the checkpoint computes at step 0."""
     from dspark_sglang.speculative.dspark.checkpoint import load_dspark_checkpoint
 
     src = load_dspark_checkpoint(path, target.embed_tokens, target.lm_head)
     mine, theirs = drafter.state_dict(), src.state_dict()
+    n_src, n_mine = len(src.layers), len(drafter.layers)
+    if n_src < n_mine:
+        last = f"layers.{n_src - 1}."
+        for i in range(n_src, n_mine):
+            for k, v in list(theirs.items()):
+                if k.startswith(last):
+                    new = f"layers.{i}." + k[len(last):]
+                    zero = new.endswith(("self_attn.o_proj.weight", "mlp.down_proj.weight",
+                                         "self_attn.o_proj.bias"))
+                    theirs[new] = torch.zeros_like(v) if zero else v.clone()
+        print(f"[train] --init-from {path}: {n_src} -> {n_mine} draft layers (added layers start "
+              "as identity)")
     bad = sorted(k for k in set(mine) | set(theirs)
                  if k not in mine or k not in theirs or mine[k].shape != theirs[k].shape)
     if bad:

@@ -385,6 +385,45 @@ def test_init_from_checkpoint_copies_weights_and_checks_shapes(target: LlamaForC
         _init_from_checkpoint(_drafter(target, rank=8), str(out), target)
 
 
+def test_init_from_checkpoint_grows_layers_as_identity(target: LlamaForCausalLM, cache: Path,
+                                                       tmp_path: Path) -> None:
+    """A 1-layer checkpoint loaded into a 3-layer drafter: the first layer is the checkpoint's,
+    the added layers are copies of it with zero output projections, so the grown drafter's
+    block hidden states and logits equal the checkpoint's; the added layers then train."""
+    from dspark_sglang.train_drafter import _init_from_checkpoint
+    from dspark_sglang.training.blocks import block_forward, prev_tokens
+
+    src = _drafter(target, seed=5)
+    with torch.no_grad():
+        for p in src.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    out = export_drafter(src, tmp_path / "ckpt", dtype="float32")
+    cfg = make_drafter_config(target.config, LAYERS, num_layers=3, block_size=GAMMA,
+                              markov_rank=16, mask_token_id=0)
+    grown = DSparkDrafter(cfg, target.embed_tokens, target.lm_head)
+    _init_from_checkpoint(grown, str(out), target)
+    sd_src, sd = src.state_dict(), grown.state_dict()
+    for name, v in sd_src.items():
+        assert torch.equal(sd[name], v), name
+    for i in (1, 2):
+        assert not sd[f"layers.{i}.self_attn.o_proj.weight"].any()
+        assert not sd[f"layers.{i}.mlp.down_proj.weight"].any()
+        assert torch.equal(sd[f"layers.{i}.self_attn.q_proj.weight"],
+                           sd_src["layers.0.self_attn.q_proj.weight"])
+    _, seqs = load_target_cache(cache)
+    rng = random.Random(3)
+    batch = build_block_batch(seqs[:3], [sample_anchors(s, 3, rng) for s in seqs[:3]], GAMMA)
+    with torch.no_grad():
+        want = src.train_heads(block_forward(src, batch), prev_tokens(batch))[0]
+        got = grown.train_heads(block_forward(grown, batch), prev_tokens(batch))[0]
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    # the zeroed projections get gradients: the added layers are not dead
+    loss = grown.train_heads(block_forward(grown, batch), prev_tokens(batch))[0].logsumexp(-1)
+    loss.sum().backward()
+    assert grown.layers[2].mlp.down_proj.weight.grad.abs().sum() > 0
+    assert grown.layers[1].self_attn.o_proj.weight.grad.abs().sum() > 0
+
+
 def test_select_prompts_keeps_the_shuffled_order_within_a_domain() -> None:
     prompts = [Prompt(f"k{i}", "code" if i % 3 == 0 else "math", f"t{i}") for i in range(30)]
     full = select_prompts(prompts, seed=0)

@@ -146,7 +146,6 @@ def test_failover_then_rejoin(dep: RouterDeployment) -> None:
     """kill -9 a replica under load: its streams end without ``[DONE]`` (the client sees a
     broken response), nothing hangs, new requests go to the survivor; a restarted replica is
     taken back by the router and serves again."""
-    victim, survivor = dep.replicas
     url = dep.url
 
     def call(i: int, stream: bool) -> tuple[str, Any]:
@@ -162,18 +161,25 @@ def test_failover_then_rejoin(dep: RouterDeployment) -> None:
             return ("ok", None) if r.text.rstrip().endswith("data: [DONE]") else ("broken", "")
         return "ok", r.json()["meta_info"]["completion_tokens"]
 
+    def busy() -> list[bool]:
+        return [requests.get(r.url + "/get_load", timeout=5).json()[0]["num_reqs"] > 0
+                for r in dep.replicas]
+
     t0 = time.monotonic()
     with ThreadPoolExecutor(6) as ex:
-        # streams are requests 0-2: a policy that alternates replicas (the load-balancing
-        # fallback of cache_aware on cold caches does) puts a stream on each replica, so the
-        # victim has one whichever replica it is (with i % 2 all streams could land on the
-        # survivor and none would break)
-        futs = [ex.submit(call, i, i < 3) for i in range(6)]
+        # the victim is the replica a stream runs on, seen while only streams are in flight (the
+        # router's choice under a cache-aware policy is not a fixed alternation: all streams
+        # may go to one replica). Then 3 non-streaming requests, which the router retries on
+        # the survivor if they were on the victim
+        futs = [ex.submit(call, 0, True)]
         deadline = time.monotonic() + 20
-        while time.monotonic() < deadline:  # wait until the victim is mid-generation
-            if requests.get(victim.url + "/get_load", timeout=5).json()[0]["num_reqs"] > 0:
-                break
+        while not any(load := busy()):
+            assert time.monotonic() < deadline, "no replica ever ran the stream"
             time.sleep(0.05)
+        idx = load.index(True)
+        victim, survivor = dep.replicas[idx], dep.replicas[1 - idx]
+        futs += [ex.submit(call, i, i < 3) for i in range(1, 6)]
+        time.sleep(0.2)  # (let them reach the router)
         assert victim.proc is not None
         os.kill(victim.proc.pid, signal.SIGKILL)
         results = [f.result(timeout=120) for f in futs]
@@ -200,7 +206,7 @@ def test_failover_then_rejoin(dep: RouterDeployment) -> None:
         assert r.status_code == 200, r.text
     assert _cache_queries_one(survivor) > served_before
 
-    dep.restart_replica(0)
+    dep.restart_replica(idx)
     deadline = time.monotonic() + 60
     while victim.url not in dep.healthy_workers():
         assert time.monotonic() < deadline, "restarted replica never rejoined"

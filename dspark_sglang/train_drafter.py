@@ -89,13 +89,12 @@ def _init_from_checkpoint(drafter: torch.nn.Module, path: str, target: torch.nn.
     n_src, n_mine = len(src.layers), len(drafter.layers)
     if n_src < n_mine:
         last = f"layers.{n_src - 1}."
+        last_layer = [(k[len(last):], v) for k, v in theirs.items() if k.startswith(last)]
+        residual_out = ("self_attn.o_proj.weight", "self_attn.o_proj.bias", "mlp.down_proj.weight")
         for i in range(n_src, n_mine):
-            for k, v in list(theirs.items()):
-                if k.startswith(last):
-                    new = f"layers.{i}." + k[len(last):]
-                    zero = new.endswith(("self_attn.o_proj.weight", "mlp.down_proj.weight",
-                                         "self_attn.o_proj.bias"))
-                    theirs[new] = torch.zeros_like(v) if zero else v.clone()
+            for name, v in last_layer:
+                theirs[f"layers.{i}.{name}"] = (torch.zeros_like(v) if name in residual_out
+                                                else v.clone())
         print(f"[train] --init-from {path}: {n_src} -> {n_mine} draft layers (added layers start "
               "as identity)")
     bad = sorted(k for k in set(mine) | set(theirs)

@@ -60,6 +60,10 @@ class ServerArgs:
                                     speculative_algorithm_names)
     speculative_draft_model_path: str | None = _f(None, "drafter checkpoint (DeepSpec layout for "
                                                         "DSPARK, an LM for STANDALONE)")
+    speculative_draft_model_quantization: str | None = _f(
+        None, "DSPARK drafter weights next to a GGUF-block target: q8_0 (default), q4_0 or "
+              "q4_1 (GGUF blocks quantised at load from its float weights; fewer bytes a "
+              "draft), none (float32)", (None, "q8_0", "q4_0", "q4_1", "none"))
     speculative_num_draft_tokens: int | None = _f(None, "fixed draft length per step (CHAIN, "
                                                         "NGRAM, STANDALONE; tree node budget); "
                                                         "DSPARK: verify window gamma + 1, as "
@@ -158,8 +162,10 @@ class ServerArgs:
                 parser.add_argument(flag, action=action, default=f.default, help=help_)
                 continue
             base = _base_type(f.type)
+            choices = _choices(f)  # (None, the default of an optional choice, is not typed)
             parser.add_argument(flag, type=base, default=f.default, help=help_,
-                                choices=_choices(f))
+                                choices=None if choices is None
+                                else [c for c in choices if c is not None])
 
     @staticmethod
     def from_cli_args(args: argparse.Namespace) -> ServerArgs:

@@ -51,6 +51,43 @@ def test_speculative_greedy_equals_plain_on_q8_blocks(make_engine, algo: str) ->
     assert all(same), f"{algo}: {sum(same)}/{len(same)} prompts equal to plain decoding"
 
 
+@pytest.mark.parametrize("qt", ["q4_0", "none"])
+def test_draft_model_quantization_changes_drafts_only(make_engine, qt: str) -> None:
+    """``--speculative-draft-model-quantization`` sets the drafter's weight format next to a GGUF
+    target: q4_0 puts every drafter linear (layers, context projection, the C++ block stack's
+    merged projections, the per-step context update) on Q4_0 blocks, none keeps them float32;
+    greedy output stays plain decoding's either way."""
+    from dspark_kernels.cpu_ops import GGML_TYPES
+
+    plain = make_engine(None, quantization="gguf", attention_backend="cpu")
+    prompts = [chat_prompt(plain.tokenizer, q) for q in QUESTIONS[:4]]
+    want = [o["output_ids"] for o in plain.generate(prompts, greedy(32))]
+    plain.shutdown()
+    spec = make_engine(None, quantization="gguf", attention_backend="cpu",
+                       speculative_algorithm="DSPARK", speculative_draft_model_quantization=qt,
+                       speculative_dspark_disable_draft_budget=True)
+    got = [o["output_ids"] for o in spec.generate(prompts, greedy(32))]
+    worker = spec.parts.decoder.worker
+    drafter = worker.drafter
+    if qt == "none":
+        assert not isinstance(drafter.layers[0].mlp.gate_proj, GGUFLinear)
+        assert getattr(drafter, "kv_blocks", None) is None and worker.block_stack() is None
+    else:
+        t = GGML_TYPES[qt.upper()]
+        lins = [drafter.fc, drafter.layers[0].mlp.gate_proj, *drafter.kv_blocks[1],
+                *worker._block_stack_linears]
+        assert worker.block_stack() is not None and len(worker._block_stack_linears) == 8
+        assert all(isinstance(li, GGUFLinear) and li.parts[0].ggml_type == t for li in lins)
+    assert got == want
+
+
+def test_draft_model_quantization_rejects_unknown_formats() -> None:
+    from dspark_sglang.server_args import ServerArgs
+
+    with pytest.raises(ValueError, match="speculative_draft_model_quantization must be one of"):
+        ServerArgs(speculative_draft_model_quantization="q5_0").validate()
+
+
 def test_batching_and_chunking_do_not_change_tokens_on_blocks(make_engine) -> None:
     """Row-independent forwards on GGUF blocks (block kernels and paged attention for prefill
     too): the same prompts prefilled all at once or in 16-token chunks, three requests at a time,

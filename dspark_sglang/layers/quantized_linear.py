@@ -189,27 +189,32 @@ class GGUFLinear(Linear):
         return sum(p.data.numel() for p in self.parts)
 
 
-def q8_linear(base: Linear, ops: object, max_rows: int = KERNEL_ROWS) -> GGUFLinear:
-    """``base`` (float32, ``in_features`` a multiple of 32) also on Q8_0 blocks quantised from
-    its weight by gguf-py's reference quantiser: for the float linears of a model that runs next
-    to a GGUF-block target (the DSpark drafter), at most ``max_rows`` rows on the Q8 kernel."""
+def q8_linear(base: Linear, ops: object, max_rows: int = KERNEL_ROWS,
+              qtype: str = "Q8_0") -> GGUFLinear:
+    """``base`` (float32, ``in_features`` a multiple of 32) also on GGUF blocks of ``qtype``
+    (Q8_0, Q4_0 or Q4_1: the Q8 kernel's formats) quantised from its weight by gguf-py's
+    reference quantiser: for the float linears of a model that runs next to a GGUF-block target
+    (the DSpark drafter), at most ``max_rows`` rows on the Q8 kernel."""
     from gguf import GGMLQuantizationType
     from gguf.quants import quantize
 
+    if qtype not in ("Q8_0", "Q4_0", "Q4_1"):
+        raise ValueError(f"q8_linear takes Q8_0, Q4_0 or Q4_1, not {qtype!r}")
+    t = GGMLQuantizationType[qtype]
     w = base.weight.detach().to(torch.float32).cpu().numpy()
-    data = torch.from_numpy(quantize(w, GGMLQuantizationType.Q8_0))
-    layer = GGUFLinear(base, [GGUFWeight(int(GGMLQuantizationType.Q8_0), data,
-                                         base.in_features)], ops)
+    data = torch.from_numpy(quantize(w, t))
+    layer = GGUFLinear(base, [GGUFWeight(int(t), data, base.in_features)], ops)
     layer.act_q8 = True
     layer.max_quant_rows = max_rows
     return layer
 
 
-def q8_linear_of(weight: torch.Tensor, ops: object, max_rows: int = KERNEL_ROWS) -> GGUFLinear:
+def q8_linear_of(weight: torch.Tensor, ops: object, max_rows: int = KERNEL_ROWS,
+                 qtype: str = "Q8_0") -> GGUFLinear:
     """:func:`q8_linear` of a bias-free linear whose weight ``[out, in]`` is ``weight``."""
     base = Linear(weight.shape[1], weight.shape[0], bias=False, device="meta")
     base.weight = torch.nn.Parameter(weight.detach().float(), requires_grad=False)
-    return q8_linear(base, ops, max_rows)
+    return q8_linear(base, ops, max_rows, qtype)
 
 
 def subset_rows(layer: GGUFLinear, rows: torch.Tensor) -> GGUFLinear | None:

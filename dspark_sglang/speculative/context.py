@@ -20,6 +20,7 @@ class SpeculativeConfig:
 
     algorithm: str = "NONE"
     draft_model_path: str | None = None
+    draft_model_quantization: str | None = None
     num_draft_tokens: int | None = None
     eagle_topk: int = 4
     dspark_block_size: int | None = None

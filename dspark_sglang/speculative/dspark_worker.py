@@ -71,6 +71,8 @@ CONTEXT_HOLES = env_on("DSPARK_CONTEXT_HOLES")
 BLOCK_SCRATCH_REQS = 64
 # DSPARK_DRAFTER_STACK=0: the drafter's block forward stays on torch ops
 BLOCK_STACK = env_on("DSPARK_DRAFTER_STACK")
+# the drafter's weights next to a GGUF-block target (--speculative-draft-model-quantization)
+DEFAULT_DRAFT_QTYPE = "Q8_0"
 
 logger = logging.getLogger(__name__)
 
@@ -650,6 +652,7 @@ class DSparkWorker(DraftWorker):
         from dspark_sglang.layers.quantized_linear import GGUFLinear, q8_linear_of
 
         ops = fused[0]
+        qtype = getattr(self.drafter, "block_qtype", "Q8_0")
         stack = ops.DecoderStack()
         lins = []
         for i, layer in enumerate(self.drafter.layers):
@@ -657,12 +660,13 @@ class DSparkWorker(DraftWorker):
             if any(m.bias is not None for m in (att.q_proj, att.k_proj, att.v_proj, att.o_proj)):
                 return None
             qkv = q8_linear_of(torch.cat([att.q_proj.weight, att.k_proj.weight,
-                                          att.v_proj.weight]), ops)
-            gu = q8_linear_of(torch.cat([mlp.gate_proj.weight, mlp.up_proj.weight]), ops)
+                                          att.v_proj.weight]), ops, qtype=qtype)
+            gu = q8_linear_of(torch.cat([mlp.gate_proj.weight, mlp.up_proj.weight]), ops,
+                              qtype=qtype)
             o = att.o_proj if isinstance(att.o_proj, GGUFLinear) else q8_linear_of(
-                att.o_proj.weight, ops)
+                att.o_proj.weight, ops, qtype=qtype)
             down = mlp.down_proj if isinstance(mlp.down_proj, GGUFLinear) else q8_linear_of(
-                mlp.down_proj.weight, ops)
+                mlp.down_proj.weight, ops, qtype=qtype)
             (_, w_qkv, t_qkv, _), = qkv.plan()
             (_, w_o, t_o, _), = o.plan()
             (_, w_gu, t_gu, _), = gu.plan()
@@ -817,8 +821,8 @@ def create_dspark_worker(ctx: DraftContext, cfg: SpeculativeConfig) -> DSparkWor
                                      sts_path=cfg.dspark_confidence_sts_path,
                                      device=runner.device, dtype=runner.dtype)
     drafter.eval().requires_grad_(False)
-    if runner.quantization == "gguf":
-        _quantize_drafter(drafter)
+    if runner.quantization == "gguf" and cfg.draft_model_quantization != "none":
+        _quantize_drafter(drafter, (cfg.draft_model_quantization or DEFAULT_DRAFT_QTYPE).upper())
     if drafter.config.vocab_size != ctx.config.vocab_size:
         raise ValueError("drafter vocab_size does not match the target model")
     _install_token_map(drafter, path, cfg)
@@ -840,10 +844,11 @@ def create_dspark_worker(ctx: DraftContext, cfg: SpeculativeConfig) -> DSparkWor
     return worker
 
 
-def _quantize_drafter(drafter: DSparkDrafter) -> None:
-    """Next to a target on GGUF blocks, the drafter's layers and context projection run on Q8_0
-    blocks quantised from its float weights (few rows: drafting, the per-step context update;
-    prefill-sized inputs keep float32). Changes drafts only, never what is verified."""
+def _quantize_drafter(drafter: DSparkDrafter, qtype: str = "Q8_0") -> None:
+    """Next to a target on GGUF blocks, the drafter's layers and context projection run on GGUF
+    blocks of ``qtype`` (Q8_0, Q4_0, Q4_1) quantised from its float weights (few rows: drafting,
+    the per-step context update; prefill-sized inputs keep float32). Changes drafts only, never
+    what is verified."""
     from dspark_kernels.cpu_ops import load_cpu_ops
     from dspark_sglang.layers.linear import Linear
     from dspark_sglang.layers.quantized_linear import q8_linear, q8_linear_of
@@ -856,16 +861,18 @@ def _quantize_drafter(drafter: DSparkDrafter) -> None:
         for name, child in list(owner.named_children()):
             if (type(child) is Linear and child.in_features % 32 == 0
                     and child.weight.dtype == torch.float32):
-                setattr(owner, name, q8_linear(child, ops))
-    # the per-step context update: k and v of each layer in one kernel call (Q8_0 blocks are
+                setattr(owner, name, q8_linear(child, ops, qtype=qtype))
+    # the per-step context update: k and v of each layer in one kernel call (GGUF blocks are
     # per row, so the stacked rows quantise exactly as the separate projections do)
     kv = []
     for layer in drafter.layers:
         att = layer.self_attn
         if att.k_proj.bias is not None or att.v_proj.bias is not None:
             return
-        kv.append(q8_linear_of(torch.cat([att.k_proj.weight, att.v_proj.weight]), ops))
+        kv.append(q8_linear_of(torch.cat([att.k_proj.weight, att.v_proj.weight]), ops,
+                               qtype=qtype))
     drafter.kv_blocks = (ops, kv)
+    drafter.block_qtype = qtype  # (the C++ block stack merges q/k/v and gate/up likewise)
 
 
 def _install_token_map(drafter: DSparkDrafter, drafter_dir: str, cfg: SpeculativeConfig) -> None:

@@ -871,3 +871,49 @@ def test_paged_attention_head_grouping_is_bitwise_per_request() -> None:
     together = run(list(range(len(lens))))
     for i in range(len(lens)):
         assert torch.equal(run([i])[0], together[i]), i
+
+
+# ------------------------------------------------------------------------------ huge pages
+
+
+needs_hugepages = pytest.mark.skipif(
+    not __import__("dspark_kernels.hugepages").hugepages.hugepages_available(),
+    reason="no transparent huge pages here (or DSPARK_HUGEPAGES=0)")
+
+
+@needs_ops
+@needs_hugepages
+def test_repacked_weights_on_hugepages_compute_the_same() -> None:
+    """``to_hugepages`` copies a repacked weight (a view of 16-row padded storage) onto 2 MiB
+    pages: same bytes, shape, stride and padding, the kernel gives bitwise the same result, and
+    the mapping is backed by huge pages; small tensors stay where they are."""
+    from dspark_kernels import hugepages
+
+    t, n, k = GGML_TYPES["Q4_1"], 3001, 576
+    packed = gguf_repack_q8(random_gguf_rows(t, n, k, seed=11), t)
+    moved = hugepages.to_hugepages(packed)
+    assert moved.data_ptr() != packed.data_ptr() and moved.data_ptr() % 64 == 0
+    assert moved.shape == packed.shape and moved.stride() == packed.stride()
+    assert moved.untyped_storage().nbytes() >= packed.untyped_storage().nbytes()
+    assert torch.equal(moved, packed)
+    x = torch.randn(3, k)
+    assert torch.equal(gguf_matmul_q8(x, moved, t, packed=True),
+                       gguf_matmul_q8(x, packed, t, packed=True))
+    assert (hugepages.huge_kb(moved) or 0) >= 2048
+    small = torch.zeros(100, dtype=torch.uint8)
+    assert hugepages.to_hugepages(small) is small
+    z = hugepages.zeros((4096, 3, 64), torch.float32)
+    assert z.shape == (4096, 3, 64) and float(z.abs().sum()) == 0.0
+    z[7] = 1.0
+    assert (hugepages.huge_kb(z) or 0) >= 2048
+
+
+@needs_ops
+def test_hugepages_can_be_turned_off(monkeypatch) -> None:
+    from dspark_kernels import hugepages
+
+    monkeypatch.setenv("DSPARK_HUGEPAGES", "0")
+    w = torch.zeros(1 << 20, dtype=torch.uint8)
+    assert not hugepages.hugepages_available() and hugepages.to_hugepages(w) is w
+    z = hugepages.zeros((1 << 18,), torch.float32)
+    assert z.shape == (1 << 18,) and float(z.abs().sum()) == 0.0

@@ -158,13 +158,15 @@ class GGUFLinear(Linear):
         """Repack the Q8-kernel parts (Q4_0 / Q4_1 / Q8_0 with ``act_q8``) into the layout the
         kernel reads (same bytes, once; the file-layout ``parts`` stay for slicing) and make the
         call plan: per part (kernel, weight, ggml type, first output column)."""
+        from dspark_kernels.hugepages import to_hugepages
+
         ops = self.ops
         plan, col = [], 0
         for p in self.parts:
             if self.act_q8 and p.ggml_type in Q8_ACT_TYPES:
-                plan.append((ops.gguf_matmul_q8,  # type: ignore[attr-defined]
-                             ops.gguf_repack_q8(p.data, p.ggml_type),  # type: ignore[attr-defined]
-                             p.ggml_type, col))
+                # on 2 MiB pages: every decode step streams these (dspark_kernels/hugepages.py)
+                packed = to_hugepages(ops.gguf_repack_q8(p.data, p.ggml_type))  # type: ignore
+                plan.append((ops.gguf_matmul_q8, packed, p.ggml_type, col))  # type: ignore
             else:
                 plan.append((ops.gguf_matmul, p.data, p.ggml_type, col))  # type: ignore
             col += p.out_features

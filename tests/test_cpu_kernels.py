@@ -902,10 +902,6 @@ def test_repacked_weights_on_hugepages_compute_the_same() -> None:
     assert (hugepages.huge_kb(moved) or 0) >= 2048
     small = torch.zeros(100, dtype=torch.uint8)
     assert hugepages.to_hugepages(small) is small
-    z = hugepages.zeros((4096, 3, 64), torch.float32)
-    assert z.shape == (4096, 3, 64) and float(z.abs().sum()) == 0.0
-    z[7] = 1.0
-    assert (hugepages.huge_kb(z) or 0) >= 2048
 
 
 @needs_ops
@@ -915,5 +911,3 @@ def test_hugepages_can_be_turned_off(monkeypatch) -> None:
     monkeypatch.setenv("DSPARK_HUGEPAGES", "0")
     w = torch.zeros(1 << 20, dtype=torch.uint8)
     assert not hugepages.hugepages_available() and hugepages.to_hugepages(w) is w
-    z = hugepages.zeros((1 << 18,), torch.float32)
-    assert z.shape == (1 << 18,) and float(z.abs().sum()) == 0.0

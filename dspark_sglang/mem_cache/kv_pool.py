@@ -16,16 +16,8 @@ class KVPool:
         dtype: torch.dtype, device: torch.device | str = "cpu",
     ) -> None:
         shape = (num_slots + 1, num_kv_heads, head_dim)
-        if torch.device(device).type == "cpu":  # on 2 MiB pages (dspark_kernels/hugepages.py)
-            from dspark_kernels.hugepages import zeros
-
-            self.k_bufs = [zeros(shape, dtype) for _ in range(num_layers)]
-            self.v_bufs = [zeros(shape, dtype) for _ in range(num_layers)]
-        else:
-            self.k_bufs = [torch.zeros(shape, dtype=dtype, device=device)
-                           for _ in range(num_layers)]
-            self.v_bufs = [torch.zeros(shape, dtype=dtype, device=device)
-                           for _ in range(num_layers)]
+        self.k_bufs = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)]
+        self.v_bufs = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)]
         self.num_layers = num_layers
         self.dtype = dtype
 

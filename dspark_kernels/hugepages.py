@@ -4,8 +4,8 @@ GGUF weights) placed in anonymous mappings advised ``MADV_HUGEPAGE``.
 With 4 KiB pages a decode step that streams ~96 MB of weights crosses ~24,000 pages: a TLB
 miss at each and the hardware prefetchers stopping at every page boundary. On the Xeon of
 session 21 (transparent huge pages in ``madvise`` mode, so never used for torch's own
-allocations) the embedded model's one-token forward ran ~7 % faster with its weights on 2 MiB
-pages (docs/benchmarks.md).
+allocations) the embedded model's one-token forward ran 4-9 % faster with its weights on 2 MiB
+pages (docs/benchmarks.md, session 21).
 
 :func:`to_hugepages` copies a tensor into a chunk of such a mapping (64 MiB chunks, 64-byte
 aligned sub-ranges; larger tensors get a mapping of their own) and returns the copy, same bytes,
@@ -15,9 +15,8 @@ a reference to the ``mmap`` object); the arena keeps only the chunk being filled
 without ``MADV_HUGEPAGE`` leave tensors where they are.
 
 The KV pools stay on torch's pages: with every pool buffer on 2 MiB pages, decode at batch 64
-over 512-token contexts ran 6 % slower (491 against 518-530 tokens/s; the weights alone on huge
-pages: 519-529), likely the K and V buffers' rows aliasing in the caches (same offsets in
-2 MiB-aligned mappings).
+over 512-token contexts ran 6 % slower in one sitting (491 against 518-530 tokens/s) and 3 %
+faster in the next (539-541 against 523-524): no consistent gain.
 """
 
 from __future__ import annotations

@@ -21,6 +21,7 @@ faster in the next (539-541 against 523-524): no consistent gain.
 
 from __future__ import annotations
 
+import functools
 import mmap
 import os
 import threading
@@ -43,6 +44,12 @@ def hugepages_available() -> bool:
     huge pages not ``never``, and ``DSPARK_HUGEPAGES`` not ``0``."""
     if os.environ.get("DSPARK_HUGEPAGES", "1").lower() in ("0", "off", "false", "no"):
         return False
+    return _kernel_offers_hugepages()
+
+
+@functools.cache
+def _kernel_offers_hugepages() -> bool:
+    # read once per process (every repacked weight asks)
     if not hasattr(mmap, "MADV_HUGEPAGE"):
         return False
     try:

@@ -17,6 +17,7 @@ import numpy as np
 import pytest
 import torch
 
+from dspark_kernels import hugepages
 from dspark_kernels.cpu_ops import (
     GGML_BLOCKS,
     GGML_TYPES,
@@ -876,9 +877,9 @@ def test_paged_attention_head_grouping_is_bitwise_per_request() -> None:
 # ------------------------------------------------------------------------------ huge pages
 
 
-needs_hugepages = pytest.mark.skipif(
-    not __import__("dspark_kernels.hugepages").hugepages.hugepages_available(),
-    reason="no transparent huge pages here (or DSPARK_HUGEPAGES=0)")
+needs_hugepages = pytest.mark.skipif(not hugepages.hugepages_available(),
+                                     reason="no transparent huge pages here (or "
+                                            "DSPARK_HUGEPAGES=0)")
 
 
 @needs_ops
@@ -887,8 +888,6 @@ def test_repacked_weights_on_hugepages_compute_the_same() -> None:
     """``to_hugepages`` copies a repacked weight (a view of 16-row padded storage) onto 2 MiB
     pages: same bytes, shape, stride and padding, the kernel gives bitwise the same result, and
     the mapping is backed by huge pages; small tensors stay where they are."""
-    from dspark_kernels import hugepages
-
     t, n, k = GGML_TYPES["Q4_1"], 3001, 576
     packed = gguf_repack_q8(random_gguf_rows(t, n, k, seed=11), t)
     moved = hugepages.to_hugepages(packed)
@@ -906,8 +905,6 @@ def test_repacked_weights_on_hugepages_compute_the_same() -> None:
 
 @needs_ops
 def test_hugepages_can_be_turned_off(monkeypatch) -> None:
-    from dspark_kernels import hugepages
-
     monkeypatch.setenv("DSPARK_HUGEPAGES", "0")
     w = torch.zeros(1 << 20, dtype=torch.uint8)
     assert not hugepages.hugepages_available() and hugepages.to_hugepages(w) is w

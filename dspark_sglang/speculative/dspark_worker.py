@@ -649,10 +649,13 @@ class DSparkWorker(DraftWorker):
         if (fused is None or self.ctx_pool.dtype != torch.float32
                 or not self.ctx_pool.k_bufs[0].is_cpu or not BLOCK_STACK):
             return None
+        from gguf import GGMLQuantizationType
+
         from dspark_sglang.layers.quantized_linear import GGUFLinear, q8_linear_of
 
         ops = fused[0]
-        qtype = getattr(self.drafter, "block_qtype", "Q8_0")
+        # the format _quantize_drafter chose (its per-step k/v blocks carry it)
+        qtype = GGMLQuantizationType(fused[1][0].parts[0].ggml_type).name
         stack = ops.DecoderStack()
         lins = []
         for i, layer in enumerate(self.drafter.layers):
@@ -872,7 +875,6 @@ def _quantize_drafter(drafter: DSparkDrafter, qtype: str = "Q8_0") -> None:
         kv.append(q8_linear_of(torch.cat([att.k_proj.weight, att.v_proj.weight]), ops,
                                qtype=qtype))
     drafter.kv_blocks = (ops, kv)
-    drafter.block_qtype = qtype  # (the C++ block stack merges q/k/v and gate/up likewise)
 
 
 def _install_token_map(drafter: DSparkDrafter, drafter_dir: str, cfg: SpeculativeConfig) -> None:

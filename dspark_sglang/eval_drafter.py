@@ -183,6 +183,8 @@ def main(argv: Sequence[str] | None = None) -> None:
                 rows[j].append({
                     "set": name, "num_prompts": len(prompts), "num_anchors": s.t1_n,
                     "greedy": {k: s.tau_greedy(k) for k in ("dspark", "dflash", "mtp1")},
+                    # greedy DSPARK tau with the chain capped at 1 .. block drafts a step
+                    "greedy_by_cap": [s.tau_greedy_capped(c) for c in range(1, s.gamma + 1)],
                     "t1": {k: s.tau_t1(k) for k in ("dspark", "dflash", "mtp1")},
                     # seeded requests verify by Gumbel coupling instead of rejection sampling
                     "t1_seeded": s.tau_t1_coupled(),
@@ -200,6 +202,9 @@ def main(argv: Sequence[str] | None = None) -> None:
         print(f"\n{path}: token map "
               f"{'full vocabulary' if token_map is None else len(token_map)} ids")
         print(format_table(r))
+        for row in r:
+            print(f"  {row['set']}: greedy tau with the chain capped at 1..{d.gamma} drafts: "
+                  + " ".join(f"{t:.2f}" for t in row["greedy_by_cap"]))
         reports.append({"drafter": str(path), "block_size": d.gamma, "sts": temps,
                         "token_map_size": None if token_map is None else len(token_map),
                         "max_new_tokens": args.max_new_tokens, "rows": r})

@@ -77,11 +77,17 @@ def _parse(argv: Sequence[str] | None) -> argparse.Namespace:
     return ap.parse_args(argv)
 
 
+# the gated Markov head's initial gate bias when grown from a vanilla checkpoint
+GATE_OPEN_BIAS = 4.0
+
+
 def _init_from_checkpoint(drafter: torch.nn.Module, path: str, target: torch.nn.Module) -> None:
     """Load a drafter checkpoint of the shape the flags describe. A checkpoint with fewer draft
     layers grows: its layers stay first, and each added layer starts as a copy of its last layer
     with ``o_proj`` and ``down_proj`` at zero, so it adds nothing to the residual stream and the
-    grown drafter computes exactly what the checkpoint computes at step 0."""
+    grown drafter computes exactly what the checkpoint computes at step 0. One with more keeps
+    its first layers. A vanilla Markov head can grow into a gated one (gates start open) or an
+    RNN one (its output starts at about the vanilla bias)."""
     from dspark_sglang.speculative.dspark.checkpoint import load_dspark_checkpoint
 
     src = load_dspark_checkpoint(path, target.embed_tokens, target.lm_head)
@@ -97,6 +103,32 @@ def _init_from_checkpoint(drafter: torch.nn.Module, path: str, target: torch.nn.
                                                 else v.clone())
         print(f"[train] --init-from {path}: {n_src} -> {n_mine} draft layers (added layers start "
               "as identity)")
+    elif n_src > n_mine:  # keep the first layers (an ablation of depth: the rest re-learn)
+        theirs = {k: v for k, v in theirs.items()
+                  if not k.startswith("layers.") or int(k.split(".")[1]) < n_mine}
+        print(f"[train] --init-from {path}: {n_src} -> {n_mine} draft layers (the first kept)")
+    gate = "markov_head.gate_proj."
+    if gate + "weight" in mine and gate + "weight" not in theirs:
+        # a vanilla checkpoint grown a gated Markov head: the gates start open (sigmoid(4) =
+        # 0.98 on every rank direction, whatever the hidden state), i.e. at about the vanilla
+        # bias, and learn from there
+        theirs[gate + "weight"] = torch.zeros_like(mine[gate + "weight"])
+        theirs[gate + "bias"] = torch.full_like(mine[gate + "bias"], GATE_OPEN_BIAS)
+        print(f"[train] --init-from {path}: vanilla -> gated Markov head (gates start open)")
+    joint = "markov_head.joint_proj."
+    if joint + "weight" in mine and joint + "weight" not in theirs:
+        # a vanilla checkpoint grown an RNN Markov head ([a; c; o] = J [s; e; h] + b): o = e,
+        # so the bias W2 tanh(e) starts at about the vanilla W2 e (|e| is small: tanh(e) ~ e),
+        # c = e, so the state accumulates the block's previous tokens for o to learn to read,
+        # and the update gate a = 0 (half old state, half new)
+        r = mine[joint + "weight"].shape[0] // 3
+        w = torch.zeros_like(mine[joint + "weight"])
+        eye = torch.eye(r, dtype=w.dtype)
+        w[r:2 * r, r:2 * r] = eye  # c <- e
+        w[2 * r:, r:2 * r] = eye  # o <- e
+        theirs[joint + "weight"] = w
+        theirs[joint + "bias"] = torch.zeros_like(mine[joint + "bias"])
+        print(f"[train] --init-from {path}: vanilla -> RNN Markov head (o = e, c = e)")
     bad = sorted(k for k in set(mine) | set(theirs)
                  if k not in mine or k not in theirs or mine[k].shape != theirs[k].shape)
     if bad:

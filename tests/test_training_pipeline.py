@@ -232,12 +232,15 @@ def test_simulation_with_oracle_drafter_gives_full_blocks() -> None:
     s.add(tr)
     assert s.tau_greedy("dspark") == gamma + 1
     assert s.tau_greedy("mtp1") == 2.0
+    # the chain capped at c drafts: c + 1 tokens a step (the oracle's drafts all hold)
+    assert [s.tau_greedy_capped(c) for c in (1, 3, gamma)] == [2.0, 4.0, gamma + 1]
     assert s.tau_t1("mtp1") == pytest.approx(2.0, abs=1e-4)
     assert s.conditional_acceptance()[0] == 1.0
     # a drafter that is always wrong: tau is 1 (bonus only)
     wrong = _oracle_fn((ids + 1) % vocab, vocab, gamma)
     s2 = SimSummary(gamma)
     s2.add(trace_sequence(wrong, ids, prompt, tgt, gamma))
+    assert s2.tau_greedy_capped(3) == 1.0
     assert s2.tau_greedy("dspark") == 1.0 and s2.tau_t1("dspark") == pytest.approx(1.0, abs=1e-4)
 
 
@@ -520,3 +523,46 @@ def test_eval_drafter_compare_is_paired_and_independent(target: LlamaForCausalLM
         assert both[1].tau_greedy(k) == alone[0].tau_greedy(k)
         assert both[1].tau_t1(k) == pytest.approx(alone[0].tau_t1(k))
     assert both[0].tau_t1("dspark") != pytest.approx(both[1].tau_t1("dspark"))
+
+
+def test_init_from_checkpoint_keeps_first_layers_and_opens_gates(target: LlamaForCausalLM,
+                                                                 tmp_path: Path) -> None:
+    """Ablation starts: a 3-layer vanilla checkpoint loaded into a 1-layer drafter keeps its
+    first layer (and everything outside the layers); into a gated-Markov drafter, the shared
+    ``W1`` / ``W2`` are the checkpoint's and the gates start open whatever the hidden state, so
+    the bias starts at sigmoid(GATE_OPEN_BIAS) of the vanilla one."""
+    from dspark_sglang.train_drafter import GATE_OPEN_BIAS, _init_from_checkpoint
+
+    torch.manual_seed(5)
+    cfg3 = make_drafter_config(target.config, LAYERS, num_layers=3, block_size=GAMMA,
+                               markov_rank=16, mask_token_id=0)
+    src = DSparkDrafter(cfg3, target.embed_tokens, target.lm_head)
+    with torch.no_grad():
+        for p in src.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    out = export_drafter(src, tmp_path / "ckpt", dtype="float32")
+    small = _drafter(target, seed=6)  # 1 layer
+    _init_from_checkpoint(small, str(out), target)
+    sd_src = src.state_dict()
+    for name, v in small.state_dict().items():
+        assert torch.equal(v, sd_src[name]), name
+    cfg_g = make_drafter_config(target.config, LAYERS, num_layers=3, block_size=GAMMA,
+                                markov_rank=16, mask_token_id=0, markov_head_type="gated")
+    gated = DSparkDrafter(cfg_g, target.embed_tokens, target.lm_head)
+    _init_from_checkpoint(gated, str(out), target)
+    prev = torch.tensor([3, 7, 11])
+    hidden = torch.randn(3, target.config.hidden_size)
+    with torch.no_grad():
+        want = src.markov_head.bias(prev) * torch.sigmoid(torch.tensor(GATE_OPEN_BIAS))
+        got, _ = gated.markov_head.step(prev, hidden, None)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+    cfg_r = make_drafter_config(target.config, LAYERS, num_layers=3, block_size=GAMMA,
+                                markov_rank=16, mask_token_id=0, markov_head_type="rnn")
+    rnn = DSparkDrafter(cfg_r, target.embed_tokens, target.lm_head)
+    _init_from_checkpoint(rnn, str(out), target)
+    with torch.no_grad():
+        e = src.markov_head.prev_embedding(prev)
+        got, state = rnn.markov_head.step(prev, hidden, None)
+        # the output reads tanh(e) of the previous token, the state half of tanh(e)
+        torch.testing.assert_close(got, src.markov_head.markov_w2(torch.tanh(e)))
+        torch.testing.assert_close(state, 0.5 * torch.tanh(e))

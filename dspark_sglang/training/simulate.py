@@ -149,6 +149,16 @@ class SimSummary:
     def tau_greedy(self, name: str) -> float:
         return self.tokens.get(name, 0) / max(self.steps.get(name, 0), 1)
 
+    def tau_greedy_capped(self, max_draft: int) -> float:
+        """Greedy DSPARK ``tau`` with at most ``max_draft`` drafts verified per step (the
+        drafter's first ``max_draft`` block positions: what capping the chain at serving time,
+        ``--speculative-num-draft-tokens``, gives this drafter)."""
+        tokens = steps = 0
+        for tr in self.traces:
+            t, s = greedy_walk(leading_true(tr.accepted), tr.remaining, max_draft)
+            tokens, steps = tokens + t, steps + s
+        return tokens / max(steps, 1)
+
     def tau_t1(self, name: str) -> float:
         return self.t1_sum.get(name, 0.0) / max(self.t1_n, 1)
 

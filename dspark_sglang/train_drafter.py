@@ -77,16 +77,12 @@ def _parse(argv: Sequence[str] | None) -> argparse.Namespace:
     return ap.parse_args(argv)
 
 
-# the gated Markov head's initial gate bias when grown from a vanilla checkpoint
-GATE_OPEN_BIAS = 4.0
-
-
 def _init_from_checkpoint(drafter: torch.nn.Module, path: str, target: torch.nn.Module) -> None:
     """Load a drafter checkpoint of the shape the flags describe. A checkpoint with fewer draft
     layers grows: its layers stay first, and each added layer starts as a copy of its last layer
     with ``o_proj`` and ``down_proj`` at zero, so it adds nothing to the residual stream and the
     grown drafter computes exactly what the checkpoint computes at step 0. One with more keeps
-    its first layers. A vanilla Markov head can grow into a gated one (gates start open) or an
+    its first layers. A vanilla Markov head can grow into a gated one (the same bias at step 0) or an
     RNN one (its output starts at about the vanilla bias)."""
     from dspark_sglang.speculative.dspark.checkpoint import load_dspark_checkpoint
 
@@ -109,12 +105,15 @@ def _init_from_checkpoint(drafter: torch.nn.Module, path: str, target: torch.nn.
         print(f"[train] --init-from {path}: {n_src} -> {n_mine} draft layers (the first kept)")
     gate = "markov_head.gate_proj."
     if gate + "weight" in mine and gate + "weight" not in theirs:
-        # a vanilla checkpoint grown a gated Markov head: the gates start open (sigmoid(4) =
-        # 0.98 on every rank direction, whatever the hidden state), i.e. at about the vanilla
-        # bias, and learn from there
+        # a vanilla checkpoint grown a gated Markov head: every gate starts at sigmoid(0) =
+        # 1/2 whatever the hidden state, with W2 doubled, so the bias starts as the vanilla one
+        # exactly and the gates sit where their gradient is largest (gates opened by a large
+        # bias instead, sigmoid(4) = 0.98, learned nothing in 400 steps: 1/56 the gradient)
         theirs[gate + "weight"] = torch.zeros_like(mine[gate + "weight"])
-        theirs[gate + "bias"] = torch.full_like(mine[gate + "bias"], GATE_OPEN_BIAS)
-        print(f"[train] --init-from {path}: vanilla -> gated Markov head (gates start open)")
+        theirs[gate + "bias"] = torch.zeros_like(mine[gate + "bias"])
+        w2 = "markov_head.markov_w2.weight"
+        theirs[w2] = theirs[w2] * 2.0
+        print(f"[train] --init-from {path}: vanilla -> gated Markov head (gates 1/2, W2 x 2)")
     joint = "markov_head.joint_proj."
     if joint + "weight" in mine and joint + "weight" not in theirs:
         # a vanilla checkpoint grown an RNN Markov head ([a; c; o] = J [s; e; h] + b): o = e,

@@ -529,9 +529,10 @@ def test_init_from_checkpoint_keeps_first_layers_and_opens_gates(target: LlamaFo
                                                                  tmp_path: Path) -> None:
     """Ablation starts: a 3-layer vanilla checkpoint loaded into a 1-layer drafter keeps its
     first layer (and everything outside the layers); into a gated-Markov drafter, the shared
-    ``W1`` / ``W2`` are the checkpoint's and the gates start open whatever the hidden state, so
-    the bias starts at sigmoid(GATE_OPEN_BIAS) of the vanilla one."""
-    from dspark_sglang.train_drafter import GATE_OPEN_BIAS, _init_from_checkpoint
+    ``W1`` is the checkpoint's and the gates start at 1/2 whatever the hidden state (``W2``
+    doubled), so the bias starts as the vanilla one; into an RNN head, the output starts as
+    ``W2 tanh(W1[prev])``."""
+    from dspark_sglang.train_drafter import _init_from_checkpoint
 
     torch.manual_seed(5)
     cfg3 = make_drafter_config(target.config, LAYERS, num_layers=3, block_size=GAMMA,
@@ -553,7 +554,7 @@ def test_init_from_checkpoint_keeps_first_layers_and_opens_gates(target: LlamaFo
     prev = torch.tensor([3, 7, 11])
     hidden = torch.randn(3, target.config.hidden_size)
     with torch.no_grad():
-        want = src.markov_head.bias(prev) * torch.sigmoid(torch.tensor(GATE_OPEN_BIAS))
+        want = src.markov_head.bias(prev)
         got, _ = gated.markov_head.step(prev, hidden, None)
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
     cfg_r = make_drafter_config(target.config, LAYERS, num_layers=3, block_size=GAMMA,

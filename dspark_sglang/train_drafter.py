@@ -82,8 +82,8 @@ def _init_from_checkpoint(drafter: torch.nn.Module, path: str, target: torch.nn.
     layers grows: its layers stay first, and each added layer starts as a copy of its last layer
     with ``o_proj`` and ``down_proj`` at zero, so it adds nothing to the residual stream and the
     grown drafter computes exactly what the checkpoint computes at step 0. One with more keeps
-    its first layers. A vanilla Markov head can grow into a gated one (the same bias at step 0) or an
-    RNN one (its output starts at about the vanilla bias)."""
+    its first layers. A vanilla Markov head can grow into a gated one (the same bias at step 0)
+    or an RNN one (its output starts at about the vanilla bias)."""
     from dspark_sglang.speculative.dspark.checkpoint import load_dspark_checkpoint
 
     src = load_dspark_checkpoint(path, target.embed_tokens, target.lm_head)

@@ -2,6 +2,7 @@
 host, from its SPS table (target forward time by verify-token count) and a draft's cost.
 
     python docs/bench/s22_probes/speedup_bound.py SPS_JSON --draft-ms 1.5 --overhead-ms 0.3
+    python docs/bench/s22_probes/speedup_bound.py 1:2.78,2:3.03,4:3.68,8:5.92 --draft-ms 1.5
 
 Per-position acceptance ``a`` (the same at every block position, i.i.d.: the usual model),
 block ``g`` = 7. Verifying ``k`` drafts gives ``(1 - a^(k+1)) / (1 - a)`` tokens a step for
@@ -17,14 +18,18 @@ import json
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("sps")
+    ap.add_argument("sps", help="an SPS table JSON, or 'tokens:ms,...' forward times")
     ap.add_argument("--draft-ms", type=float, required=True)
     ap.add_argument("--overhead-ms", type=float, default=0.0)
     ap.add_argument("--block", type=int, default=7)
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
-    t = json.load(open(args.sps))
-    counts, sps = t["sample_batch_tokens"], t["sample_steps_per_sec"]
+    if args.sps.endswith(".json"):
+        t = json.load(open(args.sps))
+        counts, sps = t["sample_batch_tokens"], t["sample_steps_per_sec"]
+    else:
+        pairs = [p.split(":") for p in args.sps.split(",")]
+        counts, sps = [int(b) for b, _ in pairs], [1000 / float(m) for _, m in pairs]
 
     def ms(b: int) -> float:  # linear interpolation of 1 / SPS
         for (b0, s0), (b1, s1) in zip(zip(counts, sps), zip(counts[1:], sps[1:])):

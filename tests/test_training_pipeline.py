@@ -525,8 +525,8 @@ def test_eval_drafter_compare_is_paired_and_independent(target: LlamaForCausalLM
     assert both[0].tau_t1("dspark") != pytest.approx(both[1].tau_t1("dspark"))
 
 
-def test_init_from_checkpoint_keeps_first_layers_and_opens_gates(target: LlamaForCausalLM,
-                                                                 tmp_path: Path) -> None:
+def test_init_from_checkpoint_keeps_first_layers_and_grows_markov_heads(
+        target: LlamaForCausalLM, tmp_path: Path) -> None:
     """Ablation starts: a 3-layer vanilla checkpoint loaded into a 1-layer drafter keeps its
     first layer (and everything outside the layers); into a gated-Markov drafter, the shared
     ``W1`` is the checkpoint's and the gates start at 1/2 whatever the hidden state (``W2``
